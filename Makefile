@@ -1,0 +1,37 @@
+# One-command entry points. `make demo` sets up .venv and runs the main job on the embedded phantom;
+# `make test` sets up the same and runs the whole test suite, then builds the book (which executes every
+# notebook once, in the fast profile). CI runs `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PIP_ARGS ?=
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test pytest book bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_ARGS) -c constraints-ci.txt -e ".[test,book]"
+	$(BIN)/pip install -q $(PIP_ARGS) --no-deps "torchattacks==3.5.1"  # pins an old requests: no deps
+	touch $@
+
+demo: setup
+	$(BIN)/python -m robustmed_lite demo
+
+test: pytest book
+
+pytest: setup
+	$(BIN)/python -m pytest
+
+book: setup
+	ROBUSTMED_PROFILE=$${ROBUSTMED_PROFILE:-fast} $(BIN)/jupyter-book build book --warningiserror --keep-going
+
+bench: setup
+	$(BIN)/python benchmarks/phantom.py
+	$(BIN)/python benchmarks/load_data.py
+
+clean:
+	rm -rf book/_build .pytest_cache

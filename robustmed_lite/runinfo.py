@@ -1,0 +1,88 @@
+"""Seeds, devices and the record of what a run used (config, seed, versions)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from importlib import metadata
+
+import numpy as np
+import torch
+
+_PACKAGES = ("robustmed-lite", "torch", "torchvision", "timm", "numpy", "opencv-contrib-python-headless",
+             "opencv-python", "opencv-python-headless", "pillow", "pandas", "scipy", "scikit-learn")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seeds Python, NumPy and torch (all devices).
+
+    Args:
+        seed: The seed.
+        deterministic: Also ask torch for deterministic kernels (slower on GPU; CPU runs are already
+            bitwise reproducible for a fixed thread count).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """Returns the requested device, or CUDA when available, else the CPU."""
+    if name and name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_profile(device: torch.device | str | None = None) -> str:
+    """The notebook profile: ``ROBUSTMED_PROFILE`` if set, else 'full' on a GPU and 'fast' on a CPU."""
+    env = os.environ.get("ROBUSTMED_PROFILE")
+    if env:
+        if env not in ("fast", "full"):
+            raise ValueError(f"ROBUSTMED_PROFILE={env!r}: use 'fast' or 'full'")
+        return env
+    device = get_device(None if device is None else str(device))
+    return "full" if device.type == "cuda" else "fast"
+
+
+def environment_info() -> dict:
+    """Versions of Python, the key libraries and the hardware, for a run's record."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    return info
+
+
+def notebook_setup(verbose: bool = True):
+    """What every notebook needs first: the device, the profile and the real-data folder (or None).
+
+    Returns:
+        ``(device, profile, data_dir)``; profile is 'fast' on a CPU and 'full' on a GPU unless
+        ``ROBUSTMED_PROFILE`` says otherwise, and data_dir comes from ``ROBUSTMED_DATA`` or ``../shared/data``.
+    """
+    from .data import find_shared_data
+
+    device = get_device()
+    profile = default_profile(device)
+    data_dir = find_shared_data()
+    if verbose:
+        name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+        print(f"device: {device} ({name}) | profile: {profile} | real CT: {data_dir or 'not found, phantom only'}")
+    return device, profile, data_dir

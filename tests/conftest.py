@@ -1,0 +1,19 @@
+"""Shared fixtures: the real data in ../shared/data (skipped with a reason where absent), small thread counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustmed_lite.data import find_shared_data
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path of ../shared/data; tests that need it skip where it is absent (CI always has it)."""
+    root = find_shared_data()
+    if root is None:
+        pytest.skip("real CT data not found: set ROBUSTMED_DATA or place it at ../shared/data (CI has it)")
+    return root
