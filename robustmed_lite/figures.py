@@ -50,3 +50,190 @@ def plot_samples(images, labels=None, lung_masks=None, lesion_masks=None, n: int
             ax.set_title(CLASS_NAMES[int(labels[i])], fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ guided filter and lung prior
+def _image_grid(panels, row_labels=None, col_labels=None, cmap="gray", vmin=0.0, vmax=1.0, colorbar=False,
+                title=None, figsize_per=1.9):
+    rows, cols = len(panels), max(len(row) for row in panels)
+
+    def per_column(value):
+        return list(value) if isinstance(value, (list, tuple)) else [value] * cols
+
+    cmaps, vmins, vmaxs, bars = per_column(cmap), per_column(vmin), per_column(vmax), per_column(colorbar)
+    width = figsize_per * cols + (0.3 if row_labels is not None else 0) + 0.6 * sum(map(bool, bars))
+    height = figsize_per * rows + (0.3 if col_labels is not None else 0) + (0.3 if title else 0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, layout="constrained")
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set(color="0.75", linewidth=0.5)
+            image = panels[r][c] if c < len(panels[r]) else None
+            if image is None:
+                continue
+            shown = ax.imshow(_numpy(image).squeeze().astype(float), cmap=cmaps[c], vmin=vmins[c], vmax=vmaxs[c])
+            if bars[c] and r == rows - 1:
+                fig.colorbar(shown, ax=axes[:, c], shrink=0.8, aspect=30)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
+    for c, label in enumerate(col_labels or []):
+        axes[0, c].set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def plot_image_grid(panels, row_labels=None, col_labels=None, cmap="gray", vmin=0.0, vmax=1.0, colorbar=False,
+                    title=None, figsize_per=1.9):
+    """A table of images with row and column labels, e.g. rows = guided-filter radius, columns = eps.
+
+    Args:
+        panels: A list of rows, each a list of images ((S,S) or (1,S,S), arrays or tensors; bool is shown
+            black/white); None leaves a cell blank.
+        row_labels: Optional label per row, written left of it.
+        col_labels: Optional title per column.
+        cmap: Colour map, one for all columns or a list with one per column.
+        vmin: Lower end of the display range, one value or one per column.
+        vmax: Upper end of the display range, one value or one per column.
+        colorbar: Draw a colour bar right of a column: a bool for all columns or one per column.
+        title: Optional figure title.
+        figsize_per: Inches per panel.
+
+    Returns:
+        The matplotlib figure.
+    """
+    return _image_grid(panels, row_labels, col_labels, cmap, vmin, vmax, colorbar, title, figsize_per)[0]
+
+
+def plot_prior_views(x, p, q, x_aug, lung_masks=None, row_labels=None, figsize_per=1.9):
+    """The lung-cavity prior step by step, one row per slice: x | p | q | x_aug | lung mask.
+
+    Every panel uses the image's [0, 1] grey scale (q outside it saturates); the lung mask is filled in cyan
+    over x.
+
+    Args:
+        x: Images (N,1,S,S) in [0,1].
+        p: Guided-filter inputs (x on the dark region, 0 elsewhere), like x.
+        q: Guided-filter outputs, like x.
+        x_aug: Prior views, like x.
+        lung_masks: Optional bool (N,1,S,S); None drops the last column.
+        row_labels: Optional label per slice.
+        figsize_per: Inches per panel.
+
+    Returns:
+        The matplotlib figure.
+    """
+    from matplotlib.colors import ListedColormap
+
+    cols = ["x", "p: x on the dark region", "q: guided filter of p", "x_aug", "lung mask"]
+    panels = [[x[i], p[i], q[i], x_aug[i]] + ([x[i]] if lung_masks is not None else []) for i in range(len(x))]
+    fig, axes = _image_grid(panels, row_labels, cols[:len(panels[0])], figsize_per=figsize_per)
+    if lung_masks is not None:
+        for i in range(len(x)):
+            mask = _numpy(lung_masks[i]).squeeze().astype(bool)
+            axes[i, -1].imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=ListedColormap(["cyan"]),
+                               alpha=0.4)
+    return fig
+
+
+def plot_mask_comparison(images, pred, target, lesion_masks=None, titles=None, n: int = 6, cols: int = 6,
+                         figsize_per: float = 1.9):
+    """Slices with a computed lung mask (yellow) beside the ground truth (cyan) and lesions (red), all outlined.
+
+    Args:
+        images: (N,1,S,S) in [0,1].
+        pred: Computed masks, bool (N,1,S,S).
+        target: Ground-truth lung masks, bool (N,1,S,S).
+        lesion_masks: Optional ground-truth lesion masks.
+        titles: Optional title per slice.
+        n: How many of the first slices to show.
+        cols: Grid columns.
+        figsize_per: Inches per panel.
+
+    Returns:
+        The matplotlib figure.
+    """
+    fig = plot_samples(images, lung_masks=target, lesion_masks=lesion_masks, n=n, cols=cols, titles=titles,
+                       figsize_per=figsize_per)
+    for i, ax in enumerate(fig.axes[:min(n, len(images))]):
+        mask = _numpy(pred[i]).squeeze().astype(float)
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors="yellow", linewidths=0.7)
+    fig.text(0.5, 0.0, "cyan: ground-truth lung, yellow: computed mask, red: lesions", ha="center", va="top",
+             fontsize=9)
+    return fig
+
+
+# --------------------------------------------------------------------------------------- adversarial attacks
+def plot_accuracy_vs_eps(table, metric: str = "accuracy", ax=None, title: str | None = None):
+    """A metric against the attack radius, one line per condition (seaborn).
+
+    Args:
+        table: Long table with ``condition``, ``eps_value`` and ``metric`` columns, e.g. from
+            ``robustmed_lite.evaluate.accuracy_vs_eps``.
+        metric: The column to plot.
+        ax: Optional axes to draw into.
+        title: Optional title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.8))
+    data = table.assign(eps_255=table["eps_value"] * 255)
+    sns.lineplot(data=data, x="eps_255", y=metric, hue="condition", style="condition", markers=True, dashes=False,
+                 ax=ax)
+    ax.set_xlabel("eps (k/255, L-inf)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xticks(sorted(data["eps_255"].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(title=None, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_adversarial(image, adversarials: dict, probs: dict | None = None, figsize_per: float = 2.1):
+    """A clean slice beside adversarial versions of it (top) and their perturbations, amplified (bottom).
+
+    Each perturbation is shown on a diverging scale (red brighter, blue darker) stretched to its own largest
+    change, which the panel's title states: an 8/255 perturbation is invisible at the images' own scale.
+
+    Args:
+        image: The clean slice, (1,S,S) or (S,S) in [0,1].
+        adversarials: Title -> adversarial slice of the same shape.
+        probs: Optional title -> P(COVID) shown in the titles; the key ``"clean"`` for the clean slice.
+        figsize_per: Inches per panel.
+
+    Returns:
+        The matplotlib figure.
+    """
+    clean = _numpy(image).squeeze()
+    cols = 1 + len(adversarials)
+    fig, axes = plt.subplots(2, cols, figsize=(figsize_per * cols, 2 * figsize_per + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def titled(name):
+        return name if probs is None or name not in probs else f"{name}\nP(COVID) = {probs[name]:.2f}"
+
+    axes[0, 0].imshow(clean, cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].set_title(titled("clean"), fontsize=8)
+    axes[1, 0].text(0.5, 0.5, "perturbation\nx_adv - x,\neach panel stretched\nto its largest change", ha="center",
+                    va="center", fontsize=8, transform=axes[1, 0].transAxes)
+    for j, (name, adv) in enumerate(adversarials.items(), start=1):
+        adv = _numpy(adv).squeeze()
+        delta = adv - clean
+        vlim = max(float(np.abs(delta).max()), 1e-8)
+        axes[0, j].imshow(adv, cmap="gray", vmin=0, vmax=1)
+        axes[0, j].set_title(titled(name), fontsize=8)
+        axes[1, j].imshow(delta, cmap="seismic", vmin=-vlim, vmax=vlim)
+        axes[1, j].set_title(f"+-{vlim * 255:.2g}/255 (x{0.5 / vlim:.0f})", fontsize=8)
+    fig.tight_layout()
+    return fig

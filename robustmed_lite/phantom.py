@@ -193,7 +193,8 @@ def _smooth_field(rand: _Rand, size: int, cells: int) -> torch.Tensor:
 def _vessel_tree(rand: _Rand, lungs, size, roots=4, generations=4):
     """Points and weights of branching vessel/airway trees growing laterally from each hilum.
 
-    Returns points (B,P,2) in body coordinates and line weights normalised to one per pixel of length.
+    Returns points (B,P,2) in body coordinates and, per point, the line length it stands for in pixels times
+    the branch's relative width (1 for the trunk, 0.75 per generation).
     """
     pts, wts = [], []
     seg_points = max(6, size // 16)
@@ -201,10 +202,10 @@ def _vessel_tree(rand: _Rand, lungs, size, roots=4, generations=4):
         lateral = 0.0 if side > 0 else math.pi
         spread = torch.linspace(-1.35, 1.35, roots).view(1, roots)
         angle = lateral + side * spread + 0.2 * rand.normal(roots)
-        start_x = (cx - side * 0.55 * ax).view(-1, 1) + 0.03 * rand.normal(roots)
+        start_x = (cx - side * 0.4 * ax).view(-1, 1) + 0.03 * rand.normal(roots)
         start_y = cy.view(-1, 1) + 0.25 * ay.view(-1, 1) * spread / 1.35 + 0.03 * rand.normal(roots)
         length = 0.32 * ay.view(-1, 1) * rand.uniform(0.8, 1.2, roots)
-        weight = torch.ones_like(angle)
+        weight = torch.full_like(angle, 0.8)
         for gen in range(generations):
             t = torch.linspace(0, 1, seg_points).view(1, 1, -1)
             end_x = start_x + length * torch.cos(angle)
@@ -212,7 +213,6 @@ def _vessel_tree(rand: _Rand, lungs, size, roots=4, generations=4):
             px = start_x.unsqueeze(-1) + t * (end_x - start_x).unsqueeze(-1)
             py = start_y.unsqueeze(-1) + t * (end_y - start_y).unsqueeze(-1)
             pts.append(torch.stack([px, py], -1).flatten(1, 2))
-            # Each point stands for (segment length / points) of line, so the rendered line density is ~1.
             spacing = (length * size / 2 / seg_points).unsqueeze(-1).expand_as(px)
             wts.append((weight.unsqueeze(-1) * spacing).flatten(1))
             n = angle.shape[1]
@@ -325,8 +325,11 @@ def _render_chunk(chunk: int, size: int, site: Site, seed: int):
     many_vessels = torch.rand(B, generator=rand.gen) < torch.where(labels == 0, 0.3, 0.15)
     vessel_gain = torch.where(many_vessels, 1.0, 0.6).view(B, 1) * rand.uniform(0.7, 1.0, 1)
     tree_pts, tree_w = _vessel_tree(rand, [(cx, cy, ax, ay) for cx, cy, ax, ay, *_ in lungs], size)
-    vsigma = max(0.4, 0.55 * size / 128)
-    tree_w = tree_w * vessel_gain * math.sqrt(2 * math.pi) * vsigma
+    # Partial volume: a line's splatted mass is its physical width in pixels, a dot's its area, so vessels
+    # thinner than a pixel come out dimmer at low resolution instead of thicker. vsigma is the scanner PSF.
+    vsigma = 0.5
+    px_per_unit = size / 2
+    tree_w = tree_w * vessel_gain * (0.02 * px_per_unit)
     n_dots = 90
     dot_lung = torch.randint(0, 2, (B, n_dots), generator=rand.gen)
     lung_c = torch.stack([torch.stack([lung[0].view(B), lung[1].view(B)], -1) for lung in lungs], 1)  # (B,2,2)
@@ -335,7 +338,7 @@ def _render_chunk(chunk: int, size: int, site: Site, seed: int):
     radius = torch.gather(lung_r, 1, dot_lung.unsqueeze(-1).expand(-1, -1, 2))
     dots = centre + radius * (2 * torch.rand(B, n_dots, 2, generator=rand.gen) - 1) * 0.9
     dots_active = torch.arange(n_dots).view(1, -1) < torch.where(many_vessels, n_dots, 45).view(B, 1)
-    dot_w = dots_active * rand.uniform(0.35, 1.0, n_dots) * (2 * math.pi * vsigma**2)
+    dot_w = dots_active * math.pi * (rand.uniform(0.005, 0.013, n_dots) * px_per_unit) ** 2
     vessels = _splat(torch.cat([tree_pts, dots], 1), torch.cat([tree_w, dot_w], 1), size, zoom)
     vessels = gaussian_blur(vessels, vsigma).clamp(0, 1).squeeze(1)
     lung_core = lung_soft * torch.sigmoid((gaussian_blur(lung_soft.unsqueeze(1), 1.0).squeeze(1) - 0.6) * 12)

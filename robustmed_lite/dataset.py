@@ -1,0 +1,109 @@
+"""Training data with the prior view: (x, x_aug, y), plus masks where they exist, flipped together.
+
+The prior view is computed once, up front, with the fast CPU backend: the guided filter with mirrored borders
+commutes with flips, so flipping ``x`` and its precomputed ``x_aug`` together gives exactly the prior view of
+the flipped image, and no epoch pays for the filter again.
+
+Flips are drawn per epoch from ``(seed, epoch)`` for the whole dataset, so a sample's augmentation does not
+depend on batch size, worker count or where a run was resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from .prior import lung_prior
+
+
+class PriorDataset(Dataset):
+    """Images with their lung-prior view and labels; optional lung and lesion masks.
+
+    Items (and batches) are tuples ``(x, x_aug, y)``, or ``(x, x_aug, y, lung_mask, lesion_mask)`` when the
+    dataset holds masks (missing ones are all-False tensors).
+
+    Args:
+        images: (N,1,S,S) in [0,1].
+        labels: (N,) class indices.
+        lung_masks: Optional (N,1,S,S) bool.
+        lesion_masks: Optional (N,1,S,S) bool.
+        prior: Compute the prior view; False makes x_aug a copy of x (for methods that do not use it).
+        hflip: Random horizontal flips.
+        vflip: Random vertical flips (CAP's pipeline uses both).
+        seed: Seed of the flips.
+        prior_kwargs: Passed to ``lung_prior`` (threshold, radius, eps, s).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, lung_masks: torch.Tensor | None = None,
+                 lesion_masks: torch.Tensor | None = None, *, prior: bool = True, hflip: bool = True,
+                 vflip: bool = False, seed: int = 0, prior_kwargs: dict | None = None):
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (N,1,S,S), got {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        for name, m in (("lung_masks", lung_masks), ("lesion_masks", lesion_masks)):
+            if m is not None and m.shape != images.shape:
+                raise ValueError(f"{name} must match images {tuple(images.shape)}, got {tuple(m.shape)}")
+        self.images, self.labels = images, labels.long()
+        if prior:
+            self.x_aug = torch.cat([lung_prior(images[i:i + 512], with_mask=False, **(prior_kwargs or {}))[0]
+                                    for i in range(0, len(images), 512)]) if len(images) else images.clone()
+        else:
+            self.x_aug = images
+        self.has_masks = lung_masks is not None or lesion_masks is not None
+        blank = torch.zeros_like(images, dtype=torch.bool)
+        self.lung_masks = lung_masks if lung_masks is not None else blank
+        self.lesion_masks = lesion_masks if lesion_masks is not None else blank
+        self.hflip, self.vflip, self.seed = hflip, vflip, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the flips of ``epoch`` (call once per epoch, as with a DistributedSampler)."""
+        self.epoch = epoch
+
+    def _flips(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        draws = torch.rand(2, len(self), generator=gen) < 0.5
+        return draws[0] & self.hflip, draws[1] & self.vflip
+
+    def _apply(self, tensors, h: torch.Tensor, v: torch.Tensor):
+        out = []
+        for t in tensors:
+            t = torch.where(h.view(-1, 1, 1, 1), t.flip(-1), t)
+            out.append(torch.where(v.view(-1, 1, 1, 1), t.flip(-2), t))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        h, v = (f[index:index + 1] for f in self._flips(self.epoch))
+        batch = self._take(torch.tensor([index]), h, v)
+        return tuple(t[0] for t in batch)
+
+    def _take(self, idx: torch.Tensor, h: torch.Tensor, v: torch.Tensor):
+        views = [self.images[idx], self.x_aug[idx]]
+        masks = [self.lung_masks[idx], self.lesion_masks[idx]] if self.has_masks else []
+        x, x_aug, *masks = self._apply(views + masks, h, v)
+        return (x, x_aug, self.labels[idx], *masks)
+
+    def batches(self, batch_size: int, epoch: int | None = None, shuffle: bool = True,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Whole batches, gathered and flipped as tensors (much faster than a per-item DataLoader).
+
+        Args:
+            batch_size: Batch size.
+            epoch: Epoch of the order and flips (default: the one set by ``set_epoch``).
+            shuffle: Shuffle the order (seeded by ``(seed, epoch)``).
+            drop_last: Drop a last, smaller batch.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        h, v = self._flips(epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7)
+        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield self._take(idx, h[idx], v[idx])

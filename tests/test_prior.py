@@ -1,0 +1,258 @@
+"""The guided filter and the lung-cavity prior: exactness against references, gradients, masks, no wrap-around."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustmed_lite.data import load_images
+from robustmed_lite.dataset import PriorDataset
+from robustmed_lite.phantom import make_phantom_dataset
+from robustmed_lite.prior import (box_filter, dice, fast_guided_filter, guided_filter, lung_mask, lung_prior,
+                                  otsu_threshold)
+
+RADII_EPS = [(1, 1e-4), (2, 0.003), (4, 0.003), (8, 0.1), (16, 0.01)]
+
+
+def naive_guided_filter(I: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
+    """He et al.'s definition, box means by explicit O(r^2) summation over a symmetric-padded image."""
+
+    def box(x):
+        padded = np.pad(x, r, mode="symmetric")
+        h, w = x.shape
+        total = np.zeros_like(x)
+        for dy in range(2 * r + 1):
+            for dx in range(2 * r + 1):
+                total += padded[dy:dy + h, dx:dx + w]
+        return total / (2 * r + 1) ** 2
+
+    mean_i, mean_p = box(I), box(p)
+    a = (box(I * p) - mean_i * mean_p) / (box(I * I) - mean_i**2 + eps)
+    b = mean_p - a * mean_i
+    return box(a) * I + box(b)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Random images and real-looking ones (phantom at two sites; real CT is added where present)."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 1, 48, 41, generator=gen)
+    phantom = make_phantom_dataset(2, 48, "A", seed=2).images
+    phantom_b = make_phantom_dataset(2, 48, "B", seed=2).images
+    return torch.cat([noise, F.pad(phantom, (0, -7)), F.pad(phantom_b, (0, -7))])
+
+
+@pytest.fixture(scope="module")
+def real_images(shared_data, tmp_path_factory):
+    data = load_images(shared_data / "sarscov2", 64, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return data.images[torch.tensor([0, 1, 1500, 2400])]
+
+
+def _dark_input(x):
+    return torch.where(x <= 0.5, x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("radius,eps", RADII_EPS)
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
+def test_matches_naive_reference(images, radius, eps, backend):
+    p = _dark_input(images)
+    q = guided_filter(images, p, radius, eps, backend=backend)
+    for i in range(len(images)):
+        ref = naive_guided_filter(images[i, 0].double().numpy(), p[i, 0].double().numpy(), radius, eps)
+        assert np.abs(q[i, 0].double().numpy() - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("radius,eps", RADII_EPS)
+def test_matches_opencv_ximgproc(images, radius, eps):
+    p = _dark_input(images)
+    for backend in ("torch", "opencv"):
+        q = guided_filter(images, p, radius, eps, backend=backend)
+        for i in range(len(images)):
+            ref = cv2.ximgproc.guidedFilter(images[i, 0].numpy(), p[i, 0].numpy(), radius, eps, -1)
+            assert np.abs(q[i, 0].numpy() - ref).max() < 1e-4
+
+
+def test_matches_references_on_real_ct(real_images):
+    p = _dark_input(real_images)
+    for radius, eps in [(2, 0.003), (8, 0.01)]:
+        q = guided_filter(real_images, p, radius, eps)
+        for i in range(len(real_images)):
+            ref = cv2.ximgproc.guidedFilter(real_images[i, 0].numpy(), p[i, 0].numpy(), radius, eps, -1)
+            naive = naive_guided_filter(real_images[i, 0].double().numpy(), p[i, 0].double().numpy(), radius, eps)
+            assert np.abs(q[i, 0].numpy() - ref).max() < 1e-4
+            assert np.abs(q[i, 0].double().numpy() - naive).max() < 1e-4
+
+
+def test_float64_multichannel_and_batched():
+    gen = torch.Generator().manual_seed(1)
+    I = torch.rand(3, 1, 20, 23, generator=gen, dtype=torch.float64)
+    p = torch.rand(3, 2, 20, 23, generator=gen, dtype=torch.float64)
+    for backend in ("torch", "opencv"):
+        q = guided_filter(I, p, 3, 0.01, backend=backend)
+        assert q.dtype == torch.float64 and q.shape == p.shape
+        for n in range(3):
+            for c in range(2):
+                ref = naive_guided_filter(I[n, 0].numpy(), p[n, c].numpy(), 3, 0.01)
+                assert np.abs(q[n, c].numpy() - ref).max() < 1e-10
+
+
+def test_box_filter_windows_wider_than_the_image():
+    x = torch.rand(1, 1, 5, 4, dtype=torch.float64)
+    ref = naive_guided_filter(x[0, 0].numpy(), x[0, 0].numpy(), 7, 1e9)  # huge eps: q -> box(box(p))
+    padded = np.pad(x[0, 0].numpy(), 7, mode="symmetric")
+    box_ref = np.array([[padded[i:i + 15, j:j + 15].mean() for j in range(4)] for i in range(5)])
+    assert np.allclose(box_filter(x, 7)[0, 0].numpy(), box_ref)
+    assert np.isfinite(ref).all()
+
+
+def test_gradients_flow():
+    gen = torch.Generator().manual_seed(3)
+    I = torch.rand(1, 1, 9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(1, 1, 9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: guided_filter(a, b, 2, 0.01), (I, p))
+    assert torch.autograd.gradcheck(lambda a, b: fast_guided_filter(a, b, 2, 0.01, s=0.5), (I, p))
+
+
+def test_auto_backend_keeps_gradients_and_opencv_refuses_them():
+    x = torch.rand(1, 1, 16, 16, requires_grad=True)
+    q = guided_filter(x, x, 2, 0.01)
+    assert q.requires_grad
+    q.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="backend='torch'"):
+        guided_filter(x, x, 2, 0.01, backend="opencv")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(images):
+    p = _dark_input(images)
+    q_gpu = guided_filter(images.cuda(), p.cuda(), 4, 0.003).cpu()
+    assert torch.allclose(q_gpu, guided_filter(images, p, 4, 0.003), atol=1e-5)
+
+
+def test_fast_variant(images):
+    p = _dark_input(images)
+    assert torch.allclose(fast_guided_filter(images, p, 4, 0.01, s=1.0), guided_filter(images, p, 4, 0.01))
+    fast_torch = fast_guided_filter(images, p, 4, 0.01, s=0.5, backend="torch")
+    fast_cv = fast_guided_filter(images, p, 4, 0.01, s=0.5, backend="opencv")
+    assert (fast_torch - fast_cv).abs().max() < 1e-5
+    assert (fast_torch - guided_filter(images, p, 4, 0.01)).abs().mean() < 0.05
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match=r"\(N,C,H,W\)"):
+        guided_filter(torch.rand(8, 8), torch.rand(8, 8), 2, 0.01)
+    with pytest.raises(ValueError, match="grey"):
+        guided_filter(torch.rand(1, 3, 8, 8), torch.rand(1, 1, 8, 8), 2, 0.01)
+    with pytest.raises(ValueError, match="eps > 0"):
+        guided_filter(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), 2, 0.0)
+    with pytest.raises(ValueError, match="grey images"):
+        lung_prior(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="'otsu'"):
+        lung_prior(torch.rand(2, 1, 8, 8), threshold="mean")
+
+
+def test_lung_mask_dice_on_the_phantom():
+    data = make_phantom_dataset(100, 128, "A", seed=11)
+    _, mask = lung_prior(data.images)
+    scores = dice(mask, data.lung_masks)
+    assert scores.mean() >= 0.9, f"mean Dice {scores.mean():.3f}"
+    assert mask.dtype == torch.bool and mask.shape == data.lung_masks.shape
+
+
+def test_otsu_threshold_separates_two_levels():
+    gen = torch.Generator().manual_seed(0)
+    x = 0.25 + 0.05 * torch.randn(2, 1, 20, 20, generator=gen)
+    x[:, :, :, 10:] += 0.5
+    t = otsu_threshold(x.clamp(0, 1))
+    assert torch.equal(x <= t, torch.arange(20).expand(2, 1, 20, 20) < 10)
+    _, mask = lung_prior(make_phantom_dataset(8, 64, "B", seed=0).images, threshold="otsu")
+    assert mask.any()
+
+
+@pytest.fixture(scope="module")
+def prior_views():
+    x = make_phantom_dataset(32, 96, "A", seed=4).images
+    x_aug, _ = lung_prior(x, with_mask=False)
+    return x, x_aug
+
+
+def test_x_aug_in_range_and_unchanged_outside_the_dark_region(prior_views):
+    x, x_aug = prior_views
+    assert x_aug.min() >= 0 and x_aug.max() <= 1
+    bright = x > 0.5
+    assert torch.equal(x_aug[bright], x[bright])
+    assert not torch.equal(x_aug[~bright], x[~bright]), "the dark interior is filtered"
+
+
+def _local_max(x, radius):
+    return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)
+
+
+def _assert_no_bright_artefacts(x, x_aug, tol=0.02):
+    dark = x <= 0.5
+    reach = 2 * (2 * 1 + 1) + 2  # window of radius 1 at half resolution, then bilinear upsampling
+    limit = _local_max(x, reach) + tol
+    assert (x_aug[dark] <= limit[dark]).all(), "x_aug brighter than anything near it: wrap-around?"
+
+
+def test_no_bright_artefacts_at_the_lung_wall(prior_views):
+    """Regression for CAP's uint8 wrap-around: negative filter outputs became bright pixels."""
+    _assert_no_bright_artefacts(*prior_views)
+
+
+def test_no_bright_artefacts_on_real_ct(shared_data, tmp_path_factory):
+    x = load_images(shared_data / "ucsd_covidct", 224, cache_dir=tmp_path_factory.mktemp("ucsd"),
+                    progress=False).images
+    _assert_no_bright_artefacts(x, lung_prior(x, with_mask=False)[0])
+
+
+def test_negative_filter_outputs_clip_to_black_not_wrap(monkeypatch, prior_views):
+    """Negative q are rare on smooth slices, so force them: they must clip to 0, never wrap to white."""
+    x, _ = prior_views
+    import robustmed_lite.prior as prior
+
+    monkeypatch.setattr(prior, "guided_filter", lambda I, p, *a, **k: p - 0.2)
+    x_aug, _ = prior.lung_prior(x, with_mask=False)
+    dark = x <= 0.5
+    assert (x_aug[dark & (x < 0.2)] == 0).all()
+    _assert_no_bright_artefacts(x, x_aug)
+    # What CAP's cast did to the same outputs, and that the check above catches it.
+    q = x - 0.2
+    wrapped = torch.where(dark, torch.remainder(torch.round(q * 255), 256) / 255, x)
+    with pytest.raises(AssertionError, match="wrap-around"):
+        _assert_no_bright_artefacts(x, wrapped)
+
+
+def test_dataset_yields_aligned_views_and_flips():
+    data = make_phantom_dataset(16, 64, "A", seed=5)
+    ds = PriorDataset(data.images, data.labels, data.lung_masks, data.lesion_masks, hflip=True, vflip=True, seed=1)
+    prior_view = lung_prior(data.images, with_mask=False)[0]
+    flipped = 0
+    for i in range(len(ds)):
+        x, x_aug, y, lung, lesion = ds[i]
+        assert y == data.labels[i]
+        dims = next(d for d in ([], [-1], [-2], [-1, -2]) if torch.equal(data.images[i].flip(d), x))
+        flipped += bool(dims)
+        assert torch.equal(x_aug, prior_view[i].flip(dims))
+        assert torch.equal(lung, data.lung_masks[i].flip(dims))
+        assert torch.equal(lesion, data.lesion_masks[i].flip(dims))
+        # The stored prior view commutes with flips: it is the prior view of the flipped image.
+        assert torch.allclose(x_aug, lung_prior(x[None], with_mask=False)[0][0], atol=1e-5)
+    assert 0 < flipped < len(ds)
+
+
+def test_dataset_batches_match_items_and_are_deterministic():
+    data = make_phantom_dataset(20, 32, "A", seed=6)
+    ds = PriorDataset(data.images, data.labels, seed=3)
+    ds.set_epoch(2)
+    batches = list(ds.batches(8, shuffle=False))
+    assert [len(b[0]) for b in batches] == [8, 8, 4] and len(batches[0]) == 3
+    stacked = torch.cat([b[0] for b in batches])
+    assert torch.equal(stacked, torch.stack([ds[i][0] for i in range(len(ds))]))
+    again = torch.cat([b[1] for b in ds.batches(8, epoch=2, shuffle=True)])
+    assert torch.equal(again, torch.cat([b[1] for b in ds.batches(8, epoch=2, shuffle=True)]))
+    assert not torch.equal(again, torch.cat([b[1] for b in ds.batches(8, epoch=3, shuffle=True)]))
+    labels = torch.cat([b[2] for b in ds.batches(8, epoch=2)])
+    assert sorted(labels.tolist()) == sorted(data.labels.tolist())
