@@ -1,9 +1,30 @@
-"""Evaluation: predictions and accuracy (robust and clinical tables come with the attacks)."""
+"""Evaluation: predictions, accuracy, and the robust + clinical table (clean, each attack, worst case).
+
+Conventions of ``evaluate`` (those of AutoAttack): the model is in eval mode; only correctly classified samples
+are attacked, and a sample the model already gets wrong keeps its clean prediction under every attack (the
+attacker's best answer is to leave it alone), so robust accuracy never exceeds clean accuracy and an attack
+that happens to repair a wrong prediction earns no credit. Clinical metrics under an attack are computed from
+these adversarial predictions and probabilities. The worst case counts a sample as robust only if it is
+correct clean and under every listed attack.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
 import torch
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import Attack, eval_mode, parse_eps
+
+POSITIVE_CLASS = 1  # COVID
+TABLE_COLUMNS = ("condition", "attack", "norm", "eps", "eps_value", "steps", "n", "accuracy", "auc", "sensitivity",
+                 "specificity", "f1", "seconds")
 
 
 @torch.no_grad()
@@ -22,3 +43,179 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy in eval mode."""
     return (predict_logits(model, images, batch_size).argmax(1) == labels.cpu()).float().mean().item()
+
+
+def clinical_metrics(labels, probs) -> dict[str, float]:
+    """Accuracy, AUC, sensitivity, specificity and F1.
+
+    Two classes: for the positive class 1 (COVID); sensitivity = recall of COVID, specificity = recall of
+    non-COVID. k classes: macro averages (one-vs-rest AUC, per-class sensitivity and specificity, macro F1).
+    AUC is NaN when a class is missing from ``labels``.
+
+    Args:
+        labels: (N,) true classes.
+        probs: (N, k) class probabilities; the prediction is their argmax.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    cm = confusion_matrix(labels, pred, labels=np.arange(k)).astype(np.float64)
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = tp / cm.sum(1)
+        spec = (cm.sum() - cm.sum(0) - cm.sum(1) + tp) / (cm.sum() - cm.sum(1))
+    present = np.unique(labels)
+    if k == 2:
+        auc = roc_auc_score(labels, probs[:, POSITIVE_CLASS]) if len(present) == 2 else float("nan")
+        sens, spec = sens[POSITIVE_CLASS], spec[POSITIVE_CLASS]
+        f1 = f1_score(labels, pred, pos_label=POSITIVE_CLASS, zero_division=0)
+    else:
+        auc = (roc_auc_score(labels, probs / probs.sum(1, keepdims=True), multi_class="ovr", average="macro",
+                             labels=np.arange(k)) if len(present) == k else float("nan"))
+        sens, spec = np.nanmean(sens), np.nanmean(spec)
+        f1 = f1_score(labels, pred, labels=np.arange(k), average="macro", zero_division=0)
+    return {"accuracy": float((pred == labels).mean()) if len(labels) else float("nan"), "auc": float(auc),
+            "sensitivity": float(sens), "specificity": float(spec), "f1": float(f1)}
+
+
+def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches from a DataLoader of (x, y) / (x, ..., y), a pair (images, labels), or an object with
+    ``.images`` and ``.labels`` (PhantomSet, ImageSet)."""
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        data = (data.images, data.labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        images, labels = data
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        return ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+    return ((batch[0], batch[-1]) for batch in data)
+
+
+def _num_batches(data, batch_size: int) -> int | None:
+    if hasattr(data, "images"):
+        return -(-len(data.images) // batch_size)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return -(-len(data[0]) // batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *, batch_size: int = 128,
+             device: torch.device | str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Clean, per-attack and worst-case accuracy with clinical metrics, one row per condition.
+
+    Each attack runs once per batch, on the correctly classified samples only (see the module docstring).
+
+    Args:
+        model: A classifier taking inputs in [0, 1]; evaluated in eval mode, its modes restored afterwards.
+        data: A DataLoader yielding (x, y) or (x, ..., y), a pair of tensors (images, labels), or an object with
+            ``.images`` and ``.labels``.
+        attacks: Condition name -> attack. None or empty: the clean row only.
+        batch_size: Batch size when ``data`` holds tensors.
+        device: Where batches go; default the model's device.
+        progress: Show a progress bar.
+
+    Returns:
+        A DataFrame with columns ``TABLE_COLUMNS``: rows ``clean``, one per attack, and ``worst case`` (with two
+        or more attacks). ``eps`` is k/255 text (L2: plain), ``eps_value`` the float; ``steps`` counts gradient
+        steps; ``seconds`` is the wall time of the attack and its prediction. Binary metrics treat class 1
+        (COVID) as positive; with k classes they are macro averages (``df.attrs["average"]``).
+    """
+    attacks = dict(attacks or {})
+    if "clean" in attacks or "worst case" in attacks:
+        raise ValueError("'clean' and 'worst case' are reserved condition names")
+    device = torch.device(device) if device is not None else _model_device(model)
+    names = ["clean", *attacks]
+    probs, labels = {name: [] for name in names}, []
+    n_correct, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    bar = tqdm(_batches(data, batch_size), total=_num_batches(data, batch_size), desc="evaluate",
+               disable=not progress, leave=False)
+    with eval_mode(model):
+        for x, y in bar:
+            x, y = x.to(device), y.to(device).long()
+            with torch.no_grad():
+                clean = model(x).float().softmax(1)
+            correct = (clean.argmax(1) == y).nonzero().squeeze(1)
+            probs["clean"].append(clean.cpu())
+            n_correct["clean"] += len(correct)
+            for name, attack in attacks.items():
+                adv = clean.clone()
+                if len(correct):
+                    start = time.perf_counter()
+                    x_adv = attack(model, x[correct], y[correct])
+                    with torch.no_grad():
+                        adv[correct] = model(x_adv).float().softmax(1)
+                    seconds[name] += time.perf_counter() - start
+                probs[name].append(adv.cpu())
+                n_correct[name] += int((adv.argmax(1) == y).sum())
+            labels.append(y.cpu())
+            seen = sum(len(t) for t in labels)
+            bar.set_postfix({name: f"{count / seen:.3f}" for name, count in n_correct.items()}, refresh=False)
+    if not labels or not sum(len(t) for t in labels):
+        raise ValueError("evaluate got no samples")
+    y_all = torch.cat(labels).numpy()
+    probs = {name: torch.cat(p).numpy() for name, p in probs.items()}
+    rows = [{"condition": "clean", "attack": "none", "norm": "", "eps": "0/255", "eps_value": 0.0, "steps": 0,
+             **clinical_metrics(y_all, probs["clean"]), "seconds": 0.0}]
+    for name, attack in attacks.items():
+        rows.append({"condition": name, "attack": attack.describe(), "norm": attack.norm, "eps": attack.eps_str,
+                     "eps_value": attack.eps, "steps": attack.steps, **clinical_metrics(y_all, probs[name]),
+                     "seconds": seconds[name]})
+    if len(attacks) > 1:
+        values = attacks.values()
+        rows.append({"condition": "worst case", "attack": "any of " + ", ".join(attacks),
+                     "norm": ", ".join(sorted({a.norm for a in values})),
+                     "eps": ", ".join(sorted({a.eps_str for a in values})), "eps_value": max(a.eps for a in values),
+                     "steps": sum(a.steps for a in values),
+                     **clinical_metrics(y_all, _worst_case(y_all, [probs[name] for name in names])),
+                     "seconds": sum(seconds.values())})
+    table = pd.DataFrame(rows).reindex(columns=list(TABLE_COLUMNS))
+    table["n"] = len(y_all)
+    table.attrs["average"] = "binary, positive class 1 (COVID)" if probs["clean"].shape[1] == 2 else "macro"
+    return table
+
+
+def _worst_case(labels: np.ndarray, probs: Sequence[np.ndarray]) -> np.ndarray:
+    """Per sample, the probabilities of the condition that fools it (lowest true-class probability among
+    those that do), else of the one with the lowest true-class probability: wrong iff any condition is wrong."""
+    stacked = np.stack(probs)  # (conditions, N, k)
+    p_true = np.take_along_axis(stacked, labels[None, :, None], 2)[..., 0]
+    correct = stacked.argmax(2) == labels[None]
+    pick = np.argmin(correct * 2.0 + p_true, axis=0)  # any wrong condition (key < 2) beats every correct one
+    return stacked[pick, np.arange(len(labels))]
+
+
+def accuracy_vs_eps(model: nn.Module, data, attacks: dict[str, Callable[[float], Attack]],
+                    eps_values: Sequence[float | str], **kwargs) -> pd.DataFrame:
+    """``evaluate`` at several radii, the attack rows of every eps stacked in one long table (for plots).
+
+    At eps 0 every attack returns x unchanged, so that radius is not attacked: its rows repeat the clean row.
+
+    Args:
+        model: The classifier.
+        data: As in ``evaluate``.
+        attacks: Condition name -> a function eps -> attack, e.g. ``{"PGD-10": lambda e: PGD(e, steps=10)}``.
+        eps_values: Radii (floats or "k/255" strings).
+        **kwargs: Passed to ``evaluate``.
+
+    Returns:
+        ``evaluate``'s columns; the worst case is included when there are two or more attacks.
+    """
+    tables, clean = [], None
+    for eps in map(parse_eps, eps_values):
+        if eps > 0:
+            table = evaluate(model, data, {name: make(eps) for name, make in attacks.items()}, **kwargs)
+            clean = table.iloc[[0]] if clean is None else clean
+            tables.append(table.iloc[1:])
+        else:
+            clean = evaluate(model, data, None, **kwargs) if clean is None else clean
+            names = [*attacks, "worst case"] if len(attacks) > 1 else list(attacks)
+            tables.append(clean.loc[clean.index.repeat(len(names))].assign(condition=names))
+    return pd.concat(tables, ignore_index=True)

@@ -234,6 +234,6 @@ def plot_adversarial(image, adversarials: dict, probs: dict | None = None, figsi
         axes[0, j].imshow(adv, cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(titled(name), fontsize=8)
         axes[1, j].imshow(delta, cmap="seismic", vmin=-vlim, vmax=vlim)
-        axes[1, j].set_title(f"+-{vlim * 255:.2g}/255 (x{0.5 / vlim:.0f})", fontsize=8)
+        axes[1, j].set_title(f"±{vlim * 255:.2g}/255 (×{0.5 / vlim:.0f})", fontsize=8)
     fig.tight_layout()
     return fig

@@ -1,0 +1,335 @@
+"""Attacks: invariants (eps-ball, [0,1], mode, determinism, eps=0), consistency on a trained model, the
+early-stopped PGD's rules and batch order, and a cross-check against torchattacks."""
+
+import pytest
+import torch
+from torch import nn
+
+from robustmed_lite.attacks import (APGD, FGSM, MIM, PGD, RFGSM, CWLinf, FeedbackPGD, apgd_checkpoints, eval_mode,
+                                    format_eps, parse_eps)
+from robustmed_lite.models import create_model
+from robustmed_lite.phantom import make_phantom_dataset
+from robustmed_lite.trainer import fit_erm
+
+EPS = 8 / 255
+ATTACKS = {
+    "fgsm": lambda eps: FGSM(eps),
+    "rfgsm": lambda eps: RFGSM(eps, seed=1),
+    "pgd": lambda eps: PGD(eps, steps=5, seed=1),
+    "pgd_kl": lambda eps: PGD(eps, steps=5, loss="kl", seed=1),
+    "pgd_l2": lambda eps: PGD(eps * 20, steps=5, norm="l2", seed=1),
+    "pgd_restarts": lambda eps: PGD(eps, steps=3, restarts=2, seed=1),
+    "mim": lambda eps: MIM(eps, steps=5),
+    "cw": lambda eps: CWLinf(eps, steps=5, seed=1),
+    "apgd": lambda eps: APGD(eps, steps=8, seed=1),
+    "feedback_fat": lambda eps: FeedbackPGD(eps, steps=5, rule="fat", tau=1, seed=1),
+    "feedback_last_correct": lambda eps: FeedbackPGD(eps, steps=5, rule="last_correct", seed=1),
+    "feedback_none": lambda eps: FeedbackPGD(eps, steps=5, rule=None, loss="ce", seed=1),
+}
+
+
+def _in_ball(attack, x, x_adv):
+    delta = (x_adv - x).flatten(1)
+    if attack.norm == "linf":
+        return bool(delta.abs().max() <= attack.eps + 1e-6)
+    return bool(delta.norm(dim=1).max() <= attack.eps * (1 + 1e-5) + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 32, 32, generator=gen)
+    x[0] = 0.0  # corners of [0, 1], where projection and clipping meet
+    x[1] = 1.0
+    return x, torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+
+
+@pytest.fixture
+def model():
+    """An untrained CNN in train mode, with one submodule deliberately in eval mode."""
+    torch.manual_seed(0)
+    net = create_model("small_cnn").train()
+    net.backbone.features[1].eval()
+    return net
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """small_cnn trained (ERM) on the 48 px phantom; 256 held-out slices. About 15 s on 2 cores."""
+    data = make_phantom_dataset(1280, 48, site="A", seed=0)
+    torch.manual_seed(0)
+    net = create_model("small_cnn")
+    fit_erm(net, data.images[:1024], data.labels[:1024], epochs=6, progress=False)
+    return net.eval(), data.images[1024:], data.labels[1024:]
+
+
+def _accuracy(model, x, y, attack=None, chunk=128):
+    """Accuracy, under ``attack`` if given; in chunks of 128 (twice as fast per image as 256 on this CPU)."""
+    correct = 0
+    for i in range(0, len(x), chunk):
+        xi, yi = x[i:i + chunk], y[i:i + chunk]
+        if attack is not None:
+            xi = attack(model, xi, yi)
+        with torch.no_grad():
+            correct += (model(xi).argmax(1) == yi).sum().item()
+    return correct / len(x)
+
+
+@pytest.fixture(scope="module")
+def pgd10_accuracy(trained):
+    """PGD-10 at 1/255 (step 0.25/255), seed 0: shared by the consistency checks."""
+    model, x, y = trained
+    return _accuracy(model, x, y, PGD("1/255", alpha="0.25/255", steps=10, seed=0))
+
+
+# ---------------------------------------------------------------------------------------------- eps handling
+
+@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), (" 4 / 255 ", 4 / 255), ("0.03", 0.03), (0.5, 0.5),
+                                        ("1e-2", 0.01), (0, 0.0)])
+def test_parse_eps(text, value):
+    assert parse_eps(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["8/", "eight", "-1/255", -0.1, float("nan")])
+def test_parse_eps_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="eps"):
+        parse_eps(bad)
+
+
+def test_eps_is_quoted_as_k_over_255():
+    assert format_eps(8 / 255) == "8/255"
+    assert "eps 8/255" in PGD("8/255").describe()
+    cap = FeedbackPGD(0.03).describe()
+    assert "7.65/255 (= 0.03)" in cap and "training only" in cap
+    assert "PGD-10" in repr(PGD()) and "APGD-CE-100" in APGD().describe()
+
+
+def test_linf_eps_above_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="did you mean|e.g. '8/255'"):
+        PGD(8)
+
+
+def test_kl_without_random_start_is_a_clear_error():
+    with pytest.raises(ValueError, match="random start"):
+        PGD(loss="kl", random_start=False)
+
+
+# ------------------------------------------------------------------------------------------------ invariants
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_output_in_ball_in_range_and_mode_restored(name, model, batch):
+    x, y = batch
+    modes = [m.training for m in model.modules()]
+    attack = ATTACKS[name](EPS)
+    x_adv = attack(model, x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert not x_adv.requires_grad
+    assert _in_ball(attack, x, x_adv)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x), "the attack moved the input"
+    assert [m.training for m in model.modules()] == modes, "each module's train/eval flag is restored"
+    assert all(p.grad is None for p in model.parameters()), "no parameter gradients are accumulated"
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_deterministic_under_a_seed(name, model, batch):
+    x, y = batch
+    attack = ATTACKS[name](EPS)
+    first = attack(model, x, y)
+    torch.manual_seed(123)  # the global RNG must not matter when a seed is set
+    assert torch.equal(first, attack(model, x, y))
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_eps_zero_returns_x_unchanged(name, model, batch):
+    x, y = batch
+    assert torch.equal(ATTACKS[name](0.0)(model, x, y), x)
+
+
+@pytest.mark.parametrize("name", ["pgd", "pgd_kl", "apgd", "feedback_fat"])
+def test_runs_under_a_callers_autocast(name, model, batch):
+    x, y = batch
+    attack = ATTACKS[name](EPS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = attack(model, x, y)
+    assert x_adv.dtype == torch.float32 and _in_ball(attack, x, x_adv)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_works_inside_no_grad_and_leaves_x_alone(model, batch):
+    x, y = batch
+    x_copy = x.clone()
+    with torch.no_grad():
+        x_adv = PGD(EPS, steps=3, random_start=False)(model, x, y)
+    assert not torch.equal(x_adv, x) and torch.equal(x, x_copy)
+
+
+def test_mode_restored_when_the_model_raises(batch):
+    class Faulty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = create_model("small_cnn")
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = Faulty().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        PGD(EPS)(model, *batch)
+    assert all(m.training for m in model.modules())
+
+
+def test_eval_mode_is_active_during_the_attack(batch):
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32 * 32, 2)
+
+        def forward(self, x):
+            seen.append(self.training)
+            return self.lin(x.flatten(1))
+
+    model = Spy().train()
+    PGD(EPS, steps=2)(model, *batch)
+    assert seen and not any(seen) and model.training
+
+
+@pytest.mark.parametrize("x,y,match", [
+    (torch.rand(2, 1, 8, 8) * 2 - 0.5, torch.tensor([0, 1]), r"\[0, 1\]"),
+    (torch.rand(2, 1, 8, 8), torch.tensor([0, 1, 1]), "one integer class label"),
+    (torch.rand(2, 1, 8, 8), torch.tensor([0.0, 1.0]), "one integer class label"),
+    (torch.randint(0, 2, (2, 1, 8, 8)), torch.tensor([0, 1]), "float tensor"),
+])
+def test_bad_inputs_are_clear_errors(x, y, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(ValueError, match=match):
+        PGD(EPS)(model, x, y)
+
+
+def test_eval_mode_context_restores_mixed_modes():
+    model = create_model("small_cnn").train()
+    model.backbone.head.eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and not model.backbone.head.training
+
+
+# ----------------------------------------------------------------------------------------------------- APGD
+
+def test_apgd_checkpoints_follow_the_paper():
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (then 1.05 > 1)
+    assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]
+
+
+def test_apgd_and_pgd_find_the_corner_of_a_linear_model():
+    """For a linear model the CE maximiser over the L-inf box is x + eps * sign(w1 - w0) (for y = 0), clipped."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x = torch.rand(4, 1, 4, 4) * 0.8 + 0.1
+    y = torch.zeros(4, dtype=torch.long)
+    direction = (lin[1].weight[1] - lin[1].weight[0]).sign().view(1, 1, 4, 4)
+    best = (x + EPS * direction).clamp(0, 1)
+    for attack in (APGD(EPS, steps=10, seed=0), PGD(EPS, steps=10, seed=0)):
+        assert torch.allclose(attack(lin, x, y), best, atol=1e-6), attack.describe()
+
+
+# ------------------------------------------------------------------------------ consistency on a trained model
+
+def test_the_trained_model_is_good_enough(trained):
+    model, x, y = trained
+    assert _accuracy(model, x, y) > 0.8
+
+
+def test_robust_accuracy_never_exceeds_clean(trained):
+    model, x, y = trained
+    clean = _accuracy(model, x, y)
+    for attack in (FGSM("2/255"), RFGSM("2/255", seed=0), PGD("2/255", steps=5, seed=0),
+                   CWLinf("2/255", steps=5, seed=0), APGD("2/255", steps=10, seed=0), MIM("2/255", steps=5)):
+        assert _accuracy(model, x, y, attack) <= clean, attack.describe()
+
+
+def test_stronger_attacks_are_not_weaker(trained, pgd10_accuracy):
+    """PGD-50 <= PGD-10 and APGD-CE-20 <= PGD-10, up to 2 points, at a radius where neither is trivial."""
+    model, x, y = trained
+    pgd50 = _accuracy(model, x, y, PGD("1/255", alpha="0.25/255", steps=50, seed=0))
+    apgd = _accuracy(model, x, y, APGD("1/255", steps=20, seed=0))
+    assert 0.05 < pgd10_accuracy < _accuracy(model, x, y) - 0.1, "the radius gives a non-trivial robust accuracy"
+    assert pgd50 <= pgd10_accuracy + 0.02 and apgd <= pgd10_accuracy + 0.02, (pgd10_accuracy, pgd50, apgd)
+
+
+def test_agrees_with_torchattacks_pgd(trained, pgd10_accuracy):
+    """Same model, 256 samples, eps 1/255, step 0.25/255, 10 steps, random start on both."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = trained
+    torch.manual_seed(0)
+    reference = torchattacks.PGD(model, eps=1 / 255, alpha=0.25 / 255, steps=10, random_start=True)
+    theirs = _accuracy(model, x, y, lambda m, xi, yi: reference(xi, yi))
+    assert len(y) == 256 and 0.05 < theirs < 0.95
+    assert abs(pgd10_accuracy - theirs) <= 0.02, (pgd10_accuracy, theirs)
+
+
+# -------------------------------------------------------------------------------------- early-stopped PGD
+
+def test_feedback_keeps_batch_order_aligned_with_views_and_labels(trained):
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    x_aug = x.flip(-1)  # an augmented view the caller keeps beside x
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    for rule in ("fat", "last_correct"):
+        attack = FeedbackPGD("4/255", steps=8, loss="ce", rule=rule, random_start=False)
+        x_adv = attack(model, x, y)
+        steps = attack.last_steps.clone()
+        assert len(steps.unique()) > 1, "samples stopped at different steps"
+        # Shuffling the batch shuffles the result the same way: nothing is reordered inside.
+        assert torch.equal(attack(model, x[perm], y[perm]), x_adv[perm])
+        assert torch.equal(attack.last_steps, steps[perm])
+        # Row i of x_adv is a perturbation of x[i], so x_aug[i] and y[i] still belong to it.
+        assert (x_adv - x).abs().amax((1, 2, 3)).max() <= 4 / 255 + 1e-6
+        assert (x_adv.flip(-1) - x_aug).abs().amax((1, 2, 3)).max() <= 4 / 255 + 1e-6
+
+
+def test_feedback_last_correct_stays_correct(trained):
+    model, x, y = trained
+    attack = FeedbackPGD("8/255", steps=10, rule="last_correct", seed=0)
+    x_adv = attack(model, x, y)
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+        adv_ok = model(x_adv).argmax(1) == y
+    assert torch.equal(adv_ok, clean_ok), "correct samples stay correct; wrong ones stay wrong"
+    assert torch.equal(x_adv[~clean_ok], x[~clean_ok]) and (attack.last_steps[~clean_ok] == 0).all()
+    assert (attack.last_steps < 10).any() and (attack.last_steps > 0).any()
+
+
+@pytest.mark.parametrize("tau", [0, 2])
+def test_feedback_fat_freezes_misclassified_iterates(trained, tau):
+    model, x, y = trained
+    attack = FeedbackPGD("8/255", steps=10, rule="fat", tau=tau, loss="ce", seed=0)
+    x_adv = attack(model, x, y)
+    frozen = attack.last_steps < 10
+    assert frozen.any()
+    with torch.no_grad():
+        assert (model(x_adv[frozen]).argmax(1) != y[frozen]).all(), "a frozen sample is misclassified"
+    assert (attack.last_steps[frozen] >= tau).all(), "tau misclassified iterates come before freezing"
+
+
+def test_feedback_rules_reduce_to_pgd(trained):
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    pgd = PGD(0.03, alpha=2 / 255, steps=6, loss="kl", random_start="normal", seed=3)(model, x, y)
+    plain = FeedbackPGD(0.03, steps=6, rule=None, seed=3)(model, x, y)
+    never_frozen = FeedbackPGD(0.03, steps=6, rule="fat", tau=6, seed=3)(model, x, y)
+    assert torch.equal(plain, pgd) and torch.equal(never_frozen, pgd)
+
+
+def test_feedback_frozen_samples_leave_the_forward_passes(trained):
+    model, x, y = trained
+    seen = []
+    handle = model.register_forward_hook(lambda m, inp, out: seen.append(len(inp[0])))
+    try:
+        FeedbackPGD("8/255", steps=10, rule="fat", loss="ce", seed=0)(model, x, y)
+    finally:
+        handle.remove()
+    assert seen[0] == len(x) and sum(seen) < 10 * len(x)
