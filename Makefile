@@ -32,6 +32,9 @@ book: setup
 bench: setup
 	$(BIN)/python benchmarks/phantom.py
 	$(BIN)/python benchmarks/load_data.py
+	$(BIN)/python benchmarks/guided_filter.py
+	$(BIN)/python benchmarks/attacks.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf book/_build .pytest_cache
