@@ -1,45 +1,106 @@
-"""Command line: ``python -m robustmed_lite <command>``; ``--help`` lists the commands."""
+"""Command line: ``python -m robustmed_lite {demo,train,evaluate} ...``; ``--help`` on each lists its options.
+
+Examples::
+
+    python -m robustmed_lite demo                                   # ERM vs the method, CPU, minutes
+    python -m robustmed_lite train --config cpu-demo --method trades --epochs 3
+    python -m robustmed_lite train --config colab --method robustmed --data /content/sarscov2 --ood_data /content/ucsd
+    python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
+    python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
+    group = parser.add_argument_group("config overrides (any TrainConfig field)")
+    for f in dataclasses.fields(TrainConfig):
+        if not f.name.startswith("_"):
+            group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(),
+                               help=f"default {f.default!r}" if f.default is not dataclasses.MISSING else None)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, _overrides(args))
+    trainer = Trainer(cfg, resume=args.resume)
+    trainer.fit()
+    print(f"run directory: {trainer.run_dir} (config.yaml, env.json, log.csv, last.pt, best_clean.pt, "
+          "best_robust.pt)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .experiments import evaluate_checkpoint
+
+    table = evaluate_checkpoint(args.checkpoint, split=args.split, attacks=args.attacks.split(","), eps=args.eps,
+                                n=args.n, data=args.data)
+    print(table.to_string(index=False))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"saved {args.out}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .evaluate import accuracy
-    from .models import create_model
-    from .phantom import make_phantom_dataset
-    from .runinfo import seed_everything
-    from .trainer import fit_erm
+    from .experiments import compare_methods
 
-    seed_everything(args.seed)
     start = time.time()
-    print(f"generating the phantom: {args.n_train} training slices at {args.size} px (site A) ...")
-    train = make_phantom_dataset(args.n_train, args.size, site="A", seed=args.seed)
-    test_a = make_phantom_dataset(600, args.size, site="A", seed=args.seed + 1)
-    test_b = make_phantom_dataset(600, args.size, site="B", seed=args.seed + 1)
-    model = create_model(args.model, img_size=args.size)
-    fit_erm(model, train.images, train.labels, epochs=args.epochs, seed=args.seed)
-    acc_a = accuracy(model, test_a.images, test_a.labels)
-    acc_b = accuracy(model, test_b.images, test_b.labels)
-    print(f"\n{args.model}, ERM, {args.epochs} epochs, seed {args.seed}, {time.time() - start:.0f} s")
-    print(f"  accuracy, held-out site A (n=600): {acc_a:.3f}")
-    print(f"  accuracy, site B, another scanner (n=600): {acc_b:.3f}")
+    table = compare_methods(["erm", "robustmed"], preset=args.config, out_root=args.out_root, seed=args.seed,
+                            progress=not args.quiet)
+    print(f"\nERM vs the method ({args.config} preset, seed {args.seed}), {time.time() - start:.0f} s in all")
+    print(table.to_string(index=False))
+    print("\nCheckpoints were chosen on the validation split (ERM: best clean, robust methods: best PGD accuracy); "
+          "accuracy is on the held-out test split (site A) and on the same patients seen by another scanner "
+          "(site B). Attacks run in eval mode on inputs in [0,1]; eps is on the pixel scale.")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="robustmed_lite", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m robustmed_lite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: train on the phantom and report accuracy (CPU, minutes)")
-    demo.add_argument("--model", default="small_cnn")
-    demo.add_argument("--size", type=int, default=64)
-    demo.add_argument("--n-train", type=int, default=2000)
-    demo.add_argument("--epochs", type=int, default=20)
+
+    demo = sub.add_parser("demo", help="the main job: ERM vs the method on the phantom, a comparison table")
+    demo.add_argument("--config", default="cpu-demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out_root", default="runs/demo", help="reused on a second run (delete it to retrain)")
+    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
+
+    train = sub.add_parser("train", help="train one method (see --method and the presets)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
+    _add_config_args(train)
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser("evaluate", help="clean / attack / worst-case accuracy and clinical metrics of a checkpoint")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--split", default="test", choices=("val", "test", "shift"))
+    ev.add_argument("--attacks", default="fgsm,pgd10,pgd50,apgd,cw",
+                    help="comma-separated: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd")
+    ev.add_argument("--eps", default=None, help="attack radius, e.g. 8/255 (default: the training eps)")
+    ev.add_argument("--n", type=int, default=None, help="evaluate the first n images only")
+    ev.add_argument("--data", default=None, help="evaluate on another data root instead of the run's split")
+    ev.add_argument("--out", default=None, help="write the table as CSV")
+    ev.set_defaults(run=_evaluate)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,16 +1,345 @@
-"""Training loops."""
+"""The trainer: every method of the book in one loop, with validation-chosen checkpoints and exact resume.
+
+One training step, whatever the method (components from ``config.METHODS``)::
+
+    x, x_aug, y             a batch and its lung-prior view (the same flips)
+    x_adv = attack(x, y)    sample perturbation in eval mode: PGD (CE), TRADES (KL), optionally early-stopped
+    w += gamma * d          weight noise from a one-step proxy adversary (AWP or proxy attention)
+    loss(x, x_adv, x_aug)   CE, TRADES, MART, SCORE or the method's square loss + KL
+    optimizer step, then the weight noise is taken out again
+
+Each epoch ends with a validation pass (clean accuracy on the whole validation split, PGD accuracy on its first
+``eval_n`` images); the best clean and best robust checkpoints are chosen there, never on the test split. The
+last checkpoint holds the optimizer, scheduler and RNG states, so a resumed run is bitwise the uninterrupted one
+on a CPU. The run directory records the config, the seed, the library versions and a per-epoch log.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
+
+from .attacks import PGD, FeedbackPGD
+from .config import TrainConfig
+from .data import load_images
+from .dataset import PriorDataset
+from .evaluate import accuracy
+from .models import create_model
+from .objectives import ce_loss, mart_loss, score_loss, square_kl_loss, trades_loss
+from .perturbation import WeightPerturbation
+from .phantom import make_phantom_dataset
+from .runinfo import environment_info, get_device, seed_everything
+
+CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
+
+
+@dataclass
+class DataSplits:
+    """Training dataset (with prior views) and held-out tensors: val (model selection), test, and a shifted
+    test set (another phantom site, or another hospital) where one exists."""
+
+    train: PriorDataset
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    shift: tuple[torch.Tensor, torch.Tensor] | None
+    shift_name: str | None
+
+
+def build_data(cfg: TrainConfig) -> DataSplits:
+    """The splits a config asks for. Phantom data uses fixed data seeds (0, 1, 2: train, val, test), so the
+    training seed changes only the training; the shifted test set shows the test patients at ``ood_site``."""
+    prior_kwargs = dict(threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s)
+    if cfg.data == "phantom":
+        train = make_phantom_dataset(cfg.n_train, cfg.img_size, cfg.site, seed=0)
+        val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)
+        test = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)
+        shift = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.ood_site, seed=2)
+        dataset = PriorDataset(train.images, train.labels, train.lung_masks, train.lesion_masks, prior=cfg.prior,
+                               hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed, prior_kwargs=prior_kwargs)
+        return DataSplits(dataset, val[:2], test[:2], shift[:2], f"phantom site {cfg.ood_site}")
+    data = load_images(cfg.data, cfg.img_size, progress=cfg.progress)
+    parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+    train = data.subset(parts["train"])
+    dataset = PriorDataset(train.images, train.labels, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip,
+                           seed=cfg.seed, prior_kwargs=prior_kwargs)
+    val, test = data.subset(parts["val"]), data.subset(parts["test"])
+    shift, shift_name = None, None
+    if cfg.ood_data:
+        other = load_images(cfg.ood_data, cfg.img_size, progress=cfg.progress)
+        shift, shift_name = (other.images, other.labels), Path(cfg.ood_data).name
+    return DataSplits(dataset, (val.images, val.labels), (test.images, test.labels), shift, shift_name)
+
+
+def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
+    """Attack steps in an epoch: ramped linearly from 1 over ``attack_warmup_epochs`` (CAP's schedule adds one
+    step every second epoch), then ``attack_steps``."""
+    if cfg.attack_warmup_epochs <= 0:
+        return cfg.attack_steps
+    ramp = 1 + (cfg.attack_steps - 1) * epoch // cfg.attack_warmup_epochs
+    return max(1, min(cfg.attack_steps, ramp))
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+class Trainer:
+    """Trains one config. ``Trainer(cfg).fit()`` runs it; ``resume=True`` continues from ``last.pt``.
+
+    Args:
+        cfg: A resolved ``TrainConfig``.
+        data: Prebuilt splits (default: built from the config).
+        resume: Continue from the run directory's ``last.pt``. Without it an existing run directory with a
+            checkpoint is an error: nothing is overwritten silently.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: DataSplits | None = None, resume: bool = False):
+        if not cfg._resolved:
+            cfg.resolve()
+        self.cfg = cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.device = get_device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        self.run_dir = cfg.run_dir()
+        self._prepare_run_dir(resume)
+        self.data = data or build_data(cfg)
+        self.model = create_model(cfg.model, num_classes=2, img_size=cfg.img_size, pretrained=cfg.pretrained)
+        if cfg.init_from:
+            self.model.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+        self.model.to(self.device)
+        if self.cuda and cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
+        self.weight_noise = None
+        if cfg.weight_noise != "none":
+            self.weight_noise = WeightPerturbation(self.model, cfg.weight_noise, cfg.gamma, cfg.beta, cfg.proxy_lr)
+        self.val_attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
+        self.start_epoch, self.history = 0, []
+        self.best = {"clean": -1.0, "robust": -1.0}
+        if resume:
+            self._load_last()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _prepare_run_dir(self, resume: bool) -> None:
+        existing = [c for c in CHECKPOINTS if (self.run_dir / c).exists()]
+        if resume and "last.pt" not in existing:
+            raise FileNotFoundError(f"cannot resume: {self.run_dir / 'last.pt'} does not exist")
+        if existing and not resume:
+            raise FileExistsError(f"{self.run_dir} already holds {existing}: pass --resume to continue that run, "
+                                  "or choose another --out_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        record = {"seed": self.cfg.seed, "command_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "environment": environment_info()}
+        (self.run_dir / "env.json").write_text(json.dumps(record, indent=2))
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def sample_attack(self, epoch: int):
+        """The training attack of an epoch (None for methods without sample perturbation)."""
+        cfg = self.cfg
+        if cfg.attack == "none":
+            return None
+        loss = "kl" if cfg.attack == "trades" else "ce"
+        start = "normal" if loss == "kl" else True  # TRADES' tiny Gaussian start; uniform in the ball for CE
+        steps = attack_steps_at(cfg, epoch)
+        if cfg.feedback != "none":
+            return FeedbackPGD(cfg.eps, cfg.step_size, steps, loss=loss, rule=cfg.feedback, tau=cfg.tau,
+                               random_start=start)
+        return PGD(cfg.eps, cfg.step_size, steps, loss=loss, random_start=start)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if self.cuda and self.cfg.channels_last else t
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.cfg.amp)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def train_step(self, x: torch.Tensor, x_aug: torch.Tensor, y: torch.Tensor, epoch: int, attack=None) -> dict:
+        """One optimizer step on a batch; returns the loss and attack statistics."""
+        cfg, model = self.cfg, self.model
+        x, x_aug, y = self._to_device(x), self._to_device(x_aug), y.to(self.device)
+        stats = {}
+        with self._autocast():
+            x_adv = attack(model, x, y) if attack is not None else None
+            if isinstance(attack, FeedbackPGD):
+                stats["attack_steps"] = attack.last_steps.float().mean().item()
+            noise = self.weight_noise if epoch >= cfg.weight_noise_warmup else None
+            if noise is not None:
+                noise.perturb(noise.compute(x, x_adv if cfg.weight_noise == "awp" else x_aug, y))
+            model.train()
+            loss = self._loss(x, x_adv, x_aug, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if noise is not None:
+            noise.restore()
+        self.scheduler.step()
+        stats["loss"] = loss.item()
+        return stats
+
+    def _loss(self, x, x_adv, x_aug, y) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        if cfg.loss == "ce":
+            return ce_loss(model(x if x_adv is None else x_adv).float(), y)
+        logits_nat, logits_adv = model(x).float(), model(x_adv).float()
+        if cfg.loss == "trades":
+            return trades_loss(logits_nat, logits_adv, y, cfg.beta)
+        if cfg.loss == "mart":
+            return mart_loss(logits_nat, logits_adv, y, cfg.beta)
+        if cfg.loss == "score":
+            return score_loss(logits_nat, logits_adv, y, cfg.beta)
+        # The soft target is a target: by default no gradient flows through it, which spares a backward pass.
+        with torch.set_grad_enabled(cfg.target_grad):
+            logits_aug = model(x_aug).float()
+        return square_kl_loss(logits_nat, logits_adv, logits_aug, y, cfg.beta, cfg.smooth)
+
+    # ------------------------------------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        """Clean accuracy on the validation split and PGD accuracy on its first ``eval_n`` images."""
+        x, y = self.data.val
+        n = min(self.cfg.eval_n, len(x))
+        with self._autocast():
+            clean = accuracy(self.model, x, y)
+            adv = torch.cat([self.val_attack(self.model, self._to_device(x[i:min(i + 128, n)]),
+                                             y[i:min(i + 128, n)].to(self.device)) for i in range(0, n, 128)])
+            robust = accuracy(self.model, adv, y[:n])
+        return {"val_clean": clean, "val_robust": robust, "val_robust_n": n}
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Trains the remaining epochs (or up to epoch ``stop_after``, as an interrupted run would stop);
+        returns the per-epoch log."""
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+            start = time.perf_counter()
+            attack = self.sample_attack(epoch)
+            totals, count = {}, 0
+            batches = self.data.train.batches(cfg.batch_size, epoch=epoch)
+            bar = tqdm(batches, total=self.steps_per_epoch, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
+                       disable=not cfg.progress, leave=False)
+            for x, x_aug, y, *_ in bar:
+                stats = self.train_step(x, x_aug, y, epoch, attack)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(y)
+                count += len(y)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            train_time = time.perf_counter() - start
+            row = {"epoch": epoch + 1, **{f"train_{k}": v / count for k, v in totals.items()},
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "sample_attack_steps": attack.steps if attack is not None else 0,
+                   "weight_noise_on": bool(self.weight_noise is not None and epoch >= cfg.weight_noise_warmup)}
+            row.update(self.validate())
+            row.update(train_seconds=train_time, epoch_seconds=time.perf_counter() - start,
+                       train_images_per_s=count / train_time)
+            self.history.append(row)
+            self._save_epoch(row)
+            if cfg.progress:
+                tqdm.write(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val clean "
+                           f"{row['val_clean']:.3f}, val PGD-{cfg.eval_attack_steps} {row['val_robust']:.3f}, "
+                           f"{row['epoch_seconds']:.0f} s")
+        return self.history
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "config": self.cfg.to_dict(), "epoch": epoch,
+                "history": self.history, "best": dict(self.best)}
+
+    def _save_epoch(self, row: dict) -> None:
+        epoch = row["epoch"]
+        for key, metric in (("clean", "val_clean"), ("robust", "val_robust")):
+            if row[metric] > self.best[key]:
+                self.best[key] = row[metric]
+                _atomic_save(self._state(epoch), self.run_dir / f"best_{key}.pt")
+        state = self._state(epoch)
+        state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     rng_cpu=torch.get_rng_state(),
+                     rng_cuda=torch.cuda.get_rng_state_all() if self.cuda else [])
+        _atomic_save(state, self.run_dir / "last.pt")
+        _append_log(self.run_dir, row)
+
+    def _load_last(self) -> None:
+        state = load_checkpoint(self.run_dir / "last.pt")
+        mine = self.cfg.to_dict()
+        changed = sorted(k for k, v in state["config"].items() if k not in ("progress", "device") and mine.get(k) != v)
+        if changed:
+            raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
+                             "mix two configs; choose another --out_dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.cuda and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _append_log(run_dir: Path, row: dict) -> None:
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    path = run_dir / "log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Loads a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """The model of a checkpoint, in eval mode, and the config it was trained with."""
+    state = load_checkpoint(path)
+    values = {k: v for k, v in state["config"].items() if k != "eps_text"}
+    cfg = TrainConfig(**values)
+    model = create_model(cfg.model, num_classes=2, img_size=cfg.img_size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
 
 
 def fit_erm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int = 10, batch_size: int = 64,
             lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True) -> list[float]:
-    """Plain cross-entropy training (AdamW, cosine schedule, random horizontal flips).
+    """A minimal cross-entropy loop on tensors (AdamW, one-cycle schedule, random horizontal flips), for quick
+    experiments and tests that need a trained model but no run directory.
 
     Returns:
         The mean loss of each epoch.

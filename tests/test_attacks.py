@@ -333,3 +333,21 @@ def test_feedback_frozen_samples_leave_the_forward_passes(trained):
     finally:
         handle.remove()
     assert seen[0] == len(x) and sum(seen) < 10 * len(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_attacks_stay_in_the_ball(dtype):
+    from robustmed_lite.attacks import APGD, PGD, FeedbackPGD
+    from robustmed_lite.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_visformer", img_size=64).cuda().eval()
+    x = torch.rand(16, 1, 64, 64, device="cuda")
+    y = torch.randint(0, 2, (16,), device="cuda")
+    for attack in (PGD(8 / 255, steps=5, seed=0), APGD(8 / 255, steps=10, seed=0),
+                   FeedbackPGD(8 / 255, steps=5, seed=0)):
+        with torch.autocast("cuda", dtype=dtype):
+            x_adv = attack(model, x, y)
+        assert x_adv.dtype == x.dtype and x_adv.is_cuda
+        assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1

@@ -1,0 +1,100 @@
+"""Seconds per training step of every method, with peak memory, and ratios to ERM and to TRADES-10.
+
+Each method runs in its own process (so CPU peak memory is that method's own), on phantom batches, with the
+attack at full strength from the first step (no warm-up) and weight noise on.
+
+Usage:
+    python benchmarks/train_step.py                                   # CPU, 64 px, visformer_tiny, batch 32
+    python benchmarks/train_step.py --device cuda --size 224 --batch 64
+Writes benchmarks/results/train_step_<device>_<size>px.json.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("erm", "pgd_at", "trades", "mart", "awp", "fat", "score", "cap", "robustmed")
+
+
+def _measure(args) -> dict:
+    torch.set_flush_denormal(True)  # tiny gradients of a confident model otherwise slow CPU steps several-fold
+    from robustmed_lite.config import load_config
+    from robustmed_lite.trainer import Trainer
+
+    cfg = load_config("cpu-demo", dict(
+        method=args.single, model=args.model, img_size=args.size, batch_size=args.batch, n_train=args.batch,
+        n_val=8, n_test=8, eval_n=8, attack_steps=10, eps="8/255", step_size="2/255", device=args.device,
+        progress=False, out_dir=tempfile.mkdtemp()))
+    trainer = Trainer(cfg)
+    x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0))[:3]
+    attack = trainer.sample_attack(0)
+    cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):
+        trainer.train_step(x, x_aug, y, 0, attack)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        trainer.train_step(x, x_aug, y, 0, attack)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"method": args.single, "seconds_per_step": sorted(times)[len(times) // 2], "all_seconds": times,
+            "peak_memory_mib": peak / 2**20, "memory_kind": "cuda max allocated" if cuda else "process peak RSS"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", default="visformer_tiny")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(_measure(args)))
+        return
+    rows = []
+    for method in args.methods:
+        if args.device.startswith("cuda"):  # the CUDA peak counter resets per method: no process needed
+            rows.append(_measure(argparse.Namespace(**{**vars(args), "single": method})))
+        else:
+            cmd = [sys.executable, __file__, "--single", method] + [
+                a for k in ("device", "size", "batch", "model", "steps", "warmup")
+                for a in (f"--{k}", str(getattr(args, k)))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+        print(f"{method:10s} {rows[-1]['seconds_per_step']:7.3f} s/step  peak {rows[-1]['peak_memory_mib']:8.0f} MiB")
+    by = {r["method"]: r["seconds_per_step"] for r in rows}
+    for r in rows:
+        r["vs_erm"] = round(r["seconds_per_step"] / by["erm"], 2) if "erm" in by else None
+        r["vs_trades10"] = round(r["seconds_per_step"] / by["trades"], 2) if "trades" in by else None
+    print("\nmethod      s/step   x ERM   x TRADES-10")
+    for r in rows:
+        print(f"{r['method']:10s} {r['seconds_per_step']:7.3f} {r['vs_erm']!s:>7} {r['vs_trades10']!s:>9}")
+    from robustmed_lite.runinfo import environment_info
+
+    device = torch.device(args.device).type
+    out = Path(args.out or Path(__file__).parent / "results" / f"train_step_{device}_{args.size}px.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "train_step", "model": args.model, "size": args.size, "batch": args.batch,
+                               "attack_steps": 10, "results": rows, "environment": environment_info()}, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Experiments built from the pieces: the standard attack suite, checkpoint evaluation, method comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf, format_eps, parse_eps
+from .config import load_config
+from .data import load_images
+from .evaluate import accuracy, evaluate
+from .trainer import Trainer, build_data, model_from_checkpoint
+
+
+def attack_suite(eps: float | str, names=("fgsm", "pgd10", "pgd50", "apgd", "cw"), seed: int = 0) -> dict:
+    """Named evaluation attacks at one L-inf radius (L2 PGD at ``eps * 16``, about 0.5 at 8/255 on 64 px).
+
+    Full-strength attacks only: early-stopped (feedback) PGD is a training device and is not offered here.
+    """
+    eps = parse_eps(eps)
+    makers = {
+        "fgsm": lambda: FGSM(eps),
+        "rfgsm": lambda: RFGSM(eps, seed=seed),
+        "pgd10": lambda: PGD(eps, alpha=eps / 4, steps=10, seed=seed),
+        "pgd50": lambda: PGD(eps, alpha=eps / 4, steps=50, seed=seed),
+        "pgd_l2": lambda: PGD(eps * 16, alpha=eps * 4, steps=20, norm="l2", seed=seed),
+        "mim": lambda: MIM(eps, steps=10),
+        "cw": lambda: CWLinf(eps, steps=30, seed=seed),
+        "apgd": lambda: APGD(eps, steps=100, seed=seed),
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}: choose from {sorted(makers)}")
+    suite = {}
+    for name in names:
+        attack = makers[name]()
+        suite[attack.describe().split(" (")[0]] = attack
+    return suite
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", "pgd10", "pgd50", "apgd", "cw"),
+                        eps=None, n: int | None = None, data: str | None = None, progress: bool = True):
+    """Evaluation table of a checkpoint on its run's val/test/shift split (rebuilt from its config) or on
+    another data root.
+
+    Args:
+        path: A checkpoint written by the trainer.
+        split: 'val', 'test' or 'shift' (the other phantom site / the run's ``ood_data``).
+        attacks: Names for ``attack_suite``.
+        eps: Attack radius; default the one the model was trained with.
+        n: Evaluate the first n images only.
+        data: A data root to evaluate on instead (all of its images).
+        progress: Progress bars.
+    """
+    model, cfg = model_from_checkpoint(path)
+    if data is not None:
+        images, labels, _ = load_images(data, cfg.img_size, progress=progress)
+    else:
+        cfg.progress = False
+        splits = build_data(cfg.resolve())
+        chosen = {"val": splits.val, "test": splits.test, "shift": splits.shift}[split]
+        if chosen is None:
+            raise ValueError(f"the run has no shifted test set: train with --ood_data, or pass --data")
+        images, labels = chosen
+    if n is not None:
+        images, labels = images[:n], labels[:n]
+    suite = attack_suite(cfg.eps if eps is None else eps, attacks)
+    return evaluate(model, (images, labels), suite, progress=progress)
+
+
+def train_or_load(method: str, preset: str = "cpu-demo", root: str = "runs/book", seed: int = 0,
+                  overrides: dict | None = None, progress: bool = True) -> Trainer:
+    """Trains a method once and reuses the run afterwards (a finished run trains nothing, an interrupted one
+    resumes), so several notebooks and commands can share the same models.
+
+    Args:
+        method: A method name of ``config.METHODS``.
+        preset: Config preset or YAML path.
+        root: Folder holding one run directory per method and seed.
+        seed: Training seed.
+        overrides: Further config values.
+        progress: Progress bars.
+    """
+    values = dict(overrides or {}, method=method, seed=seed, progress=progress,
+                  out_dir=str(Path(root) / f"{method}-seed{seed}"))
+    cfg = load_config(preset, values)
+    trainer = Trainer(cfg, resume=(cfg.run_dir() / "last.pt").exists())
+    trainer.fit()
+    return trainer
+
+
+def selected_checkpoint(trainer: Trainer) -> Path:
+    """The checkpoint a comparison uses, chosen on validation: best clean accuracy for ERM, best PGD accuracy
+    for the robust methods."""
+    return trainer.run_dir / ("best_clean.pt" if trainer.cfg.method == "erm" else "best_robust.pt")
+
+
+def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/compare", seed: int = 0,
+                    overrides: dict | None = None, progress: bool = True) -> pd.DataFrame:
+    """Trains (or reuses, see ``train_or_load``) one run per method and tabulates test clean, PGD and
+    site-shift accuracy of each method's ``selected_checkpoint``."""
+    rows = []
+    for method in methods:
+        trainer = train_or_load(method, preset, out_root, seed, overrides, progress)
+        cfg, device = trainer.cfg, trainer.device
+        chosen = selected_checkpoint(trainer)
+        model, _ = model_from_checkpoint(chosen, device)
+        x, y = trainer.data.test
+        attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, seed=seed)
+        adv = torch.cat([attack(model, x[i:i + 128].to(device), y[i:i + 128].to(device))
+                         for i in range(0, len(x), 128)])
+        row = {"method": method, "checkpoint": chosen.stem, "clean": accuracy(model, x, y),
+               f"PGD-{cfg.eval_attack_steps} {format_eps(cfg.eps)}": accuracy(model, adv, y), "n_test": len(y)}
+        if trainer.data.shift is not None:
+            xs, ys = trainer.data.shift
+            row[f"shift ({trainer.data.shift_name})"] = accuracy(model, xs, ys)
+        row["train_minutes"] = sum(r["epoch_seconds"] for r in trainer.history) / 60
+        rows.append(row)
+    return pd.DataFrame(rows).round(3)

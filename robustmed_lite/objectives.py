@@ -1,0 +1,67 @@
+"""Training objectives of the outer minimisation, all on logits, all batch means.
+
+* ``ce``: cross-entropy (ERM on clean inputs; PGD-AT on adversarial ones).
+* ``trades``: CE(f(x), y) + beta * KL(p(x) || p(x')) (Zhang et al., ICML 2019).
+* ``mart``: boosted CE on x' + beta * KL(p(x) || p(x')) weighted by 1 - p_y(x) (Wang et al., ICLR 2020).
+* ``score``: squared error on probabilities, ||p(x) - onehot||^2 + beta * ||p(x') - p(x)||^2 (Pang et al.,
+  ICML 2022).
+* ``square_kl``: the method's objective: the squared error against a soft target that mixes in the prediction
+  on the lung-prior view, y~ = s * p(x_aug) + (1 - s) * onehot(y), plus beta * ||p(x') - p(x)||^2. The KL enters
+  through the inner maximisation that made x'. The trainer treats y~ as a target (no gradient through
+  p(x_aug)) unless ``target_grad`` is set; CAP's code lets the gradient flow, but with a weight of 0.03 it
+  hardly matters, and it costs a backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ce", "trades", "mart", "score", "square_kl")
+
+
+def kl_per_sample(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits_p) || softmax(logits_q)) per sample."""
+    log_p, log_q = F.log_softmax(logits_p, 1), F.log_softmax(logits_q, 1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy."""
+    return F.cross_entropy(logits, y)
+
+
+def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRADES: natural CE plus beta times KL(p(x) || p(x'))."""
+    return F.cross_entropy(logits_nat, y) + beta * kl_per_sample(logits_nat, logits_adv).mean()
+
+
+def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """MART: boosted CE on x' (CE plus a margin term on the strongest wrong class) and a KL term weighted by how
+    unsure the model is on x."""
+    p_adv = F.softmax(logits_adv, 1)
+    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1).max(1).values
+    boosted = F.cross_entropy(logits_adv, y) - torch.log((1.0001 - wrong).clamp(min=1e-12)).mean()
+    p_true = F.softmax(logits_nat, 1).gather(1, y[:, None]).squeeze(1)
+    return boosted + beta * (kl_per_sample(logits_nat, logits_adv) * (1.0000001 - p_true)).mean()
+
+
+def score_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """SCORE-style squared error on probabilities: natural fit plus beta times the robust gap."""
+    p_nat, p_adv = F.softmax(logits_nat, 1), F.softmax(logits_adv, 1)
+    target = F.one_hot(y, p_nat.shape[1]).to(p_nat.dtype)
+    return ((p_nat - target) ** 2).sum(1).mean() + beta * ((p_adv - p_nat) ** 2).sum(1).mean()
+
+
+def soft_target(logits_aug: torch.Tensor, y: torch.Tensor, smooth: float) -> torch.Tensor:
+    """y~ = smooth * p(x_aug) + (1 - smooth) * onehot(y)."""
+    p_aug = F.softmax(logits_aug, 1)
+    return smooth * p_aug + (1 - smooth) * F.one_hot(y, p_aug.shape[1]).to(p_aug.dtype)
+
+
+def square_kl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_aug: torch.Tensor,
+                   y: torch.Tensor, beta: float, smooth: float) -> torch.Tensor:
+    """The method's square loss: ||p(x) - y~||^2 + beta * ||p(x') - p(x)||^2, with y~ from the prior view."""
+    p_nat, p_adv = F.softmax(logits_nat, 1), F.softmax(logits_adv, 1)
+    target = soft_target(logits_aug, y, smooth)
+    return ((p_nat - target) ** 2).sum(1).mean() + beta * ((p_adv - p_nat) ** 2).sum(1).mean()
