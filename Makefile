@@ -35,6 +35,8 @@ bench: setup
 	$(BIN)/python benchmarks/guided_filter.py
 	$(BIN)/python benchmarks/attacks.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/corruptions.py
+	$(BIN)/python benchmarks/calibrate_corruptions.py
 
 clean:
 	rm -rf book/_build .pytest_cache

@@ -7,6 +7,7 @@ Examples::
     python -m robustmed_lite train --config colab --method robustmed --data /content/sarscov2 --ood_data /content/ucsd
     python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
     python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
+    python -m robustmed_lite evaluate --ood --checkpoint runs/erm-*/best_clean.pt runs/robustmed-*/best_robust.pt
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from .config import PRESETS, TrainConfig
 
@@ -47,10 +50,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.ood:
+        from .experiments import run_ood
+
+        results = run_ood(args.checkpoint, out_dir=args.out_dir, n=args.n, covid19c=args.covid19c,
+                          corruptions=args.corruptions.split(",") if args.corruptions else None,
+                          severities=[int(s) for s in args.severities.split(",")])
+        for key in ("summary", "shift"):
+            print(f"\n{key}:\n{results[key].round(3).to_string(index=False)}")
+        print(f"\nwrote corruptions.csv, summary.csv, shift.csv, corruption_heatmap.png, shift.png to {args.out_dir}")
+        return 0
     from .experiments import evaluate_checkpoint
 
-    table = evaluate_checkpoint(args.checkpoint, split=args.split, attacks=args.attacks.split(","), eps=args.eps,
-                                n=args.n, data=args.data)
+    tables = []
+    for path in args.checkpoint:
+        table = evaluate_checkpoint(path, split=args.split, attacks=args.attacks.split(","), eps=args.eps, n=args.n,
+                                    data=args.data)
+        tables.append(table.assign(checkpoint=path))
+    table = pd.concat(tables, ignore_index=True)
     print(table.to_string(index=False))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(run=_train)
 
     ev = sub.add_parser("evaluate", help="clean / attack / worst-case accuracy and clinical metrics of a checkpoint")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoints")
     ev.add_argument("--split", default="test", choices=("val", "test", "shift"))
     ev.add_argument("--attacks", default="fgsm,pgd10,pgd50,apgd,cw",
                     help="comma-separated: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd")
@@ -99,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, default=None, help="evaluate the first n images only")
     ev.add_argument("--data", default=None, help="evaluate on another data root instead of the run's split")
     ev.add_argument("--out", default=None, help="write the table as CSV")
+    ev.add_argument("--ood", action="store_true",
+                    help="the OOD suite instead: corruptions x severities, mCE against ERM, cross-site shift")
+    ev.add_argument("--out_dir", default="results/ood", help="with --ood: where the CSVs and PNGs go")
+    ev.add_argument("--corruptions", default=None, help="with --ood: comma-separated names (default all)")
+    ev.add_argument("--severities", default="1,2,3,4,5", help="with --ood: comma-separated severities")
+    ev.add_argument("--covid19c", default=None, help="with --ood: a COVID19-C root to add as shift domains")
     ev.set_defaults(run=_evaluate)
 
     args = parser.parse_args(argv)

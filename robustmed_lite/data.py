@@ -624,6 +624,32 @@ def load_images(root: str | os.PathLike, size: int, *, layout: str = "auto", cac
                     index.official_split, index.layout, root)
 
 
+def load_covid19c(root: str | os.PathLike, size: int, **kwargs) -> dict[str, ImageSet]:
+    """Loads a COVID19-C-style benchmark: one subfolder per national subset (e.g. ``COV_C``, ``COV_I``,
+    ``COV_M``, ``COV_R``), each holding one index CSV (``MetaInfo.csv``: ``path,label`` relative to that
+    subfolder, Windows backslashes allowed) and its images.
+
+    Args:
+        root: The folder holding the subset folders.
+        size: Output side in pixels.
+        **kwargs: Passed to ``load_images`` (cache, cache_dir, progress).
+
+    Returns:
+        Subset name -> ImageSet, in name order.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"COVID19-C folder {root} does not exist. Fix: point root at the folder that holds the "
+                        "subset folders (COV_C/, COV_I/, ...)")
+    subsets = sorted(d for d in _visible_dirs(root)
+                     if any(p.suffix.lower() == ".csv" for p in d.iterdir() if p.is_file()))
+    if not subsets:
+        found = ", ".join(d.name for d in _visible_dirs(root)) or "no folders"
+        raise DataError(f"no subset folder with an index CSV under {root} (found: {found}). Fix: each subset "
+                        "folder needs a CSV such as MetaInfo.csv with columns path,label")
+    return {d.name: load_images(d, size, layout="csv", **kwargs) for d in subsets}
+
+
 def _split_counts(n: int, fractions: tuple[float, float, float]) -> np.ndarray:
     val, test = (int(np.floor(f * n + 0.5)) for f in fractions[1:])
     return np.array([n - val - test, val, test])

@@ -119,3 +119,62 @@ def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/com
         row["train_minutes"] = sum(r["epoch_seconds"] for r in trainer.history) / 60
         rows.append(row)
     return pd.DataFrame(rows).round(3)
+
+
+def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, severities=(1, 2, 3, 4, 5),
+            n: int | None = None, covid19c: str | None = None, extra_domains: dict | None = None, seed: int = 0,
+            progress: bool = True) -> dict[str, pd.DataFrame]:
+    """The OOD suite for one or more checkpoints: corruption accuracy, mCE and a shift table, as CSV and PNG.
+
+    Models are named by their method (``erm`` is the mCE reference when present, else the first checkpoint).
+    The data are the first checkpoint's run splits: its test split for corruptions, and test vs the shifted
+    split (another phantom site or the run's ``ood_data``) plus any COVID19-C subsets for the shift table.
+
+    Args:
+        checkpoints: Checkpoint paths written by the trainer.
+        out_dir: Where the CSVs and figures go.
+        corruptions: Names (default all of ``corruptions.CORRUPTIONS``).
+        severities: Severities to run.
+        n: Use the first n test images only.
+        covid19c: A COVID19-C root (subset folders with index CSVs) to add as shift domains.
+        extra_domains: More shift domains, name -> data root.
+        seed: Seed of the corruptions.
+        progress: Progress bars.
+
+    Returns:
+        ``{"corruptions": ..., "summary": ..., "shift": ...}``.
+    """
+    from .corruptions import CORRUPTIONS
+    from .data import load_covid19c
+    from .figures import plot_corruption_heatmap, plot_shift_bars
+    from .ood import corruption_summary, corruption_table, shift_table
+
+    models, cfg = {}, None
+    for path in checkpoints:
+        model, run_cfg = model_from_checkpoint(path)
+        name = run_cfg.method if run_cfg.method not in models else f"{run_cfg.method}:{Path(path).parent.name}"
+        models[name] = model
+        cfg = cfg or run_cfg
+    cfg.progress = False
+    splits = build_data(cfg.resolve())
+    x, y = splits.test if n is None else (t[:n] for t in splits.test)
+    domains = {f"{cfg.data} test": (x, y)}
+    if splits.shift is not None:
+        domains[splits.shift_name] = splits.shift if n is None else tuple(t[:n] for t in splits.shift)
+    for name, root in (extra_domains or {}).items():
+        images, labels, _ = load_images(root, cfg.img_size, progress=progress)
+        domains[name] = (images, labels)
+    if covid19c:
+        for name, subset in load_covid19c(covid19c, cfg.img_size, progress=progress).items():
+            domains[f"COVID19-C {name}"] = (subset.images, subset.labels)
+    reference = "erm" if "erm" in models else next(iter(models))
+    table = corruption_table(models, x, y, corruptions or CORRUPTIONS, severities, seed=seed, progress=progress)
+    results = {"corruptions": table, "summary": corruption_summary(table, reference=reference),
+               "shift": shift_table(models, domains)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, frame in results.items():
+        frame.to_csv(out / f"{key}.csv", index=False)
+    plot_corruption_heatmap(table).savefig(out / "corruption_heatmap.png", dpi=120, bbox_inches="tight")
+    plot_shift_bars(results["shift"]).savefig(out / "shift.png", dpi=120, bbox_inches="tight")
+    return results

@@ -237,3 +237,228 @@ def plot_adversarial(image, adversarials: dict, probs: dict | None = None, figsi
         axes[1, j].set_title(f"±{vlim * 255:.2g}/255 (×{0.5 / vlim:.0f})", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# -------------------------------------------------------------------------------------- weight perturbation
+def _short_layer(name: str) -> str:
+    return name.removeprefix("backbone.").removesuffix(".weight")
+
+
+def plot_flat_sharp_minima(gamma: float = 0.25, shift: float = 0.12, ax=None):
+    """A 1-D cartoon: a sharp and a flat minimum of equal depth, the worst loss within +-gamma of each, and the
+    same landscape shifted a little (the test or adversarial loss).
+
+    Args:
+        gamma: Half-width of the weight neighbourhood.
+        shift: Horizontal shift of the dashed landscape.
+        ax: Optional axes.
+
+    Returns:
+        The matplotlib figure.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.4))
+    centres, widths = (-1.0, 1.2), (0.18, 0.8)
+
+    def loss(w):
+        w = np.asarray(w, dtype=float)
+        return np.minimum(*[((w - c) / s) ** 2 for c, s in zip(centres, widths)]) * 0.25
+
+    w = np.linspace(-2.0, 3.0, 1000)
+    ax.plot(w, loss(w), color="C0", label="training loss")
+    ax.plot(w, loss(w - shift), color="C1", ls="--", label=f"shifted by {shift} (test or adversarial loss)")
+    ax.plot([], [], color="C3", lw=4, label=f"weights within ±{gamma} of a minimum")
+    for c, name in zip(centres, ("sharp", "flat")):
+        window = np.linspace(c - gamma, c + gamma, 50)
+        worst = loss(window).max()
+        ax.fill_between(window, 0, loss(window), color="C3", alpha=0.25)
+        ax.plot([c - gamma, c + gamma], [0.02, 0.02], color="C3", lw=4, solid_capstyle="butt")
+        ax.annotate(f"{name} minimum\nworst loss within ±{gamma}: {worst:.2f}\nshifted loss at the minimum: "
+                    f"{float(loss(c - shift)):.2f}", (c, worst), xytext=(c + 0.35, 1.3), fontsize=8,
+                    arrowprops=dict(arrowstyle="->", color="0.4"))
+    ax.set_ylim(0, 2.2)
+    ax.set_xlabel("weight w")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_layer_noise(table, value: str = "noise_norm", ax=None, title: str | None = None, log: bool = False,
+                     xlabel: str | None = None):
+    """Per-layer bars of a weight-noise statistic, one colour per kind of noise (seaborn).
+
+    Args:
+        table: Long table with columns ``layer`` (parameter names, in model order), ``kind`` and ``value``.
+        value: The column to plot.
+        ax: Optional axes.
+        title: Optional title.
+        log: Logarithmic value axis.
+        xlabel: Axis label (default: the column name).
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    data = table.assign(layer=table["layer"].map(_short_layer))
+    order = list(dict.fromkeys(data["layer"]))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 0.22 * len(order) + 1.2))
+    sns.barplot(data=data, y="layer", x=value, hue="kind", order=order, orient="h", ax=ax)
+    ax.set_ylabel(None)
+    ax.set_xlabel(xlabel or value)
+    ax.tick_params(axis="y", labelsize=7)
+    if log:
+        ax.set_xscale("log")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(title=None, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_weight_sensitivity(table, condition: str = "clean", ax=None, title: str | None = None,
+                            relative: bool = False, legend: bool = True):
+    """Accuracy against the relative weight-noise size gamma, one line per method, band = +-1 standard
+    deviation over the random directions (seaborn).
+
+    Args:
+        table: Long table from ``perturbation.weight_sensitivity`` with a ``method`` column added (several
+            models stacked).
+        condition: Which rows to plot (``"clean"`` or an attack's name).
+        ax: Optional axes.
+        title: Optional title.
+        relative: Plot the change from each method's accuracy at gamma = 0 instead of the accuracy.
+        legend: Draw the legend.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    data = table[table["condition"] == condition]
+    y = "accuracy"
+    if relative:
+        base = data[data["gamma"] == 0].groupby("method")["accuracy"].mean()
+        data = data.assign(change=data["accuracy"] - data["method"].map(base))
+        y = "change"
+    sns.lineplot(data=data, x="gamma", y=y, hue="method", style="method", markers=True, dashes=False,
+                 errorbar="sd", ax=ax, legend=legend)
+    ax.set_xlabel("gamma  (||noise_l|| / ||w_l||, every layer)")
+    if relative:
+        ax.set_ylabel(f"{condition} accuracy - accuracy at gamma 0")
+        ax.axhline(0, color="0.5", lw=0.8)
+    else:
+        ax.set_ylabel(f"{condition} accuracy")
+        ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(title=None, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_training_curves(history, selected: dict | None = None,
+                         metrics=(("train_loss", "training loss (each method's own objective)"),
+                                  ("val_clean", "validation clean accuracy"),
+                                  ("val_robust", "validation PGD accuracy"))):
+    """Per-epoch curves from the trainer's logs, one panel per metric, one line per method (seaborn).
+
+    Args:
+        history: Long table with ``method``, ``epoch`` and the metric columns (e.g. the runs' ``history`` rows
+            stacked, or their ``log.csv`` files).
+        selected: Optional method -> epoch of the checkpoint chosen on validation, circled in the panels.
+        metrics: (column, panel title) pairs.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.5), squeeze=False)
+    methods = list(dict.fromkeys(history["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    for ax, (column, label) in zip(axes[0], metrics):
+        sns.lineplot(data=history, x="epoch", y=column, hue="method", palette=palette, marker="o", ax=ax,
+                     legend=False)
+        for method, epoch in (selected or {}).items():
+            row = history[(history["method"] == method) & (history["epoch"] == epoch)]
+            if column.startswith("val") and len(row):
+                ax.scatter(epoch, row[column].iloc[0], s=160, facecolors="none", edgecolors=palette[method],
+                           linewidths=1.5, zorder=5)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(None)
+        ax.set_xticks(sorted(history["epoch"].unique()))
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
+    note = "   (circles: the checkpoint each method's comparison uses, chosen on validation)" if selected else ""
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(methods), frameon=False, fontsize=9,
+               title=note or None, title_fontsize=9)
+    return fig
+
+
+def plot_corruption_heatmap(table, models=None, figsize_per: float = 3.2):
+    """Accuracy per corruption (rows) and severity (columns), one heatmap per model, shared colour scale.
+
+    Args:
+        table: ``ood.corruption_table``'s long table.
+        models: Models to show, in order (default: all).
+        figsize_per: Width in inches per model.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    models = list(models or dict.fromkeys(table["model"]))
+    corrupted = table[table["severity"] > 0]
+    order = list(dict.fromkeys(corrupted["corruption"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(figsize_per * len(models) + 1.2, 0.28 * len(order) + 1.6),
+                             sharey=True, squeeze=False, layout="constrained")
+    for i, (ax, model) in enumerate(zip(axes[0], models)):
+        rows = corrupted[corrupted["model"] == model]
+        grid = rows.pivot(index="corruption", columns="severity", values="accuracy").loc[order]
+        clean = table[(table["model"] == model) & (table["severity"] == 0)]["accuracy"].iloc[0]
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"size": 6},
+                    cbar=i == len(models) - 1, cbar_kws={"label": "accuracy"})
+        ax.set_title(f"{model} (clean {clean:.2f})", fontsize=9)
+        ax.set_xlabel("severity")
+        ax.set_ylabel("" if i else "corruption")
+    fig.suptitle(f"Accuracy under corruption (n = {int(table['n'].iloc[0])})", fontsize=10)
+    return fig
+
+
+def plot_shift_bars(table, metric: str = "accuracy", ax=None):
+    """Grouped bars of a metric per model and domain (``ood.shift_table``), one panel per setting if present.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    settings = list(dict.fromkeys(table["setting"])) if "setting" in table else [None]
+    if ax is None:
+        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.2), squeeze=False,
+                                 layout="constrained")
+        axes = axes[0]
+    else:
+        fig, axes = ax.figure, [ax]
+    for ax, setting in zip(axes, settings):
+        rows = table if setting is None else table[table["setting"] == setting]
+        sns.barplot(rows, x="model", y=metric, hue="domain", ax=ax)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.2f", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(setting or "", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ where the models look

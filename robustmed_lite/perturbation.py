@@ -133,3 +133,104 @@ class WeightPerturbation:
                 original, perturbed = self._saved[name]
                 w.copy_(original + (w - perturbed))
         self._saved.clear()
+
+
+def weight_sensitivity(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, gammas, *, draws: int = 3,
+                       names: list[str] | None = None, seed: int = 0, attack=None, attack_n: int | None = None,
+                       batch_size: int = 256):
+    """Accuracy under random weight noise of growing size: how flat the model sits in weight space.
+
+    For each draw, one random direction per layer is drawn (Gaussian, on the CPU from ``seed + draw``, so the
+    same on any device) and rescaled to the layer's own norm, the same relative scaling as the noise of
+    ``WeightPerturbation``::
+
+        r_l ~ N(0, I),   d_l = ||w_l|| / ||r_l|| * r_l,   w_l <- w_l + gamma * d_l
+
+    so that ||w_l' - w_l|| / ||w_l|| = gamma in every layer. A draw keeps its direction for every gamma: each
+    curve is a 1-D slice through weight space. After each evaluation the original weights are copied back, so the
+    model is bitwise unchanged afterwards (also if an error interrupts). The model is evaluated in eval mode
+    (BatchNorm running statistics fixed) and its modes are restored.
+
+    Args:
+        model: The classifier (inputs in [0, 1]).
+        images: (N,1,S,S) test images.
+        labels: (N,) labels.
+        gammas: Relative noise sizes, e.g. ``[0, 0.01, 0.02, 0.05, 0.1, 0.2]``. gamma = 0 is evaluated once and
+            repeated for every draw.
+        draws: Random directions per gamma.
+        names: Parameters to perturb; None: every weight matrix (``perturbed_names(model, "awp")``); e.g.
+            ``perturbed_names(model, "proxy_attention")`` for the attention weights only.
+        seed: Seed of the directions (draw k uses ``seed + k``).
+        attack: Optional attack ``(model, x, y) -> x_adv`` (e.g. ``PGD(...)`` with a seed), run against the
+            *perturbed* model on the first ``attack_n`` images. As in ``evaluate``, a sample counts as robust
+            only if it is also classified correctly clean.
+        attack_n: Images attacked (default: all).
+        batch_size: Batch size of predictions and attacks.
+
+    Returns:
+        A long DataFrame with columns ``gamma``, ``draw``, ``condition`` (``"clean"``, and the attack's short
+        name, e.g. ``"PGD-10"``), ``accuracy`` and ``n``.
+    """
+    import pandas as pd
+
+    from .attacks import eval_mode
+    from .evaluate import predict_logits
+
+    names = perturbed_names(model, "awp") if names is None else list(names)
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"the model has no parameters {missing}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    device = next(model.parameters()).device
+    labels = labels.cpu().long()
+    n_attack = len(labels) if attack_n is None else min(attack_n, len(labels))
+    condition = None
+    if attack is not None:
+        describe = getattr(attack, "describe", None)
+        condition = describe().split(" (")[0] if describe else "attack"
+
+    def measure() -> list[tuple[str, float, int]]:
+        correct = predict_logits(model, images, batch_size).argmax(1) == labels
+        out = [("clean", correct.float().mean().item(), len(labels))]
+        if attack is not None:
+            robust = []
+            for i in range(0, n_attack, batch_size):
+                x, y = images[i:min(i + batch_size, n_attack)].to(device), labels[i:min(i + batch_size, n_attack)]
+                adv = attack(model, x, y.to(device))
+                robust.append(predict_logits(model, adv, batch_size).argmax(1) == y)
+            robust = torch.cat(robust) & correct[:n_attack]
+            out.append((condition, robust.float().mean().item(), n_attack))
+        return out
+
+    rows = []
+    original = {n: params[n].detach().clone() for n in names}
+    with eval_mode(model):
+        try:
+            at_zero = None
+            for gamma in gammas:
+                for draw in range(draws):
+                    if gamma == 0:
+                        at_zero = at_zero or measure()
+                        result = at_zero
+                    else:
+                        gen = torch.Generator().manual_seed(seed + draw)
+                        with torch.no_grad():
+                            for n in names:
+                                r = torch.randn(original[n].shape, generator=gen, dtype=torch.float32)
+                                d = (original[n].float().norm().cpu() / (r.norm() + _EPS)) * r
+                                params[n].add_(d.to(params[n].device, params[n].dtype), alpha=float(gamma))
+                        try:
+                            result = measure()
+                        finally:
+                            with torch.no_grad():
+                                for n in names:
+                                    params[n].copy_(original[n])
+                    rows += [{"gamma": float(gamma), "draw": draw, "condition": c, "accuracy": acc, "n": n_}
+                             for c, acc, n_ in result]
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(original[n])
+    return pd.DataFrame(rows)

@@ -149,10 +149,10 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} already holds {existing}: pass --resume to continue that run, "
                                   "or choose another --out_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # the run's own record stays; fit() notes each resumption that trains beside it
+            return
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        record = {"seed": self.cfg.seed, "command_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "environment": environment_info()}
-        (self.run_dir / "env.json").write_text(json.dumps(record, indent=2))
+        (self.run_dir / "env.json").write_text(json.dumps(_run_record(self.cfg), indent=2))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = self.model.parameters()
@@ -237,7 +237,11 @@ class Trainer:
         """Trains the remaining epochs (or up to epoch ``stop_after``, as an interrupted run would stop);
         returns the per-epoch log."""
         cfg = self.cfg
-        for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+        last = min(cfg.epochs, stop_after or cfg.epochs)
+        if 0 < self.start_epoch < last:
+            with open(self.run_dir / "resumed.jsonl", "a") as f:
+                f.write(json.dumps({"from_epoch": self.start_epoch, **_run_record(cfg)}) + "\n")
+        for epoch in range(self.start_epoch, last):
             start = time.perf_counter()
             attack = self.sample_attack(epoch)
             totals, count = {}, 0
@@ -287,7 +291,8 @@ class Trainer:
     def _load_last(self) -> None:
         state = load_checkpoint(self.run_dir / "last.pt")
         mine = self.cfg.to_dict()
-        changed = sorted(k for k, v in state["config"].items() if k not in ("progress", "device") and mine.get(k) != v)
+        ignored = ("progress", "device", "out_dir")  # how and where a run is looked at, not what it is
+        changed = sorted(k for k, v in state["config"].items() if k not in ignored and mine.get(k) != v)
         if changed:
             raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
                              "mix two configs; choose another --out_dir")
@@ -298,6 +303,10 @@ class Trainer:
         if self.cuda and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+
+
+def _run_record(cfg: TrainConfig) -> dict:
+    return {"seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment_info()}
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -24,3 +24,21 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     table = pd.read_csv(csv)
     assert list(table["condition"]) == ["clean", "FGSM", "PGD-10", "worst case"]
     assert (table["n"] == 16).all() and (table["accuracy"] <= table["accuracy"][0]).all()
+
+
+def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
+    runs = {}
+    for method in ("erm", "trades"):
+        runs[method] = str(tmp_path / method)
+        assert main(["train", "--method", method, "--epochs", "1", "--out_dir", runs[method], *TINY]) == 0
+    out = tmp_path / "ood"
+    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt",
+                 f"{runs['trades']}/best_robust.pt", "--n", "16", "--corruptions", "jpeg,low_dose",
+                 "--severities", "1,5", "--out_dir", str(out)]) == 0
+    for name in ("corruptions.csv", "summary.csv", "shift.csv", "corruption_heatmap.png", "shift.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = pd.read_csv(out / "summary.csv").set_index("model")
+    assert summary.loc["erm", "mCE"] == pytest.approx(1.0) and set(summary["reference"]) == {"erm"}
+    shift = pd.read_csv(out / "shift.csv")
+    assert set(shift["domain"]) == {"phantom test", "phantom site B"} and (shift["n"] == 16).all()
+    assert len(pd.read_csv(out / "corruptions.csv")) == 2 * (1 + 2 * 2)

@@ -62,9 +62,12 @@ def test_resume_is_bitwise_identical(method, tmp_path, small_data):
     full = Trainer(_config(tmp_path / "full", method=method, epochs=3), data=small_data)
     full.fit()
     Trainer(_config(tmp_path / "split", method=method, epochs=3), data=small_data).fit(stop_after=2)
+    record = (tmp_path / "split" / "run" / "env.json").read_text()
     resumed = Trainer(_config(tmp_path / "split", method=method, epochs=3), data=small_data, resume=True)
     assert resumed.start_epoch == 2
     resumed.fit()
+    assert (tmp_path / "split" / "run" / "env.json").read_text() == record, "the original record stays"
+    assert '"from_epoch": 2' in (tmp_path / "split" / "run" / "resumed.jsonl").read_text()
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [r["val_robust"] for r in full.history] == [r["val_robust"] for r in resumed.history]

@@ -1,0 +1,141 @@
+"""Corruptions: seeded, shape- and range-preserving, monotone in severity; a real projection round trip; OOD tables."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robustmed_lite.corruptions import (CORRUPTIONS, FAMILIES, SEVERITIES, _crop_like, _pad_square, corrupt, fbp,
+                                        n_angles, radon)
+from robustmed_lite.ood import corruption_summary, corruption_table, shift_table
+from robustmed_lite.phantom import make_phantom_dataset
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return make_phantom_dataset(6, 64, "A", seed=0).images  # the smallest size the book uses
+
+
+def test_every_family_of_the_issue_is_there():
+    assert set(FAMILIES["noise"]) == {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"}
+    assert set(FAMILIES["blur"]) == {"defocus_blur", "gaussian_blur", "motion_blur", "zoom_blur"}
+    assert {"low_dose", "sparse_view", "ring", "beam_hardening", "window_shift", "sharp_kernel", "smooth_kernel",
+            "slice_thickness"} == set(FAMILIES["ct_physics"])
+    assert all(len(SEVERITIES[c]) == 5 for c in CORRUPTIONS)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_shape_range_determinism_and_identity(name, slices):
+    a = corrupt(slices, name, 3, seed=7)
+    assert a.shape == slices.shape and a.dtype == slices.dtype
+    assert a.min() >= 0 and a.max() <= 1 and torch.isfinite(a).all()
+    assert torch.equal(a, corrupt(slices, name, 3, seed=7))
+    assert corrupt(slices, name, 0) is slices
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_effect_grows_with_severity(name, slices):
+    change = [(corrupt(slices, name, s, seed=1) - slices).abs().mean().item() for s in range(1, 6)]
+    assert change[0] > 0, f"{name} at severity 1 changes nothing"
+    assert all(b > a for a, b in zip(change, change[1:])), f"{name}: {change}"
+
+
+def test_random_corruptions_depend_on_the_seed(slices):
+    for name in ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "elastic", "low_dose", "ring"):
+        assert not torch.equal(corrupt(slices, name, 3, seed=1), corrupt(slices, name, 3, seed=2)), name
+
+
+def test_low_dose_is_a_projection_reconstruction_round_trip(slices):
+    padded = _pad_square(slices)
+    angles = torch.linspace(0, math.pi, n_angles(slices.shape[-1]) + 1)[:-1]
+    sino = radon(padded, angles)
+    assert sino.shape == (len(slices), len(angles), padded.shape[-1])
+    # Line integrals: every projection carries the image's total mass.
+    assert torch.allclose(sino.sum(-1), padded.sum((1, 2, 3)).unsqueeze(1).expand_as(sino.sum(-1)), rtol=0.02)
+    recon = _crop_like(fbp(sino, angles), slices)
+    assert (recon - slices).abs().mean() < 0.02
+    assert torch.corrcoef(torch.stack([recon.flatten(), slices.flatten()]))[0, 1] > 0.99
+    # Reconstructing only the image's own pixels is the same as cropping the full reconstruction.
+    torch.testing.assert_close(fbp(sino, angles, out_size=slices.shape[-2:]), recon, rtol=0, atol=1e-5)
+    # Lower dose, more noise in the reconstruction.
+    noise = [(corrupt(slices, "low_dose", s, seed=0) - slices).std().item() for s in (1, 3, 5)]
+    assert noise[0] < noise[1] < noise[2]
+
+
+def test_bad_arguments_are_clear_errors(slices):
+    with pytest.raises(ValueError, match="unknown corruption 'fog'"):
+        corrupt(slices, "fog", 1)
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(slices, "jpeg", 6)
+    with pytest.raises(ValueError, match=r"\(N,1,H,W\)"):
+        corrupt(slices[:, 0], "jpeg", 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_corruptions_match_cpu_shapes(slices):
+    for name in CORRUPTIONS:
+        out = corrupt(slices.cuda(), name, 3, seed=0)
+        assert out.is_cuda and out.shape == slices.shape and 0 <= out.min() and out.max() <= 1
+
+
+class _Threshold(nn.Module):
+    """Predicts COVID when the mean intensity exceeds a threshold: a fixed, hand-made model."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(float(t)), requires_grad=False)
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return torch.stack([self.t - m, m - self.t], 1) * 100
+
+
+def test_corruption_tables_and_mce():
+    data = make_phantom_dataset(64, 32, "A", seed=0)
+    t = data.images.mean((1, 2, 3)).median().item()
+    models = {"ref": _Threshold(t), "other": _Threshold(t + 0.02)}
+    table = corruption_table(models, data.images, data.labels, corruptions=("brightness", "jpeg"),
+                             severities=(1, 5), progress=False)
+    assert len(table) == 2 * (1 + 2 * 2) and set(table["n"]) == {64}
+    assert table["accuracy"].between(0, 1).all()
+    summary = corruption_summary(table, reference="ref").set_index("model")
+    assert summary.loc["ref", "mCE"] == pytest.approx(1.0)
+    ref = table[table["model"] == "ref"]
+    assert summary.loc["ref", "mCA"] == pytest.approx(ref[ref["severity"] > 0]["accuracy"].mean())
+    assert summary.loc["ref", "relative_robustness"] == pytest.approx(
+        summary.loc["ref", "mCA"] / summary.loc["ref", "clean"])
+    again = corruption_table(models, data.images, data.labels, corruptions=("brightness", "jpeg"),
+                             severities=(1, 5), progress=False)
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_shift_table_reports_the_drop_from_the_source():
+    a, b = make_phantom_dataset(64, 32, "A", seed=0), make_phantom_dataset(64, 32, "B", seed=0)
+    t = a.images.mean((1, 2, 3)).median().item()
+    table = shift_table({"m": _Threshold(t)}, {"A": (a.images, a.labels), "B": (b.images, b.labels)})
+    assert list(table["domain"]) == ["A", "B"]
+    assert table["drop_from_source"].iloc[0] == 0
+    assert table["drop_from_source"].iloc[1] == pytest.approx(table["accuracy"].iloc[0] - table["accuracy"].iloc[1])
+    assert {"auc", "sensitivity", "specificity", "f1"} <= set(table.columns)
+
+
+def test_covid19c_layout_with_subsets_and_backslashes(tmp_path):
+    from PIL import Image
+
+    from robustmed_lite.data import DataError, load_covid19c
+
+    for subset, n in (("COV_C", 3), ("COV_R", 2)):
+        folder = tmp_path / subset / "images" / "covid"
+        folder.mkdir(parents=True)
+        rows = ["path,label"]
+        for i in range(n):
+            Image.fromarray(((torch.rand(20, 24) * 255).byte().numpy())).convert("RGB").save(folder / f"{i}.png")
+            rows.append(f"images\\covid\\{i}.png,{i % 2}")  # Windows paths
+        (tmp_path / subset / "MetaInfo.csv").write_text("\n".join(rows) + "\n")
+    subsets = load_covid19c(tmp_path, 16, cache=False, progress=False)
+    assert list(subsets) == ["COV_C", "COV_R"]
+    assert subsets["COV_C"].images.shape == (3, 1, 16, 16) and subsets["COV_R"].labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match="no subset folder"):
+        load_covid19c(tmp_path / "COV_C" / "images", 16)
