@@ -462,3 +462,120 @@ def plot_shift_bars(table, metric: str = "accuracy", ax=None):
 
 
 # ------------------------------------------------------------------------------------ where the models look
+def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_masks=None, row_labels=None,
+                       alpha: float = 0.55, cmap: str = "inferno", figsize_per: float = 1.7, title=None):
+    """Slices (rows) by models or methods (columns): each saliency map over its slice, scaled to its own
+    maximum, with lung (cyan) and lesion (red) outlines. The first column shows the slice alone.
+
+    Args:
+        images: (N,1,S,S) in [0,1].
+        maps_by_column: Column title -> (N,1,S,S) maps (e.g. one per model).
+        lung_masks: Optional bool (N,1,S,S), outlined in cyan.
+        lesion_masks: Optional bool (N,1,S,S), outlined in red.
+        row_labels: Optional label per slice.
+        alpha: Opacity of the maps.
+        cmap: Colour map of the maps.
+        figsize_per: Inches per panel.
+        title: Optional figure title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    cols = ["slice"] + list(maps_by_column)
+    n = len(images)
+    fig, axes = plt.subplots(n, len(cols), figsize=(figsize_per * len(cols), figsize_per * n + 0.4), squeeze=False,
+                             layout="constrained")
+    for i in range(n):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(_numpy(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
+            if j:
+                m = _numpy(maps_by_column[col][i]).squeeze().astype(float)
+                ax.imshow(m / max(m.max(), 1e-12), cmap=cmap, vmin=0, vmax=1, alpha=alpha)
+            for masks, colour in ((lung_masks, "cyan"), (lesion_masks, "red")):
+                if masks is not None:
+                    mask = _numpy(masks[i]).squeeze().astype(float)
+                    if mask.any():
+                        ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.6)
+            if i == 0:
+                ax.set_title(col, fontsize=8)
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_attention_ratios(ratios, metrics=(("lung_ratio", "lung_area", "lung-attention ratio"),
+                                           ("lesion_ratio", "lesion_area", "lesion-attention ratio"),
+                                           ("pointing", None, "pointing game (lesions)")),
+                          errorbar=("ci", 95), title=None):
+    """Bars of mean saliency ratios per method (x) and model (colour), with error bars, and the score of a
+    uniform map (the mask's mean area) as a dashed line (seaborn).
+
+    Args:
+        ratios: ``explain.attention_ratios``' per-image table.
+        metrics: (column, chance-level column or None, panel title); columns absent from the table are skipped.
+        errorbar: seaborn's error bar: the default is a 95 % bootstrap interval of the mean over slices (seed 0);
+            "sd" shows the spread over slices instead.
+        title: Optional figure title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    metrics = [m for m in metrics if m[0] in ratios]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False, layout="constrained")
+    for k, (ax, (column, chance, label)) in enumerate(zip(axes[0], metrics)):
+        data = ratios.dropna(subset=[column])
+        sns.barplot(data=data, x="method", y=column, hue="model", errorbar=errorbar, seed=0, ax=ax, legend=k == 0)
+        if chance is not None:
+            ax.axhline(data[chance].mean(), color="0.3", ls="--", lw=1,
+                       label=f"uniform map ({data[chance].mean():.2f})")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{label} (n = {data['image'].nunique()})", fontsize=9)
+        ax.set_xlabel(None)
+        ax.set_ylabel(None)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+        if chance is not None or k == 0:
+            ax.legend(fontsize=7, frameon=False, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_noise_magnitudes(table, title=None):
+    """Weight noise on the attention projections: per head (heatmap, ||noise|| / ||weight|| over the head's
+    slice of q, k, v or proj) and per part (bars, the same ratio over all heads of q, k, v or proj).
+
+    Args:
+        table: ``explain.attention_noise_magnitudes(..., by="head")``.
+        title: Optional figure title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import seaborn as sns
+
+    data = table.assign(row=table["block"].map(_short_layer) + " " + table["part"])
+    order = list(dict.fromkeys(data["row"]))
+    grid = data.pivot(index="row", columns="head", values="relative").loc[order]
+    squares = data.assign(n2=data["noise_norm"] ** 2, w2=data["weight_norm"] ** 2).groupby("row", sort=False)
+    per_layer = (squares["n2"].sum() / squares["w2"].sum()) ** 0.5
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 0.32 * len(order) + 1.4), sharey=True,
+                                      gridspec_kw={"width_ratios": [1.3, 1]}, layout="constrained")
+    sns.heatmap(grid, ax=left, annot=True, fmt=".2g", annot_kws={"size": 7}, cmap="magma", cbar=False)
+    left.set_title("per head: ||noise|| / ||weight||", fontsize=9)
+    left.set_ylabel(None)
+    left.tick_params(axis="y", labelsize=7)
+    # The heatmap's rows are centred at i + 0.5; the bars share its (inverted) axis.
+    right.barh(np.arange(len(order)) + 0.5, per_layer.loc[order].to_numpy(), height=0.6, color="C0")
+    right.set_title("per part, all heads: ||noise|| / ||weight||", fontsize=9)
+    right.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
