@@ -1,12 +1,13 @@
 """Calibration of the corruption severities: what severity 5 does to a clean ERM model, and is the slice still readable?
 
 For every corruption and severity: the accuracy of the book's ERM model (cpu-demo preset, phantom site A, 64 px,
-trained or reused under notebooks/runs/book, where the notebooks keep it) on the phantom test split, the mean absolute change to the image, and the lung
-mask Dice of the corrupted slice against the ground truth (a proxy for "the anatomy is still there"; Otsu's
-threshold per slice, so that an intensity shift alone does not erase the mask). With
-../shared/data present, the change and the Dice against the clean slice's own mask are also measured on real CT.
+trained or reused under notebooks/runs/book, where the notebooks keep it) on the phantom validation split (never
+the test split, which notebook 05 reports on), the mean absolute change to the image, and the lung-mask Dice of
+the corrupted slice against the ground truth (a proxy for "the anatomy is still there"; Otsu's threshold per
+slice, so that an intensity shift alone does not erase the mask). With ../shared/data present, the change and the
+Dice against the clean slice's own mask are also measured on real CT.
 
-Usage: python benchmarks/calibrate_corruptions.py [--n 256] [--size 64]
+Usage: python benchmarks/calibrate_corruptions.py [--n 256] [--runs notebooks/runs/book]
 Writes benchmarks/results/corruptions_calibration.json.
 """
 
@@ -20,6 +21,7 @@ from robustmed_lite.corruptions import CORRUPTIONS, FAMILY_OF, SEVERITIES, corru
 from robustmed_lite.data import find_shared_data, load_images
 from robustmed_lite.evaluate import accuracy
 from robustmed_lite.experiments import selected_checkpoint, train_or_load
+from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.prior import dice, lung_mask
 from robustmed_lite.runinfo import environment_info
 from robustmed_lite.trainer import model_from_checkpoint
@@ -34,10 +36,12 @@ def main():
     torch.set_flush_denormal(True)
     trainer = train_or_load("erm", "cpu-demo", root=args.runs, progress=False)
     model, _ = model_from_checkpoint(selected_checkpoint(trainer))
-    x, y = (t[:args.n] for t in trainer.data.test)
-    from robustmed_lite.phantom import make_phantom_dataset
-
-    truth = make_phantom_dataset(args.n, x.shape[-1], "A", seed=2).lung_masks  # the test split's masks
+    # Calibrated on the validation split: the test split is what notebook 05 reports on.
+    x, y = (t[:args.n] for t in trainer.data.val)
+    cfg = trainer.cfg
+    val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)  # build_data's validation split
+    assert torch.equal(val.images[:args.n], x), "the validation split's masks must belong to its images"
+    truth = val.lung_masks[:args.n]
     real = None
     shared = find_shared_data()
     if shared is not None:

@@ -16,14 +16,19 @@ The sinogram corruptions add only what the corruption changes, ``FBP(corrupted s
 the image, so a noise-free round trip's own small blur does not count as corruption.
 
 Calibration. The parameters in ``SEVERITIES`` were set with ``benchmarks/calibrate_corruptions.py`` on the book's
-clean ERM model (phantom site A, 64 px) and checked on real CT (Soares): severity 5 of every corruption lowers
-that model's accuracy by at least 10 points (measured: 10 to 45 points), while the slice stays readable, judged by
-a proxy and by eye: the lungs remain segmentable (Otsu lung-mask Dice against the ground truth at least 0.59 on
-the phantom at severity 5, most above 0.8) and the gallery in notebook 05 shows the anatomy at every severity.
-The table is in ``benchmarks/results/corruptions_calibration.json``. Starting from ImageNet-C's values, intensity
-corruptions were made milder (a CT window saturates fast: ImageNet-C's brightness of +0.5 leaves a white image)
-and the CT-physics ones were scaled so that a severity looks the same at 64, 128 and 224 px. Each severity's effect
-grows monotonically (the mean absolute change to the clean image; tested).
+clean ERM model (phantom site A, 64 px), on the **validation** split (the test split is what notebook 05 reports).
+The aims: severity 5 clearly hurts that model, severities 1-4 grade the harm rather than jumping to chance, and
+the slice stays readable. Measured (``benchmarks/results/corruptions_calibration.json``, n = 256, clean accuracy
+0.94): severity 5 lowers accuracy by 10 to 43 points (JPEG the least, 9.8), and only pixelate ends at chance
+(this ERM model is brittle to the irregular pixel grid of a non-integer resize from severity 1 on: a finding
+about the model, kept as it is). Readability cannot be measured without radiologists; the proxy is that the
+lungs stay segmentable: an Otsu lung mask of the severity-5 slice has a Dice of at least 0.80 against the
+phantom's ground truth (median 0.89). On real CT (Soares, against the clean slice's own Otsu mask) severity 5
+keeps a Dice of 0.56 to 1.0, except zoom blur (0.43), whose smeared copies move the lung border itself; the
+gallery in notebook 05 shows every severity by eye. Starting from ImageNet-C's values, intensity corruptions were
+made milder (a CT window saturates fast: ImageNet-C's brightness of +0.5 leaves a white image) and the CT-physics
+ones were scaled so that a severity looks the same at 64, 128 and 224 px. Each severity's effect grows
+monotonically (the mean absolute change to the clean image; tested).
 """
 
 from __future__ import annotations
@@ -53,16 +58,16 @@ FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in name
 SEVERITIES: dict[str, tuple] = {
     "gaussian_noise": (0.03, 0.05, 0.08, 0.12, 0.17),  # std
     "shot_noise": (250, 120, 60, 30, 15),  # photons at intensity 1
-    "impulse_noise": (0.01, 0.02, 0.04, 0.07, 0.11),  # fraction of salt and pepper pixels
-    "speckle_noise": (0.08, 0.15, 0.25, 0.35, 0.5),  # std of the multiplicative noise
-    "defocus_blur": (1.5, 2.5, 3.5, 5.0, 7.0),  # disk radius (px at 224)
-    "gaussian_blur": (1.0, 1.6, 2.4, 3.4, 4.6),  # sigma (px at 224)
-    "motion_blur": (5, 9, 13, 18, 24),  # streak length (px at 224)
-    "zoom_blur": (0.04, 0.07, 0.10, 0.14, 0.19),  # largest extra zoom
+    "impulse_noise": (0.01, 0.02, 0.035, 0.055, 0.08),  # fraction of salt and pepper pixels
+    "speckle_noise": (0.06, 0.12, 0.18, 0.25, 0.35),  # std of the multiplicative noise
+    "defocus_blur": (1.0, 1.75, 2.5, 3.5, 5.0),  # disk radius (px at 224)
+    "gaussian_blur": (1.0, 1.4, 1.8, 2.3, 2.9),  # sigma (px at 224)
+    "motion_blur": (3, 5, 7, 10, 13),  # streak length (px at 224)
+    "zoom_blur": (0.03, 0.05, 0.07, 0.10, 0.14),  # largest extra zoom
     "contrast": (0.7, 0.55, 0.42, 0.3, 0.2),  # contrast factor around the mean
-    "brightness": (0.03, 0.06, 0.1, 0.15, 0.2),  # added intensity (CT saturates fast: ImageNet-C goes to 0.5)
+    "brightness": (0.02, 0.04, 0.06, 0.08, 0.1),  # added intensity (CT saturates fast: ImageNet-C goes to 0.5)
     "gamma": (1.25, 1.5, 1.8, 2.2, 2.7),  # exponent
-    "pixelate": (0.7, 0.55, 0.42, 0.32, 0.24),  # resolution factor
+    "pixelate": (0.85, 0.7, 0.6, 0.45, 0.35),  # resolution factor (near 1/2, 1/3 the blocks are regular)
     "jpeg": (25, 15, 10, 6, 3),  # quality
     "elastic": (3, 5, 8, 11, 14),  # displacement amplitude (px at 224)
     "low_dose": (8e4, 3e4, 1.2e4, 5e3, 2e3),  # incident photons per ray at 224 px (scaled by size/224)
@@ -71,8 +76,8 @@ SEVERITIES: dict[str, tuple] = {
     "beam_hardening": (0.08, 0.14, 0.21, 0.29, 0.38),  # depth of the cupping
     "window_shift": (0.06, 0.1, 0.15, 0.2, 0.27),  # level shift (window width changes with it)
     "sharp_kernel": (0.6, 1.0, 1.6, 2.4, 3.4),  # edge-enhancement gain
-    "smooth_kernel": (0.5, 0.7, 0.9, 1.15, 1.4),  # MTF cut-off reduction (Butterworth, fraction of Nyquist)
-    "slice_thickness": (0.03, 0.05, 0.08, 0.11, 0.15),  # scale change across the slab
+    "smooth_kernel": (0.6, 0.8, 0.95, 1.1, 1.25),  # MTF cut-off reduction (Butterworth, fraction of Nyquist)
+    "slice_thickness": (0.015, 0.025, 0.035, 0.05, 0.065),  # scale change across the slab
 }
 
 
@@ -83,7 +88,8 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
         x: Grey images (N,1,H,W) in [0,1], on any device.
         name: One of ``CORRUPTIONS``.
         severity: 0 (identity) to 5.
-        seed: Seed of the corruption's randomness (noise, directions, fields); same seed, same result.
+        seed: Seed of the corruption's randomness (noise, directions, fields); the same seed gives the same
+            result on the same device (CPU and CUDA generators draw different numbers).
 
     Returns:
         Images of ``x``'s shape, dtype and device, in [0,1].

@@ -367,11 +367,12 @@ def _find_index_csv(root: Path) -> Path:
                             "path,label")
         return root
     csvs = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
-    if len(csvs) != 1:
+    meta = [p for p in csvs if p.name.lower() == "metainfo.csv"]  # COVID19-C's index name wins over other CSVs
+    if len(csvs) != 1 and len(meta) != 1:
         found = ", ".join(p.name for p in csvs) or "none"
-        raise DataError(f"the csv layout needs exactly one index CSV in {root} (found: {found}). Fix: pass the CSV "
-                        "file itself as root")
-    return csvs[0]
+        raise DataError(f"the csv layout needs one index CSV in {root} (found: {found}). Fix: name the index "
+                        "MetaInfo.csv or keep only it there, or pass the CSV file itself as root")
+    return meta[0] if meta else csvs[0]
 
 
 def _parse_label(value: str) -> int | None:

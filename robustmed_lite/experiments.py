@@ -149,12 +149,21 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
     from .figures import plot_corruption_heatmap, plot_shift_bars
     from .ood import corruption_summary, corruption_table, shift_table
 
-    models, cfg = {}, None
+    models, cfg, first = {}, None, None
     for path in checkpoints:
         model, run_cfg = model_from_checkpoint(path)
         name = run_cfg.method if run_cfg.method not in models else f"{run_cfg.method}:{Path(path).parent.name}"
         models[name] = model
-        cfg = cfg or run_cfg
+        if cfg is None:
+            cfg, first = run_cfg, path
+        # Every model is scored on the first run's splits: they must be the same data at the same size.
+        differ = [k for k in ("data", "ood_data", "img_size", "site", "ood_site", "n_test", "val_fraction",
+                                  "test_fraction")
+                  if getattr(run_cfg, k, None) != getattr(cfg, k, None)]
+        if differ:
+            raise ValueError(f"{path} and {first} were trained on different data ({', '.join(differ)}): the OOD "
+                             "suite compares models on one test split. Fix: pass checkpoints of runs that share "
+                             "their data settings")
     cfg.progress = False
     splits = build_data(cfg.resolve())
     x, y = splits.test if n is None else (t[:n] for t in splits.test)

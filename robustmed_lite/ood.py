@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+import warnings
+
 import pandas as pd
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
     Returns:
         Long table: model, corruption ('clean' for severity 0), family, severity, accuracy, n.
     """
+    severities = check_severities(severities)
     device = next(iter(models.values())).parameters().__next__().device
     conditions = [("clean", 0)] + [(c, s) for c in corruptions for s in severities]
     rows = []
@@ -46,7 +48,8 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size]
-            # Each batch gets its own seed so that results do not depend on the batch size's split of noise.
+            # Each batch gets its own seed (from the seed and its first index): for a given seed, batch size and
+            # device the corrupted images are fixed, and batches do not share one noise draw.
             xc = x if severity == 0 else corrupt(x, name, severity, seed=seed * 100_003 + start)
             for model_name, model in models.items():
                 correct[model_name] += int((predict_logits(model, xc, batch_size).argmax(1) == y).sum())
@@ -56,27 +59,44 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
     return pd.DataFrame(rows)
 
 
+def check_severities(severities) -> list[int]:
+    """The severities as a list of distinct ints in 1..5, or a ValueError that says what was wrong."""
+    values = [int(s) for s in severities]
+    if not values or any(s < 1 or s > 5 for s in values) or len(set(values)) != len(values):
+        raise ValueError(f"severities take distinct values in 1..5 (0 is the clean images, always included), "
+                         f"got {list(severities)}")
+    return values
+
+
 def corruption_summary(table: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
     """Per model: clean accuracy, mCA, mCE and relative mCE (against ``reference``, default the first model),
     and relative robustness (mCA / clean accuracy).
 
     mCE = mean over corruptions of sum_s err(model) / sum_s err(reference); relative mCE uses the errors in
-    excess of each model's clean error. Values below 1 beat the reference.
+    excess of each model's clean error. Values below 1 beat the reference. A corruption on which the reference
+    has no error (or, for relative mCE, no excess error) has no ratio: it is left out of that mean, a warning
+    names it, and ``mCE_corruptions`` / ``relative_mCE_corruptions`` count the corruptions each mean is over.
     """
     reference = reference or table["model"].iloc[0]
     clean = table[table["severity"] == 0].set_index("model")["accuracy"]
     corr = table[table["severity"] > 0].assign(error=lambda d: 1 - d["accuracy"])
     per_c = corr.groupby(["model", "corruption"])["error"].sum().unstack()  # sum over severities
     n_sev = corr.groupby(["model", "corruption"])["severity"].count().unstack()
-    ref_err, ref_clean_err = per_c.loc[reference], 1 - clean[reference]
+    ref_err = per_c.loc[reference].where(lambda v: v > 1e-12)
+    ref_excess = (per_c.loc[reference] - n_sev.loc[reference] * (1 - clean[reference])).where(lambda v: v > 1e-12)
+    for label, values in (("mCE", ref_err), ("relative mCE", ref_excess)):
+        if values.isna().any():
+            warnings.warn(f"{label}: the reference {reference!r} has no {'excess ' * (label != 'mCE')}error on "
+                          f"{sorted(values[values.isna()].index)}, which are left out of its mean", stacklevel=2)
     rows = []
     for model in per_c.index:
-        ce = per_c.loc[model] / ref_err.replace(0, np.nan)
+        ce = per_c.loc[model] / ref_err
         excess = per_c.loc[model] - n_sev.loc[model] * (1 - clean[model])
-        ref_excess = (ref_err - n_sev.loc[reference] * ref_clean_err).where(lambda v: v.abs() > 1e-12)
+        relative = excess / ref_excess
         mca = corr[corr["model"] == model]["accuracy"].mean()
         rows.append({"model": model, "clean": clean[model], "mCA": mca, "mCE": ce.mean(),
-                     "relative_mCE": (excess / ref_excess).mean(), "relative_robustness": mca / clean[model],
+                     "relative_mCE": relative.mean(), "relative_robustness": mca / clean[model],
+                     "mCE_corruptions": int(ce.notna().sum()), "relative_mCE_corruptions": int(relative.notna().sum()),
                      "reference": reference, "n": int(table["n"].iloc[0])})
     return pd.DataFrame(rows)
 

@@ -42,3 +42,12 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
     shift = pd.read_csv(out / "shift.csv")
     assert set(shift["domain"]) == {"phantom test", "phantom site B"} and (shift["n"] == 16).all()
     assert len(pd.read_csv(out / "corruptions.csv")) == 2 * (1 + 2 * 2)
+    # Models trained on other data cannot share the suite; severities outside 1..5 are refused.
+    other = str(tmp_path / "other")
+    assert main(["train", "--method", "erm", "--epochs", "1", "--out_dir", other, *TINY, "--n_test", "24"]) == 0
+    with pytest.raises(ValueError, match="different data \\(n_test\\)"):
+        main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", f"{other}/best_clean.pt",
+              "--out_dir", str(out)])
+    with pytest.raises(ValueError, match="1..5"):
+        main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", "--severities", "0,6",
+              "--out_dir", str(out)])

@@ -42,9 +42,14 @@ def test_effect_grows_with_severity(name, slices):
     assert all(b > a for a, b in zip(change, change[1:])), f"{name}: {change}"
 
 
-def test_random_corruptions_depend_on_the_seed(slices):
-    for name in ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "elastic", "low_dose", "ring"):
-        assert not torch.equal(corrupt(slices, name, 3, seed=1), corrupt(slices, name, 3, seed=2)), name
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "elastic", "low_dose",
+          "ring", "window_shift")
+
+
+def test_random_corruptions_depend_on_the_seed_and_the_others_do_not(slices):
+    for name in CORRUPTIONS:
+        differ = not torch.equal(corrupt(slices, name, 3, seed=1), corrupt(slices, name, 3, seed=2))
+        assert differ == (name in RANDOM), name
 
 
 def test_low_dose_is_a_projection_reconstruction_round_trip(slices):
@@ -74,10 +79,15 @@ def test_bad_arguments_are_clear_errors(slices):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_corruptions_match_cpu_shapes(slices):
+def test_cuda_corruptions_keep_shape_range_and_seed(slices):
     for name in CORRUPTIONS:
         out = corrupt(slices.cuda(), name, 3, seed=0)
         assert out.is_cuda and out.shape == slices.shape and 0 <= out.min() and out.max() <= 1
+        assert torch.equal(out, corrupt(slices.cuda(), name, 3, seed=0)), f"{name} is not seeded on CUDA"
+        # A deterministic corruption is the same on both devices up to float order (JPEG's rounding of quantised
+        # coefficients can flip there, so it is left out); a random one draws from another generator.
+        if name not in RANDOM and name != "jpeg":
+            torch.testing.assert_close(out.cpu(), corrupt(slices, name, 3, seed=0), rtol=0, atol=2e-3, msg=name)
 
 
 class _Threshold(nn.Module):
@@ -111,6 +121,47 @@ def test_corruption_tables_and_mce():
     pd.testing.assert_frame_equal(table, again)
 
 
+def _table(rows):
+    return pd.DataFrame([{"model": m, "corruption": c, "family": "x", "severity": s, "accuracy": a, "n": 100}
+                         for m, c, s, a in rows])
+
+
+def test_mce_and_relative_mce_by_hand():
+    # Errors (1 - accuracy). ref: clean 0.1; a: 0.2, 0.4 (sum 0.6); b: 0.3, 0.5 (sum 0.8).
+    # other: clean 0.05; a: 0.3, 0.3 (sum 0.6); b: 0.6, 0.6 (sum 1.2).
+    table = _table([("ref", "clean", 0, 0.9), ("ref", "a", 1, 0.8), ("ref", "a", 5, 0.6), ("ref", "b", 1, 0.7),
+                    ("ref", "b", 5, 0.5), ("other", "clean", 0, 0.95), ("other", "a", 1, 0.7),
+                    ("other", "a", 5, 0.7), ("other", "b", 1, 0.4), ("other", "b", 5, 0.4)])
+    summary = corruption_summary(table, reference="ref").set_index("model")
+    # mCE = mean(0.6 / 0.6, 1.2 / 0.8) = 1.25; relative: excess ref a 0.6 - 0.2 = 0.4, b 0.8 - 0.2 = 0.6;
+    # other a 0.6 - 0.1 = 0.5, b 1.2 - 0.1 = 1.1; mean(0.5 / 0.4, 1.1 / 0.6) = 1.5417.
+    assert summary.loc["other", "mCE"] == pytest.approx(1.25)
+    assert summary.loc["other", "relative_mCE"] == pytest.approx((0.5 / 0.4 + 1.1 / 0.6) / 2)
+    assert summary.loc["ref", "relative_mCE"] == pytest.approx(1.0)
+    assert summary.loc["other", "mCA"] == pytest.approx(0.55)
+    assert summary.loc["other", "mCE_corruptions"] == 2
+
+
+def test_mce_says_which_corruptions_it_cannot_use():
+    # The reference makes no error under corruption b: b has no ratio, is left out, and the user is told.
+    table = _table([("ref", "clean", 0, 1.0), ("ref", "a", 1, 0.8), ("ref", "b", 1, 1.0),
+                    ("other", "clean", 0, 1.0), ("other", "a", 1, 0.6), ("other", "b", 1, 0.1)])
+    with pytest.warns(UserWarning) as record:
+        summary = corruption_summary(table, reference="ref").set_index("model")
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2 and all("on ['b']" in m for m in messages), messages
+    assert messages[0].startswith("mCE") and messages[1].startswith("relative mCE")
+    assert summary.loc["other", "mCE"] == pytest.approx(2.0)
+    assert summary.loc["other", "mCE_corruptions"] == 1
+
+
+def test_severities_are_checked():
+    data = make_phantom_dataset(8, 32, "A", seed=0)
+    for bad in ((0, 1), (6,), (2, 2), ()):
+        with pytest.raises(ValueError, match="1..5"):
+            corruption_table({"m": _Threshold(0.5)}, data.images, data.labels, ("jpeg",), bad, progress=False)
+
+
 def test_shift_table_reports_the_drop_from_the_source():
     a, b = make_phantom_dataset(64, 32, "A", seed=0), make_phantom_dataset(64, 32, "B", seed=0)
     t = a.images.mean((1, 2, 3)).median().item()
@@ -134,6 +185,7 @@ def test_covid19c_layout_with_subsets_and_backslashes(tmp_path):
             Image.fromarray(((torch.rand(20, 24) * 255).byte().numpy())).convert("RGB").save(folder / f"{i}.png")
             rows.append(f"images\\covid\\{i}.png,{i % 2}")  # Windows paths
         (tmp_path / subset / "MetaInfo.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "COV_R" / "notes.csv").write_text("a,b\n1,2\n")  # another CSV beside MetaInfo.csv is not the index
     subsets = load_covid19c(tmp_path, 16, cache=False, progress=False)
     assert list(subsets) == ["COV_C", "COV_R"]
     assert subsets["COV_C"].images.shape == (3, 1, 16, 16) and subsets["COV_R"].labels.tolist() == [0, 1]

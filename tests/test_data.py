@@ -434,7 +434,7 @@ def test_csv_errors(tmp_path):
     with pytest.raises(DataError, match=r"line 2: label 'maybe' is not a class\. Fix"):
         _load(index)
     (root / "other.csv").write_text("path,label\n")
-    with pytest.raises(DataError, match=r"exactly one index CSV .*index\.csv, other\.csv.*Fix"):
+    with pytest.raises(DataError, match=r"one index CSV .*index\.csv, other\.csv.*Fix: name the index MetaInfo\.csv"):
         _load(root, layout="csv")
 
 

@@ -82,16 +82,24 @@ def test_fused_attention_flags_restored(models, images):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules()), "hooks removed"
 
 
+def _qkv_outputs(model, attention_modules, x):
+    """The qkv projections' outputs of the given attention modules in one forward pass."""
+    outputs = []
+    handles = [a.qkv.register_forward_hook(lambda m, i, o: outputs.append(o)) for a in attention_modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
 def test_visformer_attention_is_the_column_mean_of_softmax_qk(models):
     model = models["tiny_visformer"].eval()
     x = torch.rand(3, 1, 2 * SIZE, 2 * SIZE, generator=torch.Generator().manual_seed(2))
     blocks = [b.attn for b in model.backbone.stage2]
-    qkv_out = []
-    handles = [a.qkv.register_forward_hook(lambda m, i, o: qkv_out.append(o)) for a in blocks]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
+    qkv_out = _qkv_outputs(model, blocks, x)
     expected = []
     for a, out in zip(blocks, qkv_out):  # timm's layout: (B, 3, heads, head_dim, H*W)
         b, _, hh, ww = out.shape
@@ -109,6 +117,26 @@ def test_rollout_of_one_block_is_its_class_attention():
     vit = create_model("deit_tiny", img_size=SIZE, patch_size=8, depth=1)
     x = torch.rand(4, 1, SIZE, SIZE)
     torch.testing.assert_close(saliency(vit, x, "rollout"), saliency(vit, x, "attention"))
+
+
+def test_rollout_of_two_blocks_by_hand():
+    # Attention recomputed from each block's qkv output: R = (0.5 A_2 + 0.5 I)(0.5 A_1 + 0.5 I), class-token row.
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny", img_size=SIZE, patch_size=8, depth=2).eval()
+    x = torch.rand(3, 1, SIZE, SIZE)
+    blocks = [b.attn for b in vit.backbone.blocks]
+    qkv_out = _qkv_outputs(vit, blocks, x)
+    steps = []
+    for a, out in zip(blocks, qkv_out):
+        b, n, _ = out.shape
+        q, k, _ = out.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * a.scale).softmax(-1).mean(1)
+        steps.append(0.5 * attn + 0.5 * torch.eye(n))
+    rollout = steps[1] @ steps[0]
+    grid = vit.backbone.patch_embed.grid_size
+    raw = rollout[:, 0, vit.backbone.num_prefix_tokens:].reshape(b, 1, *grid)
+    torch.testing.assert_close(saliency(vit, x, "rollout"), explain._normalise(raw, x.shape[-2:]), rtol=1e-4,
+                               atol=1e-7)
 
 
 class RegionModel(nn.Module):
