@@ -289,13 +289,19 @@ class Attack:
         return text
 
     def _settings(self) -> dict:
-        return {"eps": self.eps_str}
+        """What ``describe`` lists after the radius (each subclass adds its own)."""
+        return {}
+
+    @property
+    def short_name(self) -> str:
+        """The name tables use, e.g. ``PGD-10``."""
+        return self.describe().split(" (")[0]
 
     def describe(self) -> str:
         """One readable line, e.g. ``PGD-10 (L-inf, ce), eps 8/255, step 2/255, random start``."""
         norm = "L-inf" if self.norm == "linf" else "L2"
         parts = [f"{self.name} ({norm}, {self.loss})", self._eps_text()]
-        parts += [f"{k} {v}" for k, v in self._settings().items() if k != "eps"]
+        parts += [f"{k} {v}" for k, v in self._settings().items()]
         if self.restarts > 1:
             parts.append(f"{self.restarts} restarts")
         return ", ".join(parts)

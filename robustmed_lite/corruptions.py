@@ -187,9 +187,13 @@ def _zoom(x, factor):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _zoom_average(x, low, high, copies):
+    """The mean of ``copies`` centre zooms with factors evenly from ``low`` to ``high``."""
+    return sum(_zoom(x, f) for f in torch.linspace(low, high, copies).tolist()) / copies
+
+
 def _zoom_blur(x, max_zoom, gen):
-    factors = torch.linspace(1, 1 + max_zoom, 8).tolist()
-    return sum(_zoom(x, f) for f in factors) / len(factors)
+    return _zoom_average(x, 1, 1 + max_zoom, 8)
 
 
 # -------------------------------------------------------------------------------------------- intensity
@@ -345,7 +349,7 @@ def fbp(sino: torch.Tensor, angles: torch.Tensor, out_size: tuple[int, int] | No
     return (image * math.pi / a).reshape(n, 1, h, w)
 
 
-def _sinogram_change(x, change: Callable, views: int | None = None) -> torch.Tensor:
+def _sinogram_change(x, change: Callable) -> torch.Tensor:
     """x + FBP(change(p)) - FBP(p): what a change to the projections does to the reconstruction.
 
     FBP is linear, so this is back-projected once, as FBP(change(p) - p), and only over the image's own pixels.
@@ -353,11 +357,7 @@ def _sinogram_change(x, change: Callable, views: int | None = None) -> torch.Ten
     padded = _pad_square(x)
     full = torch.linspace(0, math.pi, n_angles(x.shape[-1]) + 1, device=x.device)[:-1]
     sino = radon(padded, full)
-    size = tuple(x.shape[-2:])
-    if views is not None:  # sparse view: every k-th angle, minus the full scan
-        keep = torch.linspace(0, len(full) - 1, views, device=x.device).round().long()
-        return x + fbp(sino[:, keep], full[keep], size) - fbp(sino, full, size)
-    return x + fbp(change(sino) - sino, full, size)
+    return x + fbp(change(sino) - sino, full, tuple(x.shape[-2:]))
 
 
 # Attenuation of water per mm and the grey value of soft tissue in a lung window: grey -> attenuation.
@@ -381,7 +381,16 @@ def _low_dose(x, photons, gen):
 def _sparse_view(x, views, gen):
     # Fewer detector bins need fewer angles for the same streaks; sqrt(size) keeps the artefact's strength about
     # the same at 64, 128 and 224 px (measured).
-    return _sinogram_change(x, None, views=max(4, round(views * _scale(x) ** 0.5)))
+    views = max(4, round(views * _scale(x) ** 0.5))
+
+    def keep_views(sino):
+        # FBP filters each angle on its own and weighs it by pi / angles: back-projecting from a subset is the
+        # full scan with the kept angles reweighted by angles / views and the others zeroed.
+        a = sino.shape[1]
+        keep = torch.linspace(0, a - 1, views, device=sino.device).round().long()
+        return sino * (torch.bincount(keep, minlength=a) * a / views).to(sino.dtype).view(1, -1, 1)
+
+    return _sinogram_change(x, keep_views)
 
 
 def _ring(x, std, gen):
@@ -432,8 +441,7 @@ def _smooth_kernel(x, cutoff_drop, gen):
 
 def _slice_thickness(x, spread, gen):
     """A thicker slab: the anatomy above and below (slightly larger and smaller sections) averaged in."""
-    factors = torch.linspace(1 - spread, 1 + spread, 7).tolist()
-    return sum(_zoom(x, f) for f in factors) / len(factors)
+    return _zoom_average(x, 1 - spread, 1 + spread, 7)
 
 
 _FUNCTIONS: dict[str, Callable] = {

@@ -53,20 +53,25 @@ class PriorDataset(Dataset):
         else:
             self.x_aug = images
         self.has_masks = lung_masks is not None or lesion_masks is not None
-        blank = torch.zeros_like(images, dtype=torch.bool)
-        self.lung_masks = lung_masks if lung_masks is not None else blank
-        self.lesion_masks = lesion_masks if lesion_masks is not None else blank
+        self.lung_masks, self.lesion_masks = lung_masks, lesion_masks
+        if self.has_masks and (lung_masks is None or lesion_masks is None):
+            blank = torch.zeros_like(images, dtype=torch.bool)
+            self.lung_masks = lung_masks if lung_masks is not None else blank
+            self.lesion_masks = lesion_masks if lesion_masks is not None else blank
         self.hflip, self.vflip, self.seed = hflip, vflip, seed
         self.epoch = 0
+        self._flips_of = (None, None)  # (epoch, flips): items of one epoch share one draw
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the flips of ``epoch`` (call once per epoch, as with a DistributedSampler)."""
         self.epoch = epoch
 
     def _flips(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        draws = torch.rand(2, len(self), generator=gen) < 0.5
-        return draws[0] & self.hflip, draws[1] & self.vflip
+        if self._flips_of[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            draws = torch.rand(2, len(self), generator=gen) < 0.5
+            self._flips_of = (epoch, (draws[0] & self.hflip, draws[1] & self.vflip))
+        return self._flips_of[1]
 
     def _apply(self, tensors, h: torch.Tensor, v: torch.Tensor):
         out = []

@@ -29,15 +29,20 @@ TABLE_COLUMNS = ("condition", "attack", "norm", "eps", "eps_value", "steps", "n"
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` in eval mode over a tensor of images, batch by batch; restores the mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    """Logits of ``model`` in eval mode over a tensor of images, batch by batch; restores the modes."""
+    device = model_device(model)
+    with eval_mode(model):
         out = [model(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def adversarial_examples(model: nn.Module, attack: Callable, images: torch.Tensor, labels: torch.Tensor,
+                         batch_size: int = 128) -> torch.Tensor:
+    """``attack(model, x, y)`` over a tensor of images, batch by batch, on the model's device (where the
+    adversarial examples stay)."""
+    device = model_device(model)
+    return torch.cat([attack(model, images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device))
+                      for i in range(0, len(images), batch_size)])
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
@@ -78,31 +83,26 @@ def clinical_metrics(labels, probs) -> dict[str, float]:
             "sensitivity": float(sens), "specificity": float(spec), "f1": float(f1)}
 
 
-def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches from a DataLoader of (x, y) / (x, ..., y), a pair (images, labels), or an object with
-    ``.images`` and ``.labels`` (PhantomSet, ImageSet)."""
+def _batches(data, batch_size: int) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """(x, y) batches, and how many (None if unknown), from a DataLoader of (x, y) / (x, ..., y), a pair
+    (images, labels), or an object with ``.images`` and ``.labels`` (PhantomSet, ImageSet)."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         data = (data.images, data.labels)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         images, labels = data
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        return ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
-    return ((batch[0], batch[-1]) for batch in data)
-
-
-def _num_batches(data, batch_size: int) -> int | None:
-    if hasattr(data, "images"):
-        return -(-len(data.images) // batch_size)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return -(-len(data[0]) // batch_size)
+        batches = ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+        return batches, -(-len(images) // batch_size)
     try:
-        return len(data)
+        total = len(data)
     except TypeError:
-        return None
+        total = None
+    return ((batch[0], batch[-1]) for batch in data), total
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -131,12 +131,13 @@ def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *
     attacks = dict(attacks or {})
     if "clean" in attacks or "worst case" in attacks:
         raise ValueError("'clean' and 'worst case' are reserved condition names")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     names = ["clean", *attacks]
     probs, labels = {name: [] for name in names}, []
     n_correct, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
-    bar = tqdm(_batches(data, batch_size), total=_num_batches(data, batch_size), desc="evaluate",
-               disable=not progress, leave=False)
+    batches, total = _batches(data, batch_size)
+    bar = tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False)
+    seen = 0
     with eval_mode(model):
         for x, y in bar:
             x, y = x.to(device), y.to(device).long()
@@ -156,9 +157,9 @@ def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *
                 probs[name].append(adv.cpu())
                 n_correct[name] += int((adv.argmax(1) == y).sum())
             labels.append(y.cpu())
-            seen = sum(len(t) for t in labels)
+            seen += len(y)
             bar.set_postfix({name: f"{count / seen:.3f}" for name, count in n_correct.items()}, refresh=False)
-    if not labels or not sum(len(t) for t in labels):
+    if not seen:
         raise ValueError("evaluate got no samples")
     y_all = torch.cat(labels).numpy()
     probs = {name: torch.cat(p).numpy() for name, p in probs.items()}

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf, format_eps, parse_eps
 from .config import load_config
 from .data import load_images
-from .evaluate import accuracy, evaluate
+from .evaluate import accuracy, adversarial_examples, evaluate
 from .trainer import Trainer, build_data, model_from_checkpoint
 
 
@@ -36,8 +35,15 @@ def attack_suite(eps: float | str, names=("fgsm", "pgd10", "pgd50", "apgd", "cw"
     suite = {}
     for name in names:
         attack = makers[name]()
-        suite[attack.describe().split(" (")[0]] = attack
+        suite[attack.short_name] = attack
     return suite
+
+
+def _evaluation_splits(cfg):
+    """A run's val/test/shift splits, rebuilt from its config, without the training set's prior view (which no
+    evaluation reads: the splits are the same, the guided filter over every training image is skipped)."""
+    cfg.progress, cfg.prior = False, False
+    return build_data(cfg.resolve())
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", "pgd10", "pgd50", "apgd", "cw"),
@@ -58,11 +64,10 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
     if data is not None:
         images, labels, _ = load_images(data, cfg.img_size, progress=progress)
     else:
-        cfg.progress = False
-        splits = build_data(cfg.resolve())
+        splits = _evaluation_splits(cfg)
         chosen = {"val": splits.val, "test": splits.test, "shift": splits.shift}[split]
         if chosen is None:
-            raise ValueError(f"the run has no shifted test set: train with --ood_data, or pass --data")
+            raise ValueError("the run has no shifted test set: train with --ood_data, or pass --data")
         images, labels = chosen
     if n is not None:
         images, labels = images[:n], labels[:n]
@@ -108,9 +113,7 @@ def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/com
         chosen = selected_checkpoint(trainer)
         model, _ = model_from_checkpoint(chosen, device)
         x, y = trainer.data.test
-        attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, seed=seed)
-        adv = torch.cat([attack(model, x[i:i + 128].to(device), y[i:i + 128].to(device))
-                         for i in range(0, len(x), 128)])
+        adv = adversarial_examples(model, trainer.val_attack, x, y)  # PGD as on validation, seeded with the run
         row = {"method": method, "checkpoint": chosen.stem, "clean": accuracy(model, x, y),
                f"PGD-{cfg.eval_attack_steps} {format_eps(cfg.eps)}": accuracy(model, adv, y), "n_test": len(y)}
         if trainer.data.shift is not None:
@@ -122,7 +125,7 @@ def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/com
 
 
 def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, severities=(1, 2, 3, 4, 5),
-            n: int | None = None, covid19c: str | None = None, extra_domains: dict | None = None, seed: int = 0,
+            n: int | None = None, covid19c: str | None = None, seed: int = 0,
             progress: bool = True) -> dict[str, pd.DataFrame]:
     """The OOD suite for one or more checkpoints: corruption accuracy, mCE and a shift table, as CSV and PNG.
 
@@ -137,7 +140,6 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
         severities: Severities to run.
         n: Use the first n test images only.
         covid19c: A COVID19-C root (subset folders with index CSVs) to add as shift domains.
-        extra_domains: More shift domains, name -> data root.
         seed: Seed of the corruptions.
         progress: Progress bars.
 
@@ -164,15 +166,11 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
             raise ValueError(f"{path} and {first} were trained on different data ({', '.join(differ)}): the OOD "
                              "suite compares models on one test split. Fix: pass checkpoints of runs that share "
                              "their data settings")
-    cfg.progress = False
-    splits = build_data(cfg.resolve())
+    splits = _evaluation_splits(cfg)
     x, y = splits.test if n is None else (t[:n] for t in splits.test)
     domains = {f"{cfg.data} test": (x, y)}
     if splits.shift is not None:
         domains[splits.shift_name] = splits.shift if n is None else tuple(t[:n] for t in splits.shift)
-    for name, root in (extra_domains or {}).items():
-        images, labels, _ = load_images(root, cfg.img_size, progress=progress)
-        domains[name] = (images, labels)
     if covid19c:
         for name, subset in load_covid19c(covid19c, cfg.img_size, progress=progress).items():
             domains[f"COVID19-C {name}"] = (subset.images, subset.labels)

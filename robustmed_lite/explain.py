@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import eval_mode
+from .evaluate import model_device
 from .models import attention_weights
 
 METHODS = ("gradcam", "attention", "rollout", "input_grad")
@@ -205,12 +206,18 @@ def _token_grid(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t[:, backbone.num_prefix_tokens:].transpose(1, 2).reshape(len(t), -1, h, w)
 
 
+def _target_score(model, x, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf copy of x (so that the graph exists even with frozen weights) and the sum of the explained
+    classes' logits; call under ``torch.enable_grad()``."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    return x, logits.float().gather(1, _targets(logits, target)[:, None]).sum()
+
+
 def _gradcam(model, x, target, layer):
     module = _gradcam_layer(model, layer)
     with _captured_output(module) as outputs, torch.enable_grad():
-        x = x.detach().requires_grad_(True)  # so that the graph exists even with frozen weights
-        logits = model(x)
-        score = logits.float().gather(1, _targets(logits, target)[:, None]).sum()
+        _, score = _target_score(model, x, target)
         if len(outputs) != 1:
             raise RuntimeError(f"the Grad-CAM layer ran {len(outputs)} times in one forward pass (expected once)")
         grad, = torch.autograd.grad(score, outputs[0])
@@ -223,9 +230,7 @@ def _input_grad(model, x, target, layer):
     if layer is not None:
         raise ValueError("input_grad takes no layer")
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        score = logits.float().gather(1, _targets(logits, target)[:, None]).sum()
+        x, score = _target_score(model, x, target)
         grad, = torch.autograd.grad(score, x)
     return grad.float().abs().sum(1, keepdim=True)
 
@@ -257,9 +262,7 @@ def _rollout(model, x, target, layer):
 
 def _cls_row(model, attn: torch.Tensor) -> torch.Tensor:
     """The class token's row of a (B,N,N) attention, over the patch tokens, as (B,1,h,w)."""
-    backbone = _backbone(model)
-    h, w = backbone.patch_embed.grid_size
-    return attn[:, 0, backbone.num_prefix_tokens:].reshape(len(attn), 1, h, w)
+    return _token_grid(model, attn[:, :1].transpose(1, 2))
 
 
 _RAW = {"gradcam": _gradcam, "attention": _attention, "rollout": _rollout, "input_grad": _input_grad}
@@ -301,7 +304,7 @@ def saliency(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target=
         target = torch.as_tensor(target)
         if len(target) != len(x):
             raise ValueError(f"target has {len(target)} entries for {len(x)} images")
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     with eval_mode(model):
         for start in range(0, len(x), batch_size):
@@ -496,15 +499,14 @@ def attention_noise_magnitudes(model: nn.Module, noise: Mapping[str, torch.Tenso
         if name not in weights:
             continue
         module_name, leaf = name.removesuffix(".weight").rsplit(".", 1)
-        attn = model.get_submodule(module_name)
         w = weights[name].detach()
         d = gamma * d.detach().to(w.device, torch.float32).reshape(w.shape[0], -1)
         w = w.float().reshape(w.shape[0], -1)
         if by == "layer":
-            part = "proj" if leaf == "proj" else "".join(_PARTS[leaf])
-            rows.append({"parameter": name, "block": module_name, "part": part, "noise_norm": d.norm().item(),
+            rows.append({"parameter": name, "block": module_name, "part": leaf, "noise_norm": d.norm().item(),
                          "weight_norm": w.norm().item()})
             continue
+        attn = model.get_submodule(module_name)
         heads, hd = attn.num_heads, attn.head_dim
         for h in range(heads):
             if leaf == "proj":

@@ -7,10 +7,18 @@ import numpy as np
 import torch
 
 from .data import CLASS_NAMES
+from .explain import for_display
 
 
 def _numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def _outline(ax, mask, colour: str, linewidth: float) -> None:
+    """Draws a binary mask's outline, if the mask has any pixel."""
+    mask = _numpy(mask).squeeze().astype(float)
+    if mask.any():
+        ax.contour(mask, levels=[0.5], colors=colour, linewidths=linewidth)
 
 
 def plot_samples(images, labels=None, lung_masks=None, lesion_masks=None, n: int = 8, cols: int = 8,
@@ -41,9 +49,7 @@ def plot_samples(images, labels=None, lung_masks=None, lesion_masks=None, n: int
         ax.imshow(_numpy(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
         for masks, colour in ((lung_masks, "cyan"), (lesion_masks, "red")):
             if masks is not None:
-                m = _numpy(masks[i]).squeeze().astype(float)
-                if m.any():
-                    ax.contour(m, levels=[0.5], colors=colour, linewidths=0.7)
+                _outline(ax, masks[i], colour, 0.7)
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
         elif labels is not None:
@@ -158,9 +164,7 @@ def plot_mask_comparison(images, pred, target, lesion_masks=None, titles=None, n
     fig = plot_samples(images, lung_masks=target, lesion_masks=lesion_masks, n=n, cols=cols, titles=titles,
                        figsize_per=figsize_per)
     for i, ax in enumerate(fig.axes[:min(n, len(images))]):
-        mask = _numpy(pred[i]).squeeze().astype(float)
-        if mask.any():
-            ax.contour(mask, levels=[0.5], colors="yellow", linewidths=0.7)
+        _outline(ax, pred[i], "yellow", 0.7)
     fig.text(0.5, 0.0, "cyan: ground-truth lung, yellow: computed mask, red: lesions", ha="center", va="top",
              fontsize=9)
     return fig
@@ -492,13 +496,11 @@ def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_mas
             ax.set_yticks([])
             ax.imshow(_numpy(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
             if j:
-                m = _numpy(maps_by_column[col][i]).squeeze().astype(float)
-                ax.imshow(m / max(m.max(), 1e-12), cmap=cmap, vmin=0, vmax=1, alpha=alpha)
+                ax.imshow(_numpy(for_display(maps_by_column[col][i:i + 1])).squeeze(), cmap=cmap, vmin=0, vmax=1,
+                          alpha=alpha)
             for masks, colour in ((lung_masks, "cyan"), (lesion_masks, "red")):
                 if masks is not None:
-                    mask = _numpy(masks[i]).squeeze().astype(float)
-                    if mask.any():
-                        ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.6)
+                    _outline(ax, masks[i], colour, 0.6)
             if i == 0:
                 ax.set_title(col, fontsize=8)
         if row_labels is not None:

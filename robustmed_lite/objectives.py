@@ -17,9 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "trades", "mart", "score", "square_kl")
-
-
 def kl_per_sample(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)) per sample."""
     log_p, log_q = F.log_softmax(logits_p, 1), F.log_softmax(logits_q, 1)
@@ -48,8 +45,12 @@ def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tenso
 
 def score_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     """SCORE-style squared error on probabilities: natural fit plus beta times the robust gap."""
-    p_nat, p_adv = F.softmax(logits_nat, 1), F.softmax(logits_adv, 1)
-    target = F.one_hot(y, p_nat.shape[1]).to(p_nat.dtype)
+    p_nat = F.softmax(logits_nat, 1)
+    return _square_loss(p_nat, F.softmax(logits_adv, 1), F.one_hot(y, p_nat.shape[1]).to(p_nat.dtype), beta)
+
+
+def _square_loss(p_nat: torch.Tensor, p_adv: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """||p(x) - target||^2 + beta * ||p(x') - p(x)||^2, averaged over the batch."""
     return ((p_nat - target) ** 2).sum(1).mean() + beta * ((p_adv - p_nat) ** 2).sum(1).mean()
 
 
@@ -62,6 +63,4 @@ def soft_target(logits_aug: torch.Tensor, y: torch.Tensor, smooth: float) -> tor
 def square_kl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_aug: torch.Tensor,
                    y: torch.Tensor, beta: float, smooth: float) -> torch.Tensor:
     """The method's square loss: ||p(x) - y~||^2 + beta * ||p(x') - p(x)||^2, with y~ from the prior view."""
-    p_nat, p_adv = F.softmax(logits_nat, 1), F.softmax(logits_adv, 1)
-    target = soft_target(logits_aug, y, smooth)
-    return ((p_nat - target) ** 2).sum(1).mean() + beta * ((p_adv - p_nat) ** 2).sum(1).mean()
+    return _square_loss(F.softmax(logits_nat, 1), F.softmax(logits_adv, 1), soft_target(logits_aug, y, smooth), beta)

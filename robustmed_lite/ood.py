@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .corruptions import CORRUPTIONS, FAMILY_OF, corrupt
-from .evaluate import clinical_metrics, predict_logits
+from .evaluate import clinical_metrics, model_device, predict_logits
 
 
 def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
@@ -40,7 +40,7 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
         Long table: model, corruption ('clean' for severity 0), family, severity, accuracy, n.
     """
     severities = check_severities(severities)
-    device = next(iter(models.values())).parameters().__next__().device
+    device = model_device(next(iter(models.values())))
     conditions = [("clean", 0)] + [(c, s) for c in corruptions for s in severities]
     rows = []
     for name, severity in tqdm(conditions, desc="corruptions", disable=not progress, leave=False):

@@ -52,14 +52,18 @@ def perturbed_names(model: nn.Module, kind: str) -> list[str]:
     raise ValueError(f"unknown weight noise {kind!r}: use one of {KINDS}")
 
 
+def _rescale(direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The direction scaled to the weight's norm: ||w|| / ||d|| * d."""
+    return weight.norm() / (direction.norm() + _EPS) * direction
+
+
 def relative_diff(model: nn.Module, proxy: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Per-layer direction from model to proxy, rescaled to each layer's weight norm."""
     proxy_params = dict(proxy.named_parameters())
     diff = {}
     for name, w in model.named_parameters():
         if name in names:
-            dw = proxy_params[name].detach() - w.detach()
-            diff[name] = w.detach().norm() / (dw.norm() + _EPS) * dw
+            diff[name] = _rescale(proxy_params[name].detach() - w.detach(), w.detach())
     return diff
 
 
@@ -174,7 +178,7 @@ def weight_sensitivity(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     import pandas as pd
 
     from .attacks import eval_mode
-    from .evaluate import predict_logits
+    from .evaluate import adversarial_examples, predict_logits
 
     names = perturbed_names(model, "awp") if names is None else list(names)
     params = dict(model.named_parameters())
@@ -183,24 +187,16 @@ def weight_sensitivity(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         raise ValueError(f"the model has no parameters {missing}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    device = next(model.parameters()).device
     labels = labels.cpu().long()
     n_attack = len(labels) if attack_n is None else min(attack_n, len(labels))
-    condition = None
-    if attack is not None:
-        describe = getattr(attack, "describe", None)
-        condition = describe().split(" (")[0] if describe else "attack"
+    condition = getattr(attack, "short_name", "attack")
 
     def measure() -> list[tuple[str, float, int]]:
         correct = predict_logits(model, images, batch_size).argmax(1) == labels
         out = [("clean", correct.float().mean().item(), len(labels))]
         if attack is not None:
-            robust = []
-            for i in range(0, n_attack, batch_size):
-                x, y = images[i:min(i + batch_size, n_attack)].to(device), labels[i:min(i + batch_size, n_attack)]
-                adv = attack(model, x, y.to(device))
-                robust.append(predict_logits(model, adv, batch_size).argmax(1) == y)
-            robust = torch.cat(robust) & correct[:n_attack]
+            adv = adversarial_examples(model, attack, images[:n_attack], labels[:n_attack], batch_size)
+            robust = (predict_logits(model, adv, batch_size).argmax(1) == labels[:n_attack]) & correct[:n_attack]
             out.append((condition, robust.float().mean().item(), n_attack))
         return out
 
@@ -221,12 +217,10 @@ def weight_sensitivity(model: nn.Module, images: torch.Tensor, labels: torch.Ten
                                 r = torch.randn(original[n].shape, generator=gen, dtype=torch.float32)
                                 d = (original[n].float().norm().cpu() / (r.norm() + _EPS)) * r
                                 params[n].add_(d.to(params[n].device, params[n].dtype), alpha=float(gamma))
-                        try:
-                            result = measure()
-                        finally:
-                            with torch.no_grad():
-                                for n in names:
-                                    params[n].copy_(original[n])
+                        result = measure()  # on an error the outer finally restores the weights
+                        with torch.no_grad():
+                            for n in names:
+                                params[n].copy_(original[n])
                     rows += [{"gamma": float(gamma), "draw": draw, "condition": c, "accuracy": acc, "n": n_}
                              for c, acc, n_ in result]
         finally:

@@ -105,8 +105,8 @@ def _guided_filter_torch(I, p, radius, eps, s):
     return ab[:, :c] * I + ab[:, c:]
 
 
-def _guided_filter_opencv_2d(I: np.ndarray, p: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """One grey image: six box filters and a handful of in-place array operations, all in cache."""
+def _coefficients_opencv(I: np.ndarray, p: np.ndarray, radius: int, eps: float):
+    """mean(a) and mean(b) of one grey image: six box filters and in-place array operations, all in cache."""
     k = (2 * radius + 1, 2 * radius + 1)
 
     def box(x):
@@ -120,10 +120,7 @@ def _guided_filter_opencv_2d(I: np.ndarray, p: np.ndarray, radius: int, eps: flo
     a -= mean_i * mean_p
     a /= var_i
     mean_p -= a * mean_i  # now b
-    q = box(a)
-    q *= I
-    q += box(mean_p)
-    return q
+    return box(a), box(mean_p)
 
 
 def _guided_filter_opencv(I, p, radius, eps, s):
@@ -136,30 +133,18 @@ def _guided_filter_opencv(I, p, radius, eps, s):
         r_small = _small_radius(radius, s)
     for n in range(p_np.shape[0]):
         guide = np.ascontiguousarray(i_np[n, 0])
+        if s != 1:
+            g_small = cv2.resize(guide, small, interpolation=cv2.INTER_LINEAR)
         for c in range(p_np.shape[1]):
             src = np.ascontiguousarray(p_np[n, c])
             if s == 1:
-                out[n, c] = _guided_filter_opencv_2d(guide, src, radius, eps)
-                continue
-            g_small = cv2.resize(guide, small, interpolation=cv2.INTER_LINEAR)
-            p_small = cv2.resize(src, small, interpolation=cv2.INTER_LINEAR)
-            # mean(a), mean(b) at low resolution: filter p and the constant 1 (q = mean_a*I + mean_b).
-            ab = _fast_coefficients_opencv(g_small, p_small, r_small, eps)
-            mean_a, mean_b = (cv2.resize(t, (w, h), interpolation=cv2.INTER_LINEAR) for t in ab)
+                mean_a, mean_b = _coefficients_opencv(guide, src, radius, eps)
+            else:  # mean(a), mean(b) at low resolution, upsampled: q = mean_a * I + mean_b at full resolution
+                p_small = cv2.resize(src, small, interpolation=cv2.INTER_LINEAR)
+                mean_a, mean_b = (cv2.resize(t, (w, h), interpolation=cv2.INTER_LINEAR)
+                                  for t in _coefficients_opencv(g_small, p_small, r_small, eps))
             out[n, c] = mean_a * guide + mean_b
     return torch.from_numpy(out)
-
-
-def _fast_coefficients_opencv(I, p, radius, eps):
-    k = (2 * radius + 1, 2 * radius + 1)
-
-    def box(x):
-        return cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT)
-
-    mean_i, mean_p = box(I), box(p)
-    a = (box(I * p) - mean_i * mean_p) / (box(I * I) - mean_i * mean_i + eps)
-    b = mean_p - a * mean_i
-    return box(a), box(b)
 
 
 def _pick_backend(I: torch.Tensor, p: torch.Tensor, backend: str) -> str:
@@ -289,7 +274,8 @@ def lung_prior(x: torch.Tensor, threshold=0.5, radius: int = 2, eps: float = 0.0
     """
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"lung_prior takes grey images (N,1,H,W), got {tuple(x.shape)}")
-    dark = x <= _threshold(x, threshold)
+    threshold = _threshold(x, threshold)  # once: Otsu's is a histogram per image
+    dark = x <= threshold
     p = torch.where(dark, x, torch.zeros_like(x))
     q = guided_filter(x, p, radius, eps, s=s, backend=backend)
     x_aug = torch.where(dark, q.to(x.device).clamp(0, 1), x)

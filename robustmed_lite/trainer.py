@@ -33,7 +33,7 @@ from .attacks import PGD, FeedbackPGD
 from .config import TrainConfig
 from .data import load_images
 from .dataset import PriorDataset
-from .evaluate import accuracy
+from .evaluate import accuracy, model_device
 from .models import create_model
 from .objectives import ce_loss, mart_loss, score_loss, square_kl_loss, trades_loss
 from .perturbation import WeightPerturbation
@@ -64,20 +64,20 @@ def build_data(cfg: TrainConfig) -> DataSplits:
         val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)
         test = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)
         shift = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.ood_site, seed=2)
-        dataset = PriorDataset(train.images, train.labels, train.lung_masks, train.lesion_masks, prior=cfg.prior,
-                               hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed, prior_kwargs=prior_kwargs)
-        return DataSplits(dataset, val[:2], test[:2], shift[:2], f"phantom site {cfg.ood_site}")
-    data = load_images(cfg.data, cfg.img_size, progress=cfg.progress)
-    parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
-    train = data.subset(parts["train"])
+        val, test, shift, shift_name = val[:2], test[:2], shift[:2], f"phantom site {cfg.ood_site}"
+    else:
+        data = load_images(cfg.data, cfg.img_size, progress=cfg.progress)
+        parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+        train, val, test = (data.subset(parts[k]) for k in ("train", "val", "test"))
+        val, test = (val.images, val.labels), (test.images, test.labels)
+        shift, shift_name = None, None
+        if cfg.ood_data:
+            other = load_images(cfg.ood_data, cfg.img_size, progress=cfg.progress)
+            shift, shift_name = (other.images, other.labels), Path(cfg.ood_data).name
+    # Training never reads the phantom's masks, so the dataset does not gather and flip them every batch.
     dataset = PriorDataset(train.images, train.labels, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip,
                            seed=cfg.seed, prior_kwargs=prior_kwargs)
-    val, test = data.subset(parts["val"]), data.subset(parts["test"])
-    shift, shift_name = None, None
-    if cfg.ood_data:
-        other = load_images(cfg.ood_data, cfg.img_size, progress=cfg.progress)
-        shift, shift_name = (other.images, other.labels), Path(cfg.ood_data).name
-    return DataSplits(dataset, (val.images, val.labels), (test.images, test.labels), shift, shift_name)
+    return DataSplits(dataset, val, test, shift, shift_name)
 
 
 def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
@@ -357,7 +357,7 @@ def fit_erm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
-    device = next(model.parameters()).device
+    device = model_device(model)
     history = []
     for _ in tqdm(range(epochs), desc="erm", disable=not progress):
         model.train()

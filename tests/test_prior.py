@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from robustmed_lite.data import load_images
 from robustmed_lite.dataset import PriorDataset
 from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.prior import (box_filter, dice, fast_guided_filter, guided_filter, lung_mask, lung_prior,
+from robustmed_lite.prior import (box_filter, dice, fast_guided_filter, guided_filter, lung_prior,
                                   otsu_threshold)
 
 RADII_EPS = [(1, 1e-4), (2, 0.003), (4, 0.003), (8, 0.1), (16, 0.01)]
