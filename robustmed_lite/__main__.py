@@ -1,4 +1,5 @@
-"""Command line: ``python -m robustmed_lite {demo,train,evaluate} ...``; ``--help`` on each lists its options.
+"""Command line: ``python -m robustmed_lite {demo,train,evaluate,reproduce} ...``; ``--help`` on each lists its
+options.
 
 Examples::
 
@@ -8,6 +9,8 @@ Examples::
     python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
     python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
     python -m robustmed_lite evaluate --ood --checkpoint runs/erm-*/best_clean.pt runs/robustmed-*/best_robust.pt
+    python -m robustmed_lite reproduce --profile cpu --data ../shared/data/sarscov2 \
+        --ood_data ../shared/data/ucsd_covidct                  # the paper's comparison, seeds, intervals
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +46,10 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     cfg = load_config(args.config, _overrides(args))
+    if Path(str(args.config)).stem == "paper" and cfg.attack != "none" and not cfg.init_from:
+        warnings.warn("CAP's protocol starts robust training from a clean model trained on the same data: train "
+                      "--method erm first and pass --init_from <its run>/best_clean.pt (reproduce --profile paper "
+                      "does both stages)", stacklevel=1)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.fit()
     print(f"run directory: {trainer.run_dir} (config.yaml, env.json, log.csv, last.pt, best_clean.pt, "
@@ -73,6 +81,35 @@ def _evaluate(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
         print(f"saved {args.out}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .config import coerce
+    from .reproduce import parse_variant, reproduce
+
+    overrides = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = coerce(key.strip(), value.strip())
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    variants = dict(parse_variant(v) for v in args.variant or [])
+    ensemble_n = "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all"
+                                                            else int(args.ensemble_n))
+    results = reproduce(args.profile, data=args.data, ood_data=args.ood_data, covid19c=args.covid19c,
+                        methods=args.methods, seeds=args.seeds, out=args.out, runs=args.runs, shard=args.shard,
+                        jobs=args.jobs, overrides=overrides, variants=variants, ensemble_n=ensemble_n,
+                        progress=not args.quiet)
+    out = Path(args.out or f"results/reproduction/{args.profile}")
+    if len(results["verdicts"]):
+        shown = results["verdicts"][["claim", "comparator", "comparator_method", "gain_mean", "gain_ci_low",
+                                     "gain_ci_high", "n_pairs", "verdict"]]
+        print(shown.round(3).to_string(index=False))
+    print(f"\n{len(results['runs'])} runs summarised; see {out / 'table.md'} (and runs.csv, table.csv, gains.csv, "
+          "verdicts.csv, metrics.png, robust_vs_clean.png)")
     return 0
 
 
@@ -123,6 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--severities", default="1,2,3,4,5", help="with --ood: comma-separated severities")
     ev.add_argument("--covid19c", default=None, help="with --ood: a COVID19-C root to add as shift domains")
     ev.set_defaults(run=_evaluate)
+
+    rep = sub.add_parser("reproduce", help="the paper's comparison on real CT: every method x seed, intervals, "
+                                          "verdicts (resumable)")
+    rep.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"),
+                     help="cpu: 64 px, minutes per run; gpu: 128 px, several runs per GPU; paper: CAP's protocol")
+    rep.add_argument("--data", default=None, help="training set (default: sarscov2 in ROBUSTMED_DATA or "
+                                                  "../shared/data; 'phantom' for a quick check)")
+    rep.add_argument("--ood_data", nargs="*", default=None, help="other-site roots, each its own domain (default: "
+                                                                 "ucsd_covidct beside the default data)")
+    rep.add_argument("--covid19c", default=None, help="a COVID19-C root: its subsets become domains")
+    rep.add_argument("--methods", default=None, help="comma-separated (default: all nine)")
+    rep.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (or a range, 0-4)")
+    rep.add_argument("--out", default=None, help="results folder (default results/reproduction/<profile>)")
+    rep.add_argument("--runs", default=None, help="run directories (default runs/reproduction/<profile>)")
+    rep.add_argument("--shard", default=None, help="i/n: train this shard's runs only; the summary merges all "
+                                                   "finished runs")
+    rep.add_argument("--jobs", type=int, default=None, help="runs at once (default: the profile's)")
+    rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    rep.add_argument("--ensemble_n", default=None, help="test images for the attack ensemble ('all', or a number; "
+                                                        "default: the profile's)")
+    rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
+    rep.add_argument("--variant", action="append", metavar="NAME=METHOD,KEY=VALUE,...",
+                     help="an extra row: a method with other settings")
+    rep.add_argument("--quiet", action="store_true")
+    rep.set_defaults(run=_reproduce)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -73,6 +73,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     schedule: str = "cosine"
     warmup_epochs: int = 0
+    cosine_period: int = 0  # epochs of one cosine half-wave; 0: the whole run. Longer runs climb back up (CAP)
     # sample perturbation (eps on the [0,1] pixel scale; strings like "8/255" are accepted)
     eps: float | str = 8 / 255
     step_size: float | str = 2 / 255
@@ -125,6 +126,8 @@ class TrainConfig:
         for key in ("eps", "step_size", "lr", "weight_decay", "beta", "gamma", "smooth", "proxy_lr", "prior_eps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.cosine_period < 0:
+            raise ValueError(f"cosine_period must be >= 0 epochs (0: the whole run), got {self.cosine_period}")
         for key in ("epochs", "batch_size", "img_size", "n_train", "n_val"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -134,6 +137,9 @@ class TrainConfig:
             raise ValueError("a feedback rule needs a sample attack (attack='pgd' or 'trades')")
         if self.loss in ("trades", "mart", "score", "square_kl") and self.attack == "none":
             raise ValueError(f"loss {self.loss!r} compares clean and adversarial predictions: set an attack")
+        if self.data is None:
+            raise ValueError("data is not set: this preset trains on real CT. Fix: pass --data with the folder "
+                             "holding your slices (e.g. the Kaggle SARS-CoV-2 COVID/ and non-COVID/ folders)")
         if self.data != "phantom" and not Path(self.data).exists():
             raise FileNotFoundError(f"data root {self.data!r} does not exist: pass --data phantom or the folder "
                                     "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)")

@@ -722,6 +722,34 @@ def split_indices(labels, *, val: float = 0.15, test: float = 0.15, seed: int = 
     return parts
 
 
+def stratified_subset(labels, n: int | None, seed: int = 0) -> np.ndarray:
+    """A seeded sample of ``n`` indices with the classes in proportion (largest remainders), sorted.
+
+    Use it wherever cost forces a subset: the first n images of a folder layout are all of one class.
+
+    Args:
+        labels: One label per item.
+        n: Size of the sample; None or ``n >= len(labels)`` gives every index.
+        seed: Seed; the same seed gives the same sample.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if int(n) != n or n < 1:
+        raise ValueError(f"a subset needs n >= 1 images, got {n!r}")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    remainder_order = np.argsort(-(quota - take), kind="stable")
+    take[remainder_order[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
 def official_splits(imageset: ImageSet) -> dict[str, np.ndarray]:
     """The split the data set itself records (UCSD's official one, or train/val/test parent folders).
 

@@ -96,10 +96,15 @@ def train_or_load(method: str, preset: str = "cpu-demo", root: str = "runs/book"
     return trainer
 
 
-def selected_checkpoint(trainer: Trainer) -> Path:
+def selected_checkpoint_name(method: str) -> str:
     """The checkpoint a comparison uses, chosen on validation: best clean accuracy for ERM, best PGD accuracy
     for the robust methods."""
-    return trainer.run_dir / ("best_clean.pt" if trainer.cfg.method == "erm" else "best_robust.pt")
+    return "best_clean.pt" if method == "erm" else "best_robust.pt"
+
+
+def selected_checkpoint(trainer: Trainer) -> Path:
+    """The run's ``selected_checkpoint_name``."""
+    return trainer.run_dir / selected_checkpoint_name(trainer.cfg.method)
 
 
 def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/compare", seed: int = 0,

@@ -581,3 +581,82 @@ def plot_noise_magnitudes(table, title=None):
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+# ------------------------------------------------------------------------------------------ the reproduction
+REPRODUCTION_PANELS = (("clean_accuracy", "natural accuracy"), ("pgd10_train_eps", "PGD-10, training eps"),
+                       ("ensemble_train_eps", "ensemble, training eps"), ("ensemble_8_255", "ensemble, 8/255"),
+                       ("corruption_cap15", "CAP's 15 corruptions"), ("corruption_ct", "CT-physics corruptions"),
+                       ("ood_mean_accuracy", "OOD mean"))
+
+
+def plot_reproduction_bars(table, panels=REPRODUCTION_PANELS, extra_domains: bool = True):
+    """Mean over seeds with 95% t-interval error bars, one panel per metric, one bar per method.
+
+    Args:
+        table: ``reproduce``'s ``table.csv`` (name, metric, mean, ci_low, ci_high, n_seeds).
+        panels: (metric, title) pairs; metrics missing from the table are skipped.
+        extra_domains: Also draw each other-site domain's accuracy.
+
+    Returns:
+        The matplotlib figure.
+    """
+    panels = list(panels)
+    if extra_domains:
+        domains = [m for m in dict.fromkeys(table["metric"]) if m.endswith("_balanced_accuracy")]
+        panels += [(m.replace("_balanced_accuracy", "_accuracy"), m.replace("_balanced_accuracy", "") + " accuracy")
+                   for m in domains]
+    panels = [(m, t) for m, t in panels if m in set(table["metric"])]
+    names = list(dict.fromkeys(table["name"]))
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (metric, title) in zip(axes.flat, panels):
+        part = table[table["metric"] == metric].set_index("name").reindex(names)
+        mean = part["mean"].to_numpy(float)
+        err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
+        err = np.nan_to_num(err, nan=0.0)
+        ax.bar(range(len(names)), mean, yerr=err, capsize=3, color=[colours(i % 10) for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.set_title(title, fontsize=9)
+    n = int(table["n_seeds"].max()) if len(table) else 0
+    fig.suptitle(f"Mean over {n} seeds, 95% t-interval (dotted: chance for a balanced set)", fontsize=10)
+    return fig
+
+
+def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = "clean_accuracy", ax=None):
+    """Robust against natural accuracy: one small point per run, the method's mean as a large marker with its
+    95% t-intervals as error bars in both directions.
+
+    Args:
+        runs: ``reproduce``'s ``runs.csv`` (name, seed and the metric columns).
+        robust: Column on the y axis.
+        clean: Column on the x axis.
+
+    Returns:
+        The matplotlib figure.
+    """
+    from .stats import t_interval
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.6, 4.4), layout="constrained")
+    else:
+        fig = ax.figure
+    colours = plt.get_cmap("tab10")
+    for i, (name, group) in enumerate(runs.groupby("name", sort=False)):
+        c = colours(i % 10)
+        ax.scatter(group[clean], group[robust], s=12, color=c, alpha=0.5)
+        xi, yi = t_interval(group[clean]), t_interval(group[robust])
+        ax.errorbar(xi.mean, yi.mean, xerr=None if np.isnan(xi.low) else [[xi.mean - xi.low], [xi.high - xi.mean]],
+                    yerr=None if np.isnan(yi.low) else [[yi.mean - yi.low], [yi.high - yi.mean]], fmt="o", ms=7,
+                    color=c, capsize=3, label=name)
+    ax.set_xlabel(f"{clean.replace('_', ' ')}")
+    ax.set_ylabel(f"{robust.replace('_', ' ')}")
+    ax.set_title("Robustness vs accuracy (points: seeds; markers: mean, 95% CI)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    return fig

@@ -90,14 +90,18 @@ def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up, then a cosine from the base rate to 0 over ``cosine_period`` epochs (default: the rest of
+    the run). A run longer than the period follows the cosine on, back up to the base rate: CAP's
+    ``CosineAnnealingLR(T_max=100)`` stepped for 200 epochs (no restart, no jump)."""
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    period = cfg.cosine_period * steps_per_epoch if cfg.cosine_period else total - warmup
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, period)))
 
     return factor
 

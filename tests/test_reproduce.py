@@ -1,0 +1,210 @@
+"""The reproduction command: output schema, reuse of finished runs, resumption of interrupted ones, clear errors."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from robustmed_lite import reproduce as rep
+from robustmed_lite.__main__ import main
+from robustmed_lite.config import METHODS
+from robustmed_lite.data import DataError
+from robustmed_lite.trainer import Trainer
+
+TINY = rep.Profile("tiny", "cpu-demo", dict(img_size=32, epochs=1, n_train=64, n_val=32, n_test=24, batch_size=32,
+                                           eval_n=16, attack_steps=2, eval_attack_steps=2, weight_noise_warmup=0),
+                   jobs=1, ensemble_n=12, apgd_steps=3, fab_steps=2, square_queries=10)
+METHODS_RUN = ("erm", "trades", "robustmed")
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduction")
+    results = rep.reproduce(TINY, data="phantom", methods=",".join(METHODS_RUN), seeds="0,1", out=root / "out",
+                            runs=root / "runs", progress=False, command=["test"])
+    return root, results
+
+
+def test_every_output_file_has_its_columns(reproduction):
+    root, results = reproduction
+    out = root / "out"
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(zip(runs["name"], runs["seed"])) == sorted((m, s) for m in METHODS_RUN for s in (0, 1))
+    for column in ("clean_accuracy", "clean_auc", "clean_sensitivity", "clean_specificity", "pgd10_train_eps",
+                   "pgd10_8_255", "ensemble_train_eps", "ensemble_8_255", "ensemble_n", "corruption_cap15",
+                   "corruption_ct", "corruption_all", "mce_cap15", "mce_ct", "mce_all", "phantom_site_b_accuracy",
+                   "phantom_site_b_auc", "ood_mean_accuracy", "train_minutes", "selected_epoch", "test_n"):
+        assert column in runs, column
+    assert (runs["ensemble_n"] == 12).all() and (runs["test_n"] == 24).all()
+    # Robust accuracy never exceeds clean accuracy on the same images; the ensemble is at least as strong as PGD
+    # only on its subset, so compare it with its own clean accuracy.
+    assert (runs["pgd10_train_eps"] <= runs["clean_accuracy"] + 1e-9).all()
+    assert (runs["ensemble_train_eps"] <= runs["ensemble_clean_accuracy"] + 1e-9).all()
+    assert runs.loc[runs["name"] == "erm", "mce_all"].tolist() == pytest.approx([1.0, 1.0])  # ERM: own reference
+    table = pd.read_csv(out / "table.csv")
+    assert {"name", "metric", "mean", "ci_low", "ci_high", "std", "n_seeds", "seeds"} <= set(table.columns)
+    assert (table["n_seeds"] == 2).all()
+    gains = pd.read_csv(out / "gains.csv")
+    assert set(gains["comparator"]) == {"best prior method", "best prior defence"}
+    assert set(gains["best_prior"]) <= {"erm", "trades"} and (gains["method"] == "robustmed").all()
+    defence = gains[gains["comparator"] == "best prior defence"]
+    assert set(defence["best_prior"]) == {"trades"}  # the only prior defence run here
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    assert set(verdicts["claim"]) == {c.name for c in rep.CLAIMS}
+    assert set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    assert verdicts["rule"].str.contains("hi < claimed gain").all()
+    for name in ("table.md", "metrics.png", "robust_vs_clean.png", "environment.json", "profile.json",
+                 "commands.txt", "ensemble_check.csv"):
+        assert (out / name).stat().st_size > 0, name
+    frames = rep.check_results(out)  # the schema the notebook checks too
+    assert set(frames) == set(rep.SCHEMA)
+    check = frames["ensemble_check.csv"]
+    assert {"clean", "ensemble", "APGD-CE-3", "APGD-MARGIN-3", "FAB-2", "Square-10"} <= set(check["condition"])
+    assert check["ensemble_at_least_as_strong"].all()
+    assert json.loads((out / "environment.json").read_text())["environment"]["packages"]["torch"]
+    assert "verdict" in (out / "table.md").read_text()
+
+
+def test_check_results_names_what_is_missing(reproduction, tmp_path):
+    root, _ = reproduction
+    with pytest.raises(FileNotFoundError, match="runs.csv is missing"):
+        rep.check_results(tmp_path)
+    for name in rep.SCHEMA:
+        (tmp_path / name).write_text((root / "out" / name).read_text())
+    pd.read_csv(tmp_path / "gains.csv").drop(columns="gain_ci_low").to_csv(tmp_path / "gains.csv", index=False)
+    with pytest.raises(ValueError, match=r"gains.csv lacks the columns \['gain_ci_low'\]"):
+        rep.check_results(tmp_path)
+
+
+def test_summary_numbers_are_the_runs_numbers(reproduction):
+    root, _ = reproduction
+    runs = pd.read_csv(root / "out" / "runs.csv")
+    table = pd.read_csv(root / "out" / "table.csv").set_index(["name", "metric"])
+    for name in METHODS_RUN:
+        values = runs.loc[runs["name"] == name, "clean_accuracy"]
+        assert table.loc[(name, "clean_accuracy"), "mean"] == pytest.approx(values.mean())
+    gains = pd.read_csv(root / "out" / "gains.csv")
+    row = gains[(gains["metric"] == "clean_accuracy") & (gains["comparator"] == "best prior defence")].iloc[0]
+    ours = runs[runs["name"] == "robustmed"].set_index("seed")["clean_accuracy"]
+    theirs = runs[runs["name"] == "trades"].set_index("seed")["clean_accuracy"]
+    assert row["gain_mean"] == pytest.approx((ours - theirs).mean())
+
+
+def test_a_second_call_redoes_nothing(reproduction, monkeypatch):
+    root, first = reproduction
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained or evaluated again")
+
+    monkeypatch.setattr(Trainer, "fit", refuse)
+    monkeypatch.setattr(rep, "evaluate_run", refuse)
+    monkeypatch.setattr("robustmed_lite.ood.corruption_table", refuse)
+    monkeypatch.setattr(rep, "ensemble_check", refuse)
+    again = rep.reproduce(TINY, data="phantom", methods=",".join(METHODS_RUN), seeds="0,1", out=root / "out",
+                          runs=root / "runs", progress=False, command=["test"])
+    pd.testing.assert_frame_equal(again["runs"], first["runs"])
+    assert len((root / "out" / "commands.txt").read_text().splitlines()) == 2  # every call is recorded
+
+
+def test_an_interrupted_run_resumes(tmp_path):
+    plan = rep.build_plan(TINY, "phantom", ("erm",), (0,), tmp_path / "runs", {"epochs": 2})
+    interrupted = Trainer(plan[0].config())
+    interrupted.fit(stop_after=1)  # as if killed after the first epoch
+    assert rep._finished_epochs(plan[0].run_dir) == 1
+    rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=tmp_path / "out", runs=tmp_path / "runs",
+                  overrides={"epochs": 2}, progress=False, command=["test"])
+    assert rep._finished_epochs(plan[0].run_dir) == 2
+    resumed = [json.loads(line) for line in (plan[0].run_dir / "resumed.jsonl").read_text().splitlines()]
+    assert [r["from_epoch"] for r in resumed] == [1]
+
+
+def test_two_stages_start_robust_runs_from_the_clean_run(tmp_path):
+    plan = rep.build_plan(TINY, "phantom", ("trades", "cap"), (0, 1), tmp_path)
+    assert [s.name for s in plan[:2]] == ["erm", "erm"]  # the clean runs come first, always in the plan
+    for spec in plan[2:]:
+        assert spec.init_from == tmp_path / f"erm-seed{spec.seed}" / "best_clean.pt"
+        assert spec.config().init_from == str(spec.init_from)
+
+
+def test_shards_split_the_plan_and_own_their_clean_runs(tmp_path):
+    plan = rep.build_plan(TINY, "phantom", tuple(METHODS), (0, 1, 2), tmp_path)
+    shards = [rep.shard_of(plan, (i, 3)) for i in (1, 2, 3)]
+    names = [(s.name, s.seed) for shard in shards for s in shard]
+    assert sorted(names) == sorted((s.name, s.seed) for s in plan) and len(set(names)) == len(plan)
+    for i, shard in enumerate(shards):
+        clean = [s for s in shard if s.name == "erm"]
+        assert [s.seed for s in clean] == [i]  # seed s's clean run lives in shard s mod n
+        assert shard[0].name == "erm"  # and comes first there
+
+
+def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
+    name, values = rep.parse_variant("trades+long=trades,beta=3")
+    assert name == "trades+long" and values == {"method": "trades", "beta": "3"}
+    plan = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={name: values})
+    assert [s.name for s in plan] == ["erm", "trades", "trades+long"]
+    assert plan[-1].config().beta == 3.0
+    with pytest.raises(ValueError, match="taken by a method"):
+        rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={"mart": {"method": "mart"}})
+    with pytest.raises(ValueError, match="NAME=METHOD"):
+        rep.parse_variant("just-a-name")
+
+
+def _one_class_folder(root):
+    (root / "COVID").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(root / "COVID" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(methods="erm,resnet_at"), ValueError, "unknown method"),
+    (dict(seeds="0,one"), ValueError, "cannot read seeds"),
+    (dict(seeds="1,1"), ValueError, "distinct"),
+    (dict(shard="3/2"), ValueError, "--shard"),
+    (dict(ood_data=["/nonexistent/ucsd"]), FileNotFoundError, "--ood_data /nonexistent/ucsd does not exist"),
+    (dict(profile="laptop"), ValueError, "unknown profile"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, kwargs, error, match):
+    args = dict(profile=TINY, data="phantom", out=tmp_path / "out", runs=tmp_path / "runs", progress=False)
+    with pytest.raises(error, match=match):
+        rep.reproduce(**{**args, **kwargs})
+    assert not (tmp_path / "runs").exists()  # refused before anything was trained
+
+
+def test_data_without_two_classes_is_refused(tmp_path):
+    data = _one_class_folder(tmp_path / "one_class")
+    with pytest.raises(DataError, match="holds only COVID images .* needs both classes"):
+        rep.reproduce(TINY, data=str(data), out=tmp_path / "out", runs=tmp_path / "runs", progress=False)
+    with pytest.raises(FileNotFoundError, match="--data /nonexistent does not exist"):
+        rep.reproduce(TINY, data="/nonexistent", out=tmp_path / "out", runs=tmp_path / "runs", progress=False)
+
+
+def test_the_cli_parses_its_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(rep, "reproduce", lambda *a, **k: seen.update(args=a, kwargs=k) or
+                        {"runs": pd.DataFrame(), "verdicts": pd.DataFrame()})
+    assert main(["reproduce", "--profile", "cpu", "--data", "phantom", "--methods", "erm,cap", "--seeds", "0-2",
+                 "--epochs", "3", "--set", "beta=2", "--variant", "cap+x=cap,gamma=0.01", "--ensemble_n", "all",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    kwargs = seen["kwargs"]
+    assert seen["args"] == ("cpu",) and kwargs["overrides"] == {"beta": 2.0, "epochs": 3}
+    assert kwargs["variants"] == {"cap+x": {"method": "cap", "gamma": "0.01"}} and kwargs["ensemble_n"] is None
+    assert rep.parse_seeds("0-2") == (0, 1, 2)
+
+
+def test_the_paper_preset_names_its_method_and_needs_data():
+    from robustmed_lite.config import load_config
+
+    with pytest.raises(ValueError, match="data is not set: this preset trains on real CT. Fix: pass --data"):
+        load_config("paper")
+    plan_profile = rep.PROFILES["paper"]
+    assert plan_profile.two_stage and plan_profile.preset == "paper"
+    import yaml
+
+    from robustmed_lite.config import CONFIG_DIR
+
+    preset = yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text())
+    assert preset["method"] == "robustmed" and preset["weight_noise_warmup"] == 20
+    assert preset["cosine_period"] == 100 and preset["epochs"] == 200
