@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .attacks import PGD, format_eps, parse_eps
@@ -54,7 +55,7 @@ from .evaluate import clinical_metrics, evaluate, predict_logits
 from .experiments import _evaluation_splits, selected_checkpoint_name
 from .runinfo import environment_info, flush_denormal, get_device
 from .stats import VERDICT_RULE, Interval, paired_differences, t_interval, verdict
-from .trainer import Trainer, model_from_checkpoint
+from .trainer import Trainer, config_differences, model_from_checkpoint
 
 ALL_METHODS = tuple(METHODS)
 PAPER_METHODS = ("cap", "robustmed")  # CAP and the paper's extension of it: not "prior" methods
@@ -273,10 +274,21 @@ def _write_json(path: Path, payload) -> None:
     tmp.replace(path)
 
 
+def check_existing(spec: RunSpec) -> None:
+    """A run directory that already holds a run of other settings is an error, not something to reuse."""
+    saved = spec.run_dir / "config.yaml"
+    if saved.exists():
+        changed = config_differences(yaml.safe_load(saved.read_text()), spec.config())
+        if changed:
+            raise ValueError(f"{spec.run_dir} holds a run with other settings ({', '.join(changed)}): it is not "
+                             "reused. Fix: pass another --runs folder, or delete that run to retrain it")
+
+
 def train_run(spec: RunSpec, wait_poll: float = 5.0) -> None:
     """Trains a run, or resumes it, or does nothing if it finished; waits for its clean checkpoint if another
     process (shard) is still training it."""
     cfg = spec.config()
+    check_existing(spec)
     if _finished_epochs(spec.run_dir) >= cfg.epochs and (spec.run_dir / "last.pt").exists():
         return
     if spec.init_from is not None:
@@ -853,6 +865,8 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
     check_paths(data, ood_data, covid19c)
     plan = build_plan(prof, data, methods, seeds, runs_root, overrides, variants)
     base_cfg = plan[0].config()
+    for spec in plan:
+        check_existing(spec)
     check_classes(data, base_cfg.img_size)
     n_ens = prof.ensemble_n if ensemble_n == "profile" else ensemble_n
     settings = EvalSettings(tuple(sorted({base_cfg.eps, EIGHT})), n_ens, prof.apgd_steps, prof.fab_steps,

@@ -294,9 +294,7 @@ class Trainer:
 
     def _load_last(self) -> None:
         state = load_checkpoint(self.run_dir / "last.pt")
-        mine = self.cfg.to_dict()
-        ignored = ("progress", "device", "out_dir")  # how and where a run is looked at, not what it is
-        changed = sorted(k for k, v in state["config"].items() if k not in ignored and mine.get(k) != v)
+        changed = config_differences(state["config"], self.cfg)
         if changed:
             raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
                              "mix two configs; choose another --out_dir")
@@ -307,6 +305,14 @@ class Trainer:
         if self.cuda and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings in which a saved run's config differs from ``cfg``, ignoring how and where a run is looked at
+    (progress bars, device, output folder)."""
+    mine = cfg.to_dict()
+    ignored = ("progress", "device", "out_dir")
+    return sorted(k for k, v in saved.items() if k not in ignored and mine.get(k) != v)
 
 
 def _run_record(cfg: TrainConfig) -> dict:

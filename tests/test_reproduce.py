@@ -120,6 +120,13 @@ def test_an_interrupted_run_resumes(tmp_path):
     assert [r["from_epoch"] for r in resumed] == [1]
 
 
+def test_a_finished_run_with_other_settings_is_not_reused(reproduction):
+    root, _ = reproduction
+    with pytest.raises(ValueError, match=r"erm-seed0 holds a run with other settings \(beta\)"):
+        rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=root / "other", runs=root / "runs",
+                      overrides={"beta": 1.0}, progress=False, command=["test"])
+
+
 def test_two_stages_start_robust_runs_from_the_clean_run(tmp_path):
     plan = rep.build_plan(TINY, "phantom", ("trades", "cap"), (0, 1), tmp_path)
     assert [s.name for s in plan[:2]] == ["erm", "erm"]  # the clean runs come first, always in the plan
