@@ -73,7 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     tables = []
     for path in args.checkpoint:
         table = evaluate_checkpoint(path, split=args.split, attacks=args.attacks.split(","), eps=args.eps, n=args.n,
-                                    data=args.data)
+                                    data=args.data, adapt=args.adapt)
         tables.append(table.assign(checkpoint=path))
     table = pd.concat(tables, ignore_index=True)
     print(table.to_string(index=False))
@@ -99,9 +99,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     variants = dict(parse_variant(v) for v in args.variant or [])
     ensemble_n = "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all"
                                                             else int(args.ensemble_n))
+    corruption_n = "profile" if args.corruption_n is None else (None if args.corruption_n.lower() == "all"
+                                                                else int(args.corruption_n))
     results = reproduce(args.profile, data=args.data, ood_data=args.ood_data, covid19c=args.covid19c,
                         methods=args.methods, seeds=args.seeds, out=args.out, runs=args.runs, shard=args.shard,
                         jobs=args.jobs, overrides=overrides, variants=variants, ensemble_n=ensemble_n,
+                        adapt_methods=[m for m in (args.adapt or "").split(",") if m], corruption_n=corruption_n,
                         progress=not args.quiet)
     out = Path(args.out or f"results/reproduction/{args.profile}")
     if len(results["verdicts"]):
@@ -110,6 +113,17 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(shown.round(3).to_string(index=False))
     print(f"\n{len(results['runs'])} runs summarised; see {out / 'table.md'} (and runs.csv, table.csv, gains.csv, "
           "verdicts.csv, metrics.png, robust_vs_clean.png)")
+    return 0
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from .sites import run_sites
+
+    tables = run_sites(args.profile, data=args.data, target=args.target, seeds=args.seeds, out=args.out,
+                       runs=args.runs, jobs=args.jobs, progress=not args.quiet)
+    out = Path(args.out or f"results/sites/{args.profile}")
+    print((out / "table.md").read_text())
+    print(f"{len(tables['runs'])} runs; tables in {out}")
     return 0
 
 
@@ -152,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--eps", default=None, help="attack radius, e.g. 8/255 (default: the training eps)")
     ev.add_argument("--n", type=int, default=None, help="evaluate the first n images only")
     ev.add_argument("--data", default=None, help="evaluate on another data root instead of the run's split")
+    ev.add_argument("--adapt", default="none", choices=("none", "adabn", "tent"),
+                    help="test-time adaptation to the evaluated images first (labels never used; checkpoint kept)")
     ev.add_argument("--out", default=None, help="write the table as CSV")
     ev.add_argument("--ood", action="store_true",
                     help="the OOD suite instead: corruptions x severities, mCE against ERM, cross-site shift")
@@ -180,11 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     rep.add_argument("--ensemble_n", default=None, help="test images for the attack ensemble ('all', or a number; "
                                                         "default: the profile's)")
+    rep.add_argument("--corruption_n", default=None, help="test images scored under the corruptions ('all', or a "
+                                                          "number; default: the profile's)")
+    rep.add_argument("--adapt", default=None, help="test-time adaptations also evaluated on the other sites: "
+                                                   "adabn, tent (comma-separated)")
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
     rep.add_argument("--variant", action="append", metavar="NAME=METHOD,KEY=VALUE,...",
                      help="an extra row: a method with other settings")
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(run=_reproduce)
+
+    sites = sub.add_parser("sites", help="the cross-site study: Soares -> UCSD with and without every component "
+                                         "against the shift, shortcut tests, the best combination")
+    sites.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
+    sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
+    sites.add_argument("--target", default=None, help="the other site, with an official val/test split (default: "
+                                                      "ucsd_covidct beside the shared data)")
+    sites.add_argument("--seeds", default="0,1,2")
+    sites.add_argument("--out", default=None, help="results folder (default results/sites/<profile>)")
+    sites.add_argument("--runs", default=None, help="run directories (default: the reproduction's)")
+    sites.add_argument("--jobs", type=int, default=None)
+    sites.add_argument("--quiet", action="store_true")
+    sites.set_defaults(run=_sites)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .attacks import format_eps, parse_eps
+from .preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = ("cpu-demo", "colab", "paper")
@@ -40,6 +41,8 @@ CHOICES = {
     "weight_noise": ("none", "awp", "proxy_attention"),
     "loss": ("ce", "trades", "mart", "score", "square_kl"),
     "optimizer": ("adamw", "sgd"),
+    "intensity": INTENSITY_MODES,
+    "lung_region": LUNG_REGIONS,
     "schedule": ("cosine", "constant"),
 }
 
@@ -62,9 +65,18 @@ class TrainConfig:
     n_test: int = 600
     val_fraction: float = 0.15  # real data without an official split
     test_fraction: float = 0.15
-    ood_data: str | None = None  # real data for the shift test (e.g. UCSD when training on Soares)
+    ood_data: str | None = None  # real data for the shift test (e.g. UCSD when training on Soares); "path:test"
+    extra_data: str | None = None  # another labelled site pooled into training (its own train/val/test split)
+    site_balanced: bool = True  # with extra_data: every site fills the same share of each epoch
     hflip: bool = True
     vflip: bool = False
+    # site-independent inputs (preprocess.py), applied to every split and test domain alike
+    lung_crop: bool = False  # crop each slice to its lungs' bounding box before resizing
+    intensity: str = "none"  # per-slice standardisation: none / percentile / histeq / anchor
+    lung_region: str = "all"  # shortcut tests: all / no_lungs (lungs filled) / lungs_only (rest blanked)
+    # acquisition augmentation (training only): probability per slice of one low-severity scanner corruption
+    acq_aug: float = 0.0
+    acq_aug_severity: int = 2  # severities 1..this are drawn
     # optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -126,6 +138,11 @@ class TrainConfig:
         for key in ("eps", "step_size", "lr", "weight_decay", "beta", "gamma", "smooth", "proxy_lr", "prior_eps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.acq_aug <= 1 or not 1 <= self.acq_aug_severity <= 5:
+            raise ValueError(f"acq_aug is a probability in [0, 1] and acq_aug_severity in 1..5, got {self.acq_aug} "
+                             f"and {self.acq_aug_severity}")
+        if self.extra_data is not None and self.data == "phantom":
+            raise ValueError("extra_data pools another real site into training: train on real data (--data)")
         if self.cosine_period < 0:
             raise ValueError(f"cosine_period must be >= 0 epochs (0: the whole run), got {self.cosine_period}")
         for key in ("epochs", "batch_size", "img_size", "n_train", "n_val"):
@@ -143,6 +160,11 @@ class TrainConfig:
         if self.data != "phantom" and not Path(self.data).exists():
             raise FileNotFoundError(f"data root {self.data!r} does not exist: pass --data phantom or the folder "
                                     "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)")
+        for key in ("ood_data", "extra_data"):
+            value = getattr(self, key)
+            if value is not None and not Path(split_spec(value)[0]).exists():
+                raise FileNotFoundError(f"{key} {value!r} does not exist: pass an existing folder (optionally "
+                                        "with :train, :val or :test for one split of it)")
         self._resolved = True
         return self
 

@@ -34,11 +34,14 @@ class PriorDataset(Dataset):
         vflip: Random vertical flips (CAP's pipeline uses both).
         seed: Seed of the flips.
         prior_kwargs: Passed to ``lung_prior`` (threshold, radius, eps, s).
+        sites: Optional (N,) site index per image: ``batches`` then draws every site equally often per epoch
+            (a smaller site is repeated, a larger one subsampled), so that no hospital dominates training.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, lung_masks: torch.Tensor | None = None,
                  lesion_masks: torch.Tensor | None = None, *, prior: bool = True, hflip: bool = True,
-                 vflip: bool = False, seed: int = 0, prior_kwargs: dict | None = None):
+                 vflip: bool = False, seed: int = 0, prior_kwargs: dict | None = None,
+                 sites: torch.Tensor | None = None):
         if images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (N,1,S,S), got {tuple(images.shape)}")
         if len(labels) != len(images):
@@ -46,9 +49,12 @@ class PriorDataset(Dataset):
         for name, m in (("lung_masks", lung_masks), ("lesion_masks", lesion_masks)):
             if m is not None and m.shape != images.shape:
                 raise ValueError(f"{name} must match images {tuple(images.shape)}, got {tuple(m.shape)}")
-        self.images, self.labels = images, labels.long()
+        if sites is not None and len(sites) != len(images):
+            raise ValueError(f"{len(images)} images but {len(sites)} site labels")
+        self.images, self.labels, self.sites = images, labels.long(), sites
+        self.prior_kwargs = dict(prior_kwargs or {})
         if prior:
-            self.x_aug = torch.cat([lung_prior(images[i:i + 512], with_mask=False, **(prior_kwargs or {}))[0]
+            self.x_aug = torch.cat([lung_prior(images[i:i + 512], with_mask=False, **self.prior_kwargs)[0]
                                     for i in range(0, len(images), 512)]) if len(images) else images.clone()
         else:
             self.x_aug = images
@@ -94,6 +100,18 @@ class PriorDataset(Dataset):
         x, x_aug, *masks = self._apply(views + masks, h, v)
         return (x, x_aug, self.labels[idx], *masks)
 
+    def _site_balanced_order(self, gen: torch.Generator) -> torch.Tensor:
+        """len(self) indices, every site (about) the same share: each site's own items in random order, repeated
+        as often as needed, cut to the share, then all shuffled together."""
+        groups = [torch.nonzero(self.sites == s).flatten() for s in torch.unique(self.sites)]
+        share = -(-len(self) // len(groups))
+        parts = []
+        for group in groups:
+            repeats = -(-share // len(group))
+            parts.append(torch.cat([group[torch.randperm(len(group), generator=gen)] for _ in range(repeats)])[:share])
+        order = torch.cat(parts)
+        return order[torch.randperm(len(order), generator=gen)][:len(self)]
+
     def batches(self, batch_size: int, epoch: int | None = None, shuffle: bool = True,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """Whole batches, gathered and flipped as tensors (much faster than a per-item DataLoader).
@@ -107,7 +125,10 @@ class PriorDataset(Dataset):
         epoch = self.epoch if epoch is None else epoch
         h, v = self._flips(epoch)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7)
-        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        if self.sites is not None:
+            order = self._site_balanced_order(gen)
+        else:
+            order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]

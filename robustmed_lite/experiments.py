@@ -8,7 +8,8 @@ import pandas as pd
 
 from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf, format_eps, parse_eps
 from .config import load_config
-from .data import load_images
+from .adapt import adapt as adapt_model
+from .preprocess import load_domain, prepare, source_size
 from .evaluate import accuracy, adversarial_examples, evaluate
 from .trainer import Trainer, build_data, model_from_checkpoint
 
@@ -47,9 +48,10 @@ def _evaluation_splits(cfg):
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", "pgd10", "pgd50", "apgd", "cw"),
-                        eps=None, n: int | None = None, data: str | None = None, progress: bool = True):
+                        eps=None, n: int | None = None, data: str | None = None, adapt: str = "none",
+                        progress: bool = True):
     """Evaluation table of a checkpoint on its run's val/test/shift split (rebuilt from its config) or on
-    another data root.
+    another data root, optionally after test-time adaptation to those images.
 
     Args:
         path: A checkpoint written by the trainer.
@@ -57,12 +59,16 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
         attacks: Names for ``attack_suite``.
         eps: Attack radius; default the one the model was trained with.
         n: Evaluate the first n images only.
-        data: A data root to evaluate on instead (all of its images).
+        data: A data root (or ``root:test`` for one split of it) to evaluate on instead, prepared as the run's
+            own data (lung crop, intensity standardisation).
+        adapt: ``none``, ``adabn`` or ``tent``: adapt a copy of the model to the evaluated images first (their
+            labels are never passed to it; the checkpoint is not modified).
         progress: Progress bars.
     """
     model, cfg = model_from_checkpoint(path)
     if data is not None:
-        images, labels, _ = load_images(data, cfg.img_size, progress=progress)
+        images, labels, _ = load_domain(data, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region,
+                                        progress=progress)
     else:
         splits = _evaluation_splits(cfg)
         chosen = {"val": splits.val, "test": splits.test, "shift": splits.shift}[split]
@@ -71,6 +77,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
         images, labels = chosen
     if n is not None:
         images, labels = images[:n], labels[:n]
+    model = adapt_model(model, images, adapt)
     suite = attack_suite(cfg.eps if eps is None else eps, attacks)
     return evaluate(model, (images, labels), suite, progress=progress)
 
@@ -165,7 +172,7 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
             cfg, first = run_cfg, path
         # Every model is scored on the first run's splits: they must be the same data at the same size.
         differ = [k for k in ("data", "ood_data", "img_size", "site", "ood_site", "n_test", "val_fraction",
-                                  "test_fraction")
+                              "test_fraction", "lung_crop", "intensity", "lung_region", "extra_data")
                   if getattr(run_cfg, k, None) != getattr(cfg, k, None)]
         if differ:
             raise ValueError(f"{path} and {first} were trained on different data ({', '.join(differ)}): the OOD "
@@ -177,8 +184,10 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
     if splits.shift is not None:
         domains[splits.shift_name] = splits.shift if n is None else tuple(t[:n] for t in splits.shift)
     if covid19c:
-        for name, subset in load_covid19c(covid19c, cfg.img_size, progress=progress).items():
-            domains[f"COVID19-C {name}"] = (subset.images, subset.labels)
+        size = source_size(cfg.img_size, cfg.lung_crop)
+        for name, subset in load_covid19c(covid19c, size, progress=progress).items():
+            images, _ = prepare(subset.images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
+            domains[f"COVID19-C {name}"] = (images, subset.labels)
     reference = "erm" if "erm" in models else next(iter(models))
     table = corruption_table(models, x, y, corruptions or CORRUPTIONS, severities, seed=seed, progress=progress)
     results = {"corruptions": table, "summary": corruption_summary(table, reference=reference),

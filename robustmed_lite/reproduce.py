@@ -9,11 +9,12 @@ Stages, each resumable (a second call after a kill redoes nothing that finished)
 1. **train** every (method, seed) under ``--runs``: a finished run is reused, an interrupted one resumes from its
    ``last.pt``. CAP's protocol has two stages, and so do the profiles: a clean (ERM) model is trained first, and
    every robust run of the same seed starts from its validation-chosen checkpoint (``init_from``).
-2. **evaluate** each run's validation-chosen checkpoint (``eval.json`` in its run directory): the whole test
+2. **evaluate** each run's validation-chosen checkpoint (``eval-<key>.json`` in its run directory, the key a hash
+   of the evaluation settings, so that several studies can share one run): the whole test
    split (accuracy, AUC, sensitivity, specificity), PGD-10 and the attack ensemble (``ensemble.py``) at the
    training eps and at 8/255, and every other-site domain, whole.
 3. **corruptions** for all runs at once (the corrupted test images are made once and shared):
-   ``corruptions.csv`` per run, every corruption at severities 1-5.
+   ``corruptions-<key>.csv`` per run, every corruption at severities 1-5.
 4. **summary** in ``--out``: ``runs.csv`` (one row per run), ``table.csv`` (mean and 95% t-interval per method and
    metric), ``gains.csv`` (the best prior method per metric and the paired gain over it), ``verdicts.csv`` (the
    paper's claims, by the rule of ``stats.py``), ``table.md``, two figures, ``ensemble_check.csv`` and the
@@ -26,6 +27,7 @@ Checkpoints are chosen on the validation split, never on test. Where cost forces
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -49,10 +51,13 @@ from tqdm.auto import tqdm
 from .attacks import PGD, format_eps, parse_eps
 from .config import METHODS, load_config
 from .corruptions import CAP_IMAGENET_C, CORRUPTIONS, FAMILIES
+from .adapt import adapt
+from .augment import ACQUISITION
 from .data import DataError, find_shared_data, load_covid19c, load_images, stratified_subset
 from .ensemble import binary_ensemble
 from .evaluate import clinical_metrics, evaluate, predict_logits
 from .experiments import _evaluation_splits, selected_checkpoint_name
+from .preprocess import load_domain, prepare, source_size, split_spec
 from .runinfo import environment_info, flush_denormal, get_device
 from .stats import VERDICT_RULE, Interval, paired_differences, t_interval, verdict
 from .trainer import Trainer, config_differences, model_from_checkpoint
@@ -93,10 +98,11 @@ class Profile:
         train: Overrides of the preset.
         two_stage: Start every robust run from the same seed's clean (ERM) model, as CAP does.
         jobs: Runs trained at once (processes; on a GPU they share it).
-        ensemble_n: Test images attacked by the ensemble (seeded, stratified); None: all of them.
+        ensemble_n: Test images attacked by the ensemble (seeded, stratified); None: all of them; 0: no ensemble.
         apgd_steps: Iterations of each APGD member.
         fab_steps: FAB iterations.
         square_queries: Square's queries per image.
+        corruption_n: Test images scored under the corruptions (seeded, stratified); None: all of them.
     """
 
     name: str
@@ -108,6 +114,7 @@ class Profile:
     apgd_steps: int = 100
     fab_steps: int = 100
     square_queries: int = 5000
+    corruption_n: int | None = None
 
 
 PROFILES = {
@@ -137,6 +144,7 @@ class RunSpec:
     overrides: dict
     run_dir: Path
     init_from: Path | None
+    reference: str = "erm"  # the clean row trained on the same data: stage 1, and mCE's reference
 
     @property
     def method(self) -> str:
@@ -208,29 +216,43 @@ def build_plan(profile: Profile, data: str, methods, seeds, runs_root: Path, ove
                variants: dict[str, dict] | None = None) -> list[RunSpec]:
     """The runs of a reproduction, stage-1 (clean) runs first, each with its run directory.
 
-    With ``profile.two_stage`` the clean run of each seed is always part of the plan (the robust runs start from
-    it), even if ``erm`` is not among ``methods``.
+    With ``profile.two_stage`` every robust row starts from the clean (ERM) row trained on the same data and
+    preparation: ``erm`` for the methods, and for a variant the ERM row with the same settings, which is added
+    (named ``erm+<suffix>``, the suffix of the variant's name) when the variants do not include one.
     """
     rows = {m: {"method": m} for m in methods}
-    if profile.two_stage and any(m != "erm" for m in methods):
-        rows = {"erm": {"method": "erm"}, **rows}
     for name, values in (variants or {}).items():
         if name in rows or name in METHODS:
             raise ValueError(f"variant name {name!r} is taken by a method: choose another name")
         rows[name] = dict(values)
+
+    def settings_of(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "method"}
+
+    references = {}
+    if profile.two_stage:
+        clean = {json.dumps(settings_of(r), sort_keys=True): n for n, r in rows.items() if r["method"] == "erm"}
+        added = {}
+        for name, row in rows.items():
+            key = json.dumps(settings_of(row), sort_keys=True)
+            if key not in clean:
+                clean[key] = "erm" if not settings_of(row) else f"erm+{name.split('+', 1)[-1]}"
+                added[clean[key]] = {"method": "erm", **settings_of(row)}
+            references[name] = clean[key]
+        rows = {**added, **rows}
     base = {**profile.train, **(overrides or {}), "data": data, "progress": False}
     plan = []
     for seed in seeds:
         for name, row in rows.items():
             run_dir = runs_root / f"{name}-seed{seed}"
-            method = row["method"]
+            reference = references.get(name, "erm")
             init = None
-            if profile.two_stage and method != "erm":
-                init = runs_root / f"erm-seed{seed}" / "best_clean.pt"
+            if profile.two_stage and row["method"] != "erm":
+                init = runs_root / f"{reference}-seed{seed}" / "best_clean.pt"
             values = {**base, **row, "seed": seed, "out_dir": str(run_dir)}
             if init is not None:
                 values["init_from"] = str(init)
-            plan.append(RunSpec(name, seed, profile.preset, values, run_dir, init))
+            plan.append(RunSpec(name, seed, profile.preset, values, run_dir, init, reference))
     plan.sort(key=lambda s: (s.init_from is not None, s.seed))  # stage 1 first, stable otherwise
     for spec in plan:
         spec.config()  # every config resolves before anything trains
@@ -301,7 +323,7 @@ def train_run(spec: RunSpec, wait_poll: float = 5.0) -> None:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What the per-run evaluation depends on; a change re-evaluates (``eval.json`` records it)."""
+    """What the per-run evaluation depends on; other settings write another evaluation file."""
 
     eps: tuple[float, ...]
     ensemble_n: int | None
@@ -310,39 +332,59 @@ class EvalSettings:
     square_queries: int
     ood_data: tuple[str, ...]
     covid19c: str | None
+    adapt: tuple[str, ...] = ()
+    corruption_n: int | None = None
     version: int = 1
 
     def to_dict(self) -> dict:
-        """As stored in ``eval.json`` (JSON types: tuples become lists), so that records compare equal."""
+        """As stored in the evaluation file (JSON types: tuples become lists), so that records compare equal."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def eval_file(self, run_dir: Path) -> Path:
+        """Where a run's evaluation under these settings is kept."""
+        digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return Path(run_dir) / f"eval-{digest}.json"
+
+    def corruption_file(self, run_dir: Path) -> Path:
+        """Where a run's corruption table under these settings is kept (it depends on the image count only)."""
+        key = json.dumps({"n": self.corruption_n, "version": self.version})
+        return Path(run_dir) / f"corruptions-{hashlib.sha1(key.encode()).hexdigest()[:10]}.csv"
 
 
 def _eps_key(eps: float, train_eps: float) -> str:
     return "8_255" if abs(eps - EIGHT) < 1e-9 else "train_eps" if abs(eps - train_eps) < 1e-9 else format_eps(eps)
 
 
-def domain_name(root: str) -> str:
-    """A column-safe name for a domain folder: ``.../ucsd_covidct`` -> ``ucsd_covidct``."""
-    return re.sub(r"[^0-9A-Za-z]+", "_", Path(root).name).strip("_").lower() or "domain"
+def domain_name(spec: str) -> str:
+    """A column-safe name for a domain: ``.../ucsd_covidct`` -> ``ucsd_covidct``, ``...:test`` -> ``..._test``."""
+    path, split = split_spec(spec)
+    name = Path(path).name + (f"_{split}" if split else "")
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_").lower() or "domain"
 
 
 def _domains(cfg, splits, settings: EvalSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every other-site domain, whole: phantom site B for phantom runs, each ``--ood_data`` root, COVID19-C."""
+    """Every other-site domain, whole, prepared as the run's own data (crop, intensity): phantom site B for
+    phantom runs, the pooled site's own test split for multi-source runs, each ``--ood_data`` spec (a folder,
+    or ``folder:test`` for one split), COVID19-C subsets."""
     domains = {}
     if cfg.data == "phantom" and splits.shift is not None:  # the same test patients at another scanner site
         domains[domain_name(splits.shift_name)] = splits.shift
-    for root in settings.ood_data:
-        data = load_images(root, cfg.img_size, progress=False)
-        domains[domain_name(root)] = (data.images, data.labels)
+    if splits.extra_test is not None:
+        domains[domain_name(f"{cfg.extra_data}:test")] = splits.extra_test
+    for spec in settings.ood_data:
+        images, labels, _ = load_domain(spec, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
+        domains[domain_name(spec)] = (images, labels)
     if settings.covid19c:
-        for name, subset in load_covid19c(settings.covid19c, cfg.img_size, progress=False).items():
-            domains[f"covid19c_{domain_name(name)}"] = (subset.images, subset.labels)
+        size = source_size(cfg.img_size, cfg.lung_crop)
+        for name, subset in load_covid19c(settings.covid19c, size, progress=False).items():
+            images, _ = prepare(subset.images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
+            domains[f"covid19c_{domain_name(name)}"] = (images, subset.labels)
     return domains
 
 
 def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
     """The per-run row (everything but corruptions): in-domain test, PGD-10 and the ensemble at each eps, every
-    other-site domain, train minutes. Written to ``eval.json``."""
+    other-site domain (also after each test-time adaptation of ``settings.adapt``), train minutes."""
 
     checkpoint = spec.run_dir / selected_checkpoint_name(spec.method)
     device = get_device()
@@ -362,20 +404,31 @@ def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
     table = evaluate(model, (x, y), pgd, progress=False).set_index("condition")
     for key in pgd:
         row[f"pgd10_{key}"] = float(table.loc[key, "accuracy"])
-    subset = stratified_subset(y.numpy(), settings.ensemble_n, seed=0)
-    ens = {_eps_key(e, cfg.eps): binary_ensemble(e, settings.apgd_steps, settings.fab_steps,
-                                                  settings.square_queries, seed=spec.seed) for e in eps_values}
-    table = evaluate(model, (x[subset], y[subset]), ens, batch_size=256, progress=False).set_index("condition")
-    for key in ens:
-        row[f"ensemble_{key}"] = float(table.loc[key, "accuracy"])
-    row.update(ensemble_n=len(subset), ensemble_clean_accuracy=float(table.loc["clean", "accuracy"]),
-               ensemble=ens[_eps_key(cfg.eps, cfg.eps)].describe())
+    if settings.ensemble_n == 0:  # a study that does not need the ensemble (the columns stay, empty)
+        row.update({f"ensemble_{_eps_key(e, cfg.eps)}": math.nan for e in eps_values},
+                   ensemble_n=0, ensemble_clean_accuracy=math.nan, ensemble="not run")
+    else:
+        subset = stratified_subset(y.numpy(), settings.ensemble_n, seed=0)
+        ens = {_eps_key(e, cfg.eps): binary_ensemble(e, settings.apgd_steps, settings.fab_steps,
+                                                      settings.square_queries, seed=spec.seed) for e in eps_values}
+        table = evaluate(model, (x[subset], y[subset]), ens, batch_size=256, progress=False).set_index("condition")
+        for key in ens:
+            row[f"ensemble_{key}"] = float(table.loc[key, "accuracy"])
+        row.update(ensemble_n=len(subset), ensemble_clean_accuracy=float(table.loc["clean", "accuracy"]),
+                   ensemble=ens[_eps_key(cfg.eps, cfg.eps)].describe())
     domains = _domains(cfg, splits, settings)
     row["domains"] = ",".join(domains)
     for name, (xd, yd) in domains.items():
-        metrics = clinical_metrics(yd.numpy(), predict_logits(model, xd).softmax(1).numpy())
-        row.update({f"{name}_n": len(yd), f"{name}_accuracy": metrics["accuracy"], f"{name}_auc": metrics["auc"],
-                    f"{name}_balanced_accuracy": (metrics["sensitivity"] + metrics["specificity"]) / 2})
+        row[f"{name}_n"] = len(yd)
+        for method in ("none", *settings.adapt):
+            # Test-time adaptation sees the target images only (adapt.py refuses labels), never the source test.
+            adapted = adapt(model, xd, method, seed=spec.seed) if method == "tent" else adapt(model, xd, method)
+            probs = predict_logits(adapted, xd).softmax(1).numpy()
+            metrics = clinical_metrics(yd.numpy(), probs)
+            key = name if method == "none" else f"{name}_{method}"
+            row.update({f"{key}_accuracy": metrics["accuracy"], f"{key}_auc": metrics["auc"],
+                        f"{key}_balanced_accuracy": (metrics["sensitivity"] + metrics["specificity"]) / 2,
+                        f"{key}_share_covid": float((probs.argmax(1) == 1).mean())})
     row["train_minutes"] = sum(r["epoch_seconds"] for r in history) / 60
     return row
 
@@ -385,7 +438,7 @@ def _task(spec: RunSpec, settings: EvalSettings, threads: int | None) -> str:
     if threads:
         torch.set_num_threads(threads)
     train_run(spec)
-    eval_file = spec.run_dir / "eval.json"
+    eval_file = settings.eval_file(spec.run_dir)
     record = _read_json(eval_file)
     if record is None or record.get("settings") != settings.to_dict():
         with flush_denormal():
@@ -395,33 +448,41 @@ def _task(spec: RunSpec, settings: EvalSettings, threads: int | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- corruptions
-def corruption_stage(specs: list[RunSpec], seed: int = 0, progress: bool = True) -> None:
-    """``corruptions.csv`` for every run that lacks it, all models scored on the same corrupted images."""
+def corruption_stage(specs: list[RunSpec], settings: EvalSettings, seed: int = 0, progress: bool = True) -> None:
+    """The corruption table of every run that lacks it, all models scored on the same corrupted images (the
+    whole test split, or a stratified subset of ``settings.corruption_n``)."""
     from .ood import corruption_table
 
-    todo = [s for s in specs if not (s.run_dir / "corruptions.csv").exists()]
+    todo = [s for s in specs if not settings.corruption_file(s.run_dir).exists()]
     if not todo:
         return
+    groups = {}  # runs that prepare their data alike share one (prepared) test split and its corrupted copies
+    for spec in todo:
+        c = spec.config()
+        groups.setdefault((c.img_size, c.lung_crop, c.intensity, c.lung_region, c.extra_data), []).append(spec)
     device = get_device()
-    models, cfg = {}, None
-    for spec in todo:
-        models[spec.run_dir.name], cfg = model_from_checkpoint(spec.run_dir / selected_checkpoint_name(spec.method),
-                                                               device)
-    x, y = _evaluation_splits(cfg).test
-    with flush_denormal():
-        table = corruption_table(models, x, y, CORRUPTIONS, (1, 2, 3, 4, 5), seed=seed, progress=progress)
-    for spec in todo:
-        part = table[table["model"] == spec.run_dir.name].drop(columns="model")
-        tmp = spec.run_dir / "corruptions.csv.tmp"
-        part.to_csv(tmp, index=False)
-        tmp.replace(spec.run_dir / "corruptions.csv")
+    for members in groups.values():
+        models = {s.run_dir.name: model_from_checkpoint(s.run_dir / selected_checkpoint_name(s.method), device)[0]
+                  for s in members}
+        x, y = _evaluation_splits(members[0].config()).test
+        subset = stratified_subset(y.numpy(), settings.corruption_n, seed=0)
+        with flush_denormal():
+            table = corruption_table(models, x[subset], y[subset], CORRUPTIONS, (1, 2, 3, 4, 5), seed=seed,
+                                     progress=progress)
+        for spec in members:
+            part = table[table["model"] == spec.run_dir.name].drop(columns="model")
+            target = settings.corruption_file(spec.run_dir)
+            tmp = target.with_suffix(".tmp")
+            part.to_csv(tmp, index=False)
+            tmp.replace(target)
 
 
 def ensemble_check(spec: RunSpec, settings: EvalSettings) -> pd.DataFrame:
     """Each ensemble member alone and the ensemble, on one model and the same stratified subset, at the training
     eps: the ensemble must be at least as strong (lower accuracy) as every member."""
 
-    model, cfg = model_from_checkpoint(spec.run_dir / selected_checkpoint_name(spec.method), get_device())
+    model, _ = model_from_checkpoint(spec.run_dir / selected_checkpoint_name(spec.method), get_device())
+    cfg = spec.config()
     x, y = _evaluation_splits(cfg).test
     subset = stratified_subset(y.numpy(), settings.ensemble_n, seed=0)
     ensemble = binary_ensemble(cfg.eps, settings.apgd_steps, settings.fab_steps, settings.square_queries,
@@ -443,7 +504,9 @@ def _corruption_means(table: pd.DataFrame) -> dict:
     corr = table[table["severity"] > 0]
     return {"corruption_cap15": corr[corr["corruption"].isin(CAP_IMAGENET_C)]["accuracy"].mean(),
             "corruption_ct": corr[corr["corruption"].isin(CT_PHYSICS)]["accuracy"].mean(),
-            "corruption_all": corr["accuracy"].mean()}
+            "corruption_all": corr["accuracy"].mean(),
+            # without the types that acquisition augmentation shows a model (milder) during training
+            "corruption_not_augmented": corr[~corr["corruption"].isin(ACQUISITION)]["accuracy"].mean()}
 
 
 def _mce(table: pd.DataFrame, reference: pd.DataFrame, names) -> float:
@@ -462,8 +525,8 @@ def collect_rows(specs: list[RunSpec], settings: EvalSettings) -> pd.DataFrame:
     the same seed and the OOD mean; unfinished runs are left out."""
     rows, tables = [], {}
     for spec in specs:
-        record = _read_json(spec.run_dir / "eval.json")
-        corr_file = spec.run_dir / "corruptions.csv"
+        record = _read_json(settings.eval_file(spec.run_dir))
+        corr_file = settings.corruption_file(spec.run_dir)
         if record is None or record.get("settings") != settings.to_dict() or not corr_file.exists():
             continue
         tables[(spec.name, spec.seed)] = pd.read_csv(corr_file)
@@ -472,9 +535,10 @@ def collect_rows(specs: list[RunSpec], settings: EvalSettings) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    reference = {s.name: s.reference for s in specs}
     for col, names in (("mce_cap15", CAP_IMAGENET_C), ("mce_ct", CT_PHYSICS), ("mce_all", CORRUPTIONS)):
-        frame[col] = [(_mce(tables[(n, s)], tables[("erm", s)], names) if ("erm", s) in tables else math.nan)
-                      for n, s in zip(frame["name"], frame["seed"])]
+        frame[col] = [(_mce(tables[(n, s)], tables[(reference[n], s)], names) if (reference[n], s) in tables
+                       else math.nan) for n, s in zip(frame["name"], frame["seed"])]
     ood_cols = [f"{d}_accuracy" for d in domains_of(frame)]
     frame["ood_mean_accuracy"] = frame[ood_cols + ["corruption_cap15"]].mean(axis=1)
     return frame
@@ -502,40 +566,47 @@ SCHEMA = {
 }
 
 
-RESULTS_URL = "https://raw.githubusercontent.com/robustmed-lite/robustmed-lite/main/results/reproduction"
+RESULTS_URL = "https://raw.githubusercontent.com/robustmed-lite/robustmed-lite/main/results"
 
 
-def find_results(profile: str = "cpu", download: bool = True) -> Path:
-    """The committed results of a profile: in this checkout (``results/reproduction/<profile>``, found from the
-    working directory or the package's own folder), else downloaded from the repository on GitHub (Colab,
-    where the package is installed without the repository) into the cache.
+def find_results(profile: str = "cpu", study: str = "reproduction", names=None, download: bool = True) -> Path:
+    """The committed results of a study and profile (``results/<study>/<profile>``): in this checkout (found
+    from the working directory or the package's own folder), else downloaded from the repository on GitHub
+    (Colab, where the package is installed without the repository) into the cache.
+
+    Args:
+        profile: ``cpu``, ``gpu`` or ``paper``.
+        study: ``reproduction`` or ``sites``.
+        names: Files to download (default: the reproduction's ``SCHEMA`` files and ``table.md``).
+        download: Fall back to the download.
 
     Raises:
         FileNotFoundError: Neither present nor downloadable; the message says how to get them.
     """
-    relative = Path("results") / "reproduction" / profile
+    names = list(names or (*SCHEMA, "table.md", "profile.json", "environment.json"))
+    relative = Path("results") / study / profile
     for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[1]):
-        if (base / relative / "runs.csv").exists():
+        if all((base / relative / name).exists() for name in names[:1]):
             return base / relative
     if download:
         import urllib.request
 
         from .data import default_cache_dir
 
-        dest = default_cache_dir() / "results" / profile
+        dest = default_cache_dir() / "results" / study / profile
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            for name in (*SCHEMA, "table.md"):
-                urllib.request.urlretrieve(f"{RESULTS_URL}/{profile}/{name}", dest / name)
+            for name in names:
+                urllib.request.urlretrieve(f"{RESULTS_URL}/{study}/{profile}/{name}", dest / name)
             return dest
         except OSError as err:
-            raise FileNotFoundError(f"no results/reproduction/{profile} here and the download failed ({err}). Fix: "
-                                    "clone the repository, or run python -m robustmed_lite reproduce") from err
-    raise FileNotFoundError(f"no results/reproduction/{profile} found: clone the repository or run the reproduction")
+            raise FileNotFoundError(f"no {relative} here and the download failed ({err}). Fix: clone the "
+                                    f"repository, or run python -m robustmed_lite {study.replace('reproduction', 'reproduce')}") from err
+    raise FileNotFoundError(f"no {relative} found: clone the repository or run the {study} command")
 
 
-def check_results(folder: str | Path) -> dict[str, pd.DataFrame]:
-    """Reads a reproduction's result files and checks their columns against ``SCHEMA``.
+def check_results(folder: str | Path, schema: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Reads a reproduction's result files and checks their columns against ``schema`` (default ``SCHEMA``).
 
     Raises:
         FileNotFoundError: A file is missing (the message names it and the command that writes it).
@@ -543,7 +614,7 @@ def check_results(folder: str | Path) -> dict[str, pd.DataFrame]:
     """
     folder = Path(folder)
     frames = {}
-    for name, columns in SCHEMA.items():
+    for name, columns in (SCHEMA if schema is None else schema).items():
         path = folder / name
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run python -m robustmed_lite reproduce --out {folder}")
@@ -575,8 +646,11 @@ def metrics_of(runs: pd.DataFrame) -> list[Metric]:
               Metric("mce_cap15", "mCE vs ERM, CAP's 15", False), Metric("mce_ct", "mCE vs ERM, CT physics", False),
               Metric("mce_all", "mCE vs ERM, all", False)]
     for domain in domains_of(runs):
-        for suffix, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "AUC")):
-            fixed.append(Metric(f"{domain}_{suffix}", f"{domain}: {label}"))
+        for adapted in ("", "_adabn", "_tent"):
+            for suffix, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                                  ("auc", "AUC")):
+                fixed.append(Metric(f"{domain}{adapted}_{suffix}",
+                                    f"{domain}{adapted.replace('_', ' + ')}: {label}"))
     fixed += [Metric("ood_mean_accuracy", "OOD mean (other sites + CAP's 15 corruptions)"),
               Metric("train_minutes", "train minutes", False)]
     return [m for m in fixed if m.column in runs]
@@ -743,8 +817,8 @@ class _ProgressPoller:
 
     EVAL_WEIGHT = 6
 
-    def __init__(self, specs: list[RunSpec], enabled: bool):
-        self.items = []
+    def __init__(self, specs: list[RunSpec], settings: EvalSettings, enabled: bool):
+        self.items, self.settings = [], settings
         for spec in specs:
             cfg = spec.config()
             self.items.append((spec, cfg.epochs, 1 if cfg.attack == "none" else cfg.attack_steps + 3))
@@ -758,7 +832,7 @@ class _ProgressPoller:
         work = epochs = runs = 0
         for spec, n_epochs, weight in self.items:
             e = min(_finished_epochs(spec.run_dir), n_epochs)
-            evaluated = (spec.run_dir / "eval.json").exists()
+            evaluated = self.settings.eval_file(spec.run_dir).exists()
             work += e * weight + self.EVAL_WEIGHT * evaluated
             epochs, runs = epochs + e, runs + evaluated
         return work, epochs, runs
@@ -825,7 +899,8 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
               methods=None, seeds=DEFAULT_SEEDS, out: str | Path | None = None, runs: str | Path | None = None,
               shard: str | None = None, jobs: int | None = None, overrides: dict | None = None,
               variants: dict[str, dict] | None = None, ensemble_n: int | None | str = "profile",
-              progress: bool = True, command: list[str] | None = None) -> dict[str, pd.DataFrame]:
+              adapt_methods=(), corruption_n: int | None | str = "profile", progress: bool = True,
+              command: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Trains, evaluates and summarises a reproduction (see the module docstring).
 
     Args:
@@ -841,7 +916,9 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
         jobs: Runs at once (default: the profile's).
         overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
         variants: Extra rows, name -> overrides with a ``method`` (see ``parse_variant``).
-        ensemble_n: Images attacked by the ensemble (None: all; default: the profile's).
+        ensemble_n: Images attacked by the ensemble (None: all; 0: none; default: the profile's).
+        adapt_methods: Test-time adaptations (``adabn``, ``tent``) also evaluated on every other-site domain.
+        corruption_n: Test images scored under the corruptions (None: all; default: the profile's).
         progress: Progress bars.
         command: The command line to record (default ``sys.argv``).
 
@@ -869,8 +946,12 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
         check_existing(spec)
     check_classes(data, base_cfg.img_size)
     n_ens = prof.ensemble_n if ensemble_n == "profile" else ensemble_n
+    n_corr = prof.corruption_n if corruption_n == "profile" else corruption_n
+    unknown = [m for m in adapt_methods if m not in ("adabn", "tent")]
+    if unknown:
+        raise ValueError(f"unknown test-time adaptation {unknown}: choose adabn or tent")
     settings = EvalSettings(tuple(sorted({base_cfg.eps, EIGHT})), n_ens, prof.apgd_steps, prof.fab_steps,
-                            prof.square_queries, tuple(ood_data), covid19c)
+                            prof.square_queries, tuple(ood_data), covid19c, tuple(adapt_methods), n_corr)
     mine = shard_of(plan, shard_i_n)
     jobs = prof.jobs if jobs is None else int(jobs)
     if jobs < 1:
@@ -880,10 +961,10 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
     out.mkdir(parents=True, exist_ok=True)
     _record_provenance(out, prof, plan, settings, command, shard_i_n, jobs)
 
-    with _ProgressPoller(mine, progress):
+    with _ProgressPoller(mine, settings, progress):
         failures = _execute(mine, settings, jobs)
-    finished = [s for s in mine if (s.run_dir / "eval.json").exists()]
-    corruption_stage(finished, progress=progress)
+    finished = [s for s in mine if settings.eval_file(s.run_dir).exists()]
+    corruption_stage(finished, settings, progress=progress)
     results = _finish(plan, settings, out, prof, ood_data, covid19c)
     if failures:
         name, err = failures[0]
@@ -916,9 +997,9 @@ def _finish(plan, settings, out: Path, prof: Profile, ood_data, covid19c) -> dic
     if runs.empty:
         return {"runs": runs, "table": pd.DataFrame(), "gains": pd.DataFrame(), "verdicts": pd.DataFrame()}
     check = out / "ensemble_check.csv"
-    chosen = next((s for s in plan if s.name == THE_METHOD and (s.run_dir / "eval.json").exists()),
-                  next((s for s in plan if s.method != "erm" and (s.run_dir / "eval.json").exists()), None))
-    if chosen is not None:
+    done = [s for s in plan if settings.eval_file(s.run_dir).exists()]
+    chosen = next((s for s in done if s.name == THE_METHOD), next((s for s in done if s.method != "erm"), None))
+    if chosen is not None and settings.ensemble_n != 0:
         previous = pd.read_csv(check) if check.exists() else None
         wanted = json.dumps(settings.to_dict())
         if previous is None or previous["settings"].iloc[0] != wanted:
@@ -932,8 +1013,11 @@ def _finish(plan, settings, out: Path, prof: Profile, ood_data, covid19c) -> dic
               "runs summarised": f"{len(runs)} of {len(plan)}",
               "seeds": ", ".join(str(s) for s in sorted(runs["seed"].unique())),
               "test images": int(runs["test_n"].iloc[0]),
-              "ensemble": f"{runs['ensemble'].iloc[0]}, on {int(runs['ensemble_n'].iloc[0])} test images "
-                          "(seeded, stratified)",
+              "ensemble": (f"{runs['ensemble'].iloc[0]}, on {int(runs['ensemble_n'].iloc[0])} test images "
+                           "(seeded, stratified)") if settings.ensemble_n != 0 else "not run",
+              "corruptions": "every test image" if settings.corruption_n is None else
+                             f"{settings.corruption_n} test images (seeded, stratified)",
+              "test-time adaptation": ", ".join(settings.adapt) or "none",
               "checkpoints": "chosen on validation (ERM: best clean, others: best PGD)"}
     summary = write_summary(runs, out, header)
     return {"runs": runs, **summary}

@@ -20,7 +20,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,13 +31,16 @@ from tqdm.auto import tqdm
 
 from .attacks import PGD, FeedbackPGD
 from .config import TrainConfig
-from .data import load_images
+from .augment import acquisition_augment
+from .data import SPLITS, load_images
 from .dataset import PriorDataset
 from .evaluate import accuracy, model_device
 from .models import create_model
 from .objectives import ce_loss, mart_loss, score_loss, square_kl_loss, trades_loss
 from .perturbation import WeightPerturbation
 from .phantom import make_phantom_dataset
+from .preprocess import domain_label, load_domain, prepare, source_size
+from .prior import lung_prior
 from .runinfo import environment_info, get_device, seed_everything
 
 CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
@@ -45,39 +48,74 @@ CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
 
 @dataclass
 class DataSplits:
-    """Training dataset (with prior views) and held-out tensors: val (model selection), test, and a shifted
-    test set (another phantom site, or another hospital) where one exists."""
+    """Training dataset (with prior views) and held-out tensors: val (model selection), test, a shifted test set
+    (another phantom site, or another hospital) where one exists, and the pooled site's own test split when
+    training on several sites. Every split went through the same preparation (``preprocess.prepare``).
+
+    Attributes:
+        crop_fallbacks: Per split, slices a lung crop could not frame (kept whole) or a lung-region test
+            blanked; empty without either.
+    """
 
     train: PriorDataset
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
     shift: tuple[torch.Tensor, torch.Tensor] | None
     shift_name: str | None
+    extra_test: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra_name: str | None = None
+    crop_fallbacks: dict[str, int] = field(default_factory=dict)
 
 
 def build_data(cfg: TrainConfig) -> DataSplits:
     """The splits a config asks for. Phantom data uses fixed data seeds (0, 1, 2: train, val, test), so the
-    training seed changes only the training; the shifted test set shows the test patients at ``ood_site``."""
+    training seed changes only the training; the shifted test set shows the test patients at ``ood_site``.
+    Real data are split by the data set's own split where it has one, else stratified with seed 0; with
+    ``extra_data`` the other site's train and val parts join training and validation (``site_balanced``:
+    each site fills half of every epoch) and its test part is reported as ``extra_test``."""
     prior_kwargs = dict(threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s)
+    fallbacks = {}
+
+    def prepared(name: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, report = prepare(images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
+        if report is not None:
+            fallbacks[name] = report.n_fallback
+        return images, labels
+
+    extra_test = extra_name = None
     if cfg.data == "phantom":
-        train = make_phantom_dataset(cfg.n_train, cfg.img_size, cfg.site, seed=0)
-        val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)
-        test = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)
-        shift = make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.ood_site, seed=2)
-        val, test, shift, shift_name = val[:2], test[:2], shift[:2], f"phantom site {cfg.ood_site}"
+        train = prepared("train", *make_phantom_dataset(cfg.n_train, cfg.img_size, cfg.site, seed=0)[:2])
+        val = prepared("val", *make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)[:2])
+        test = prepared("test", *make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)[:2])
+        shift = prepared("shift", *make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.ood_site, seed=2)[:2])
+        shift_name = f"phantom site {cfg.ood_site}"
     else:
-        data = load_images(cfg.data, cfg.img_size, progress=cfg.progress)
+        size = source_size(cfg.img_size, cfg.lung_crop)
+        data = load_images(cfg.data, size, progress=cfg.progress)
         parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
-        train, val, test = (data.subset(parts[k]) for k in ("train", "val", "test"))
-        val, test = (val.images, val.labels), (test.images, test.labels)
+        train, val, test = (prepared(k, data.images[parts[k]], data.labels[parts[k]]) for k in SPLITS)
         shift, shift_name = None, None
         if cfg.ood_data:
-            other = load_images(cfg.ood_data, cfg.img_size, progress=cfg.progress)
-            shift, shift_name = (other.images, other.labels), Path(cfg.ood_data).name
+            images, labels, report = load_domain(cfg.ood_data, cfg.img_size, cfg.lung_crop, cfg.intensity,
+                                                 cfg.lung_region, progress=cfg.progress)
+            shift, shift_name = (images, labels), domain_label(cfg.ood_data)
+            if report is not None:
+                fallbacks["shift"] = report.n_fallback
+    sites = None
+    if cfg.extra_data:
+        other = load_images(cfg.extra_data, source_size(cfg.img_size, cfg.lung_crop), progress=cfg.progress)
+        other_parts = other.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+        extra = {k: prepared(f"extra {k}", other.images[other_parts[k]], other.labels[other_parts[k]])
+                 for k in SPLITS}
+        sites = torch.cat([torch.zeros(len(train[1]), dtype=torch.long), torch.ones(len(extra["train"][1]),
+                                                                                    dtype=torch.long)])
+        train = tuple(torch.cat([a, b]) for a, b in zip(train, extra["train"]))
+        val = tuple(torch.cat([a, b]) for a, b in zip(val, extra["val"]))
+        extra_test, extra_name = extra["test"], f"{Path(cfg.extra_data).name} (test)"
     # Training never reads the phantom's masks, so the dataset does not gather and flip them every batch.
-    dataset = PriorDataset(train.images, train.labels, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip,
-                           seed=cfg.seed, prior_kwargs=prior_kwargs)
-    return DataSplits(dataset, val, test, shift, shift_name)
+    dataset = PriorDataset(*train, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed,
+                           prior_kwargs=prior_kwargs, sites=sites if cfg.site_balanced else None)
+    return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
 
 
 def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
@@ -185,11 +223,21 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.cfg.amp)
 
     # ------------------------------------------------------------------------------------------------- step
-    def train_step(self, x: torch.Tensor, x_aug: torch.Tensor, y: torch.Tensor, epoch: int, attack=None) -> dict:
+    def train_step(self, x: torch.Tensor, x_aug: torch.Tensor, y: torch.Tensor, epoch: int, attack=None,
+                   batch_index: int = 0) -> dict:
         """One optimizer step on a batch; returns the loss and attack statistics."""
         cfg, model = self.cfg, self.model
-        x, x_aug, y = self._to_device(x), self._to_device(x_aug), y.to(self.device)
         stats = {}
+        if cfg.acq_aug > 0:  # a mild scanner change for some slices, and their prior view made afresh
+            seed = (cfg.seed * 1_000_003 + epoch) * 100_003 + batch_index
+            x, changed = acquisition_augment(x, cfg.acq_aug, cfg.acq_aug_severity, seed)
+            if cfg.prior and changed.any():
+                x_aug = x_aug.clone()
+                x_aug[changed] = lung_prior(x[changed], with_mask=False, **self.data.train.prior_kwargs)[0]
+            elif not cfg.prior:
+                x_aug = x
+            stats["augmented"] = changed.float().mean().item()
+        x, x_aug, y = self._to_device(x), self._to_device(x_aug), y.to(self.device)
         with self._autocast():
             x_adv = attack(model, x, y) if attack is not None else None
             if isinstance(attack, FeedbackPGD):
@@ -252,8 +300,8 @@ class Trainer:
             batches = self.data.train.batches(cfg.batch_size, epoch=epoch)
             bar = tqdm(batches, total=self.steps_per_epoch, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False)
-            for x, x_aug, y, *_ in bar:
-                stats = self.train_step(x, x_aug, y, epoch, attack)
+            for batch_index, (x, x_aug, y, *_) in enumerate(bar):
+                stats = self.train_step(x, x_aug, y, epoch, attack, batch_index)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * len(y)
                 count += len(y)

@@ -215,3 +215,31 @@ def test_the_paper_preset_names_its_method_and_needs_data():
     preset = yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text())
     assert preset["method"] == "robustmed" and preset["weight_noise_warmup"] == 20
     assert preset["cosine_period"] == 100 and preset["epochs"] == 200
+
+
+def test_the_paper_profile_plans_both_of_caps_stages(tmp_path):
+    data = tmp_path / "sarscov2"
+    data.mkdir()
+    plan = rep.build_plan(rep.PROFILES["paper"], str(data), ("erm", "cap", "robustmed"), (1234,), tmp_path / "runs")
+    clean, *robust = plan
+    assert clean.name == "erm" and clean.init_from is None
+    for spec in robust:
+        cfg = spec.config()
+        assert cfg.init_from == str(tmp_path / "runs" / "erm-seed1234" / "best_clean.pt")
+        assert (cfg.img_size, cfg.epochs, cfg.batch_size, cfg.cosine_period) == (224, 200, 24, 100)
+        assert cfg.pretrained and cfg.weight_noise_warmup == 20 and cfg.target_grad
+        assert cfg.eps == pytest.approx(0.03) and cfg.model == "visformer_tiny"
+
+
+def test_caps_schedule_falls_to_zero_and_climbs_back():
+    from robustmed_lite.config import load_config
+    from robustmed_lite.trainer import _lr_lambda
+
+    cfg = load_config("cpu-demo", {"epochs": 200, "cosine_period": 100})
+    factor = _lr_lambda(cfg, steps_per_epoch=10)
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(1000) == pytest.approx(0.0, abs=1e-12)  # epoch 100: the bottom
+    assert factor(500) == pytest.approx(0.5) and factor(1500) == pytest.approx(0.5)  # symmetric, no jump
+    assert factor(1999) == pytest.approx(1.0, abs=1e-4)  # back up at the end (CosineAnnealingLR(T_max=100))
+    plain = _lr_lambda(load_config("cpu-demo", {"epochs": 200}), steps_per_epoch=10)
+    assert plain(1000) == pytest.approx(0.5) and plain(1999) < 1e-4  # the default: one half-wave per run

@@ -1,0 +1,286 @@
+"""The cross-site study: which component carries a model trained on one hospital to another?
+
+    python -m robustmed_lite sites --profile cpu        # Soares -> UCSD, ERM / TRADES / the method, 3 seeds
+
+Built on the reproduction's machinery (``reproduce.py``: the same runs, two stages, reuse and resumption), it
+trains each method on the Soares set with and without every component of ``COMPONENTS``, and the lung-region
+shortcut tests with ERM, then
+
+1. scores every model on UCSD COVID-CT's official **validation** and **test** splits, without and with test-time
+   adaptation (AdaBN, TENT), and on the corruptions (with and without the types the acquisition augmentation
+   shows the model in a milder form);
+2. picks the **best combination**: every component (and the adaptation) whose mean paired gain in UCSD balanced
+   accuracy over the baseline, on the UCSD *validation* split and averaged over the methods, is positive. This
+   uses labelled target-site validation images to choose among a handful of settings (the "oracle" protocol of
+   domain generalisation, which flatters; it is said so in the output), never the test split;
+3. trains that combination for every method and reports everything on the UCSD *test* split.
+
+Multi-source runs train on UCSD's official train split, so UCSD's test split is the one domain every run can be
+compared on (n = 203); the reproduction's "all of UCSD" is only open to single-source runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .reproduce import PROFILES, Profile, check_results, find_results, reproduce
+from .stats import paired_differences, t_interval
+
+SITE_METHODS = ("erm", "trades", "robustmed")
+TARGET = "ucsd_covidct"
+ADAPTATIONS = ("none", "adabn", "tent")
+
+
+def components(extra_root: str) -> dict[str, dict]:
+    """Each component as the TrainConfig settings that switch it on (``extra_root``: the site pooled in)."""
+    return {"crop": {"lung_crop": True}, "intensity": {"intensity": "anchor"}, "acq": {"acq_aug": 0.5},
+            "multi": {"extra_data": extra_root}}
+
+
+SHORTCUT_TESTS = {"no_lungs": {"lung_region": "no_lungs"}, "lungs_only": {"lung_region": "lungs_only"}}
+SCHEMA = {"sites_table.csv": ("method", "component", "adaptation", "split", "metric", "mean", "ci_low", "ci_high",
+                              "n_seeds"),
+          "component_gains.csv": ("method", "component", "adaptation", "split", "metric", "gain_mean", "gain_ci_low",
+                                  "gain_ci_high", "n_pairs"),
+          "method_gains.csv": ("component", "adaptation", "comparator", "split", "metric", "gain_mean", "gain_ci_low",
+                               "gain_ci_high", "n_pairs"),
+          "shortcut_tests.csv": ("test", "domain", "metric", "mean", "ci_low", "ci_high", "n_seeds", "n_images")}
+
+
+def _row_name(method: str, parts: list[str]) -> str:
+    return method if not parts else f"{method}+{'+'.join(parts)}"
+
+
+def _column(split: str, adaptation: str, metric: str) -> str:
+    return f"{TARGET}_{split}{'' if adaptation == 'none' else '_' + adaptation}_{metric}"
+
+
+def _variants(methods, parts: list[list[str]], comps: dict) -> dict[str, dict]:
+    out = {}
+    for method in methods:
+        for chosen in parts:
+            if chosen:
+                settings = {k: v for c in chosen for k, v in comps[c].items()}
+                out[_row_name(method, chosen)] = {"method": method, **settings}
+    return out
+
+
+def choose_best(runs: pd.DataFrame, methods, names: list[str]) -> tuple[list[str], str, pd.DataFrame]:
+    """The components (and the adaptation) whose mean paired gain in UCSD *validation* balanced accuracy over the
+    baseline, averaged over ``methods``, is positive.
+
+    Returns:
+        (components, adaptation, the table the choice was read from).
+    """
+    rows = []
+    for name in names:
+        for adaptation in ADAPTATIONS:
+            gains = []
+            for method in methods:
+                col = _column("val", adaptation, "balanced_accuracy")
+                base = runs[runs["name"] == method].set_index("seed")[_column("val", "none", "balanced_accuracy")]
+                mine = runs[runs["name"] == _row_name(method, [name] if name != "baseline" else [])]
+                if mine.empty or col not in mine:
+                    continue
+                gains += list(paired_differences(dict(zip(mine["seed"], mine[col])), dict(base)).values())
+            if gains:
+                rows.append({"component": name, "adaptation": adaptation, "val_gain_mean": sum(gains) / len(gains),
+                             "n_pairs": len(gains)})
+    table = pd.DataFrame(rows)
+    chosen = [c for c in names if c != "baseline" and
+              ((table["component"] == c) & (table["adaptation"] == "none") & (table["val_gain_mean"] > 0)).any()]
+    adapt_gain = table[table["component"] == "baseline"].set_index("adaptation")["val_gain_mean"]
+    adaptation = adapt_gain.drop("none").idxmax() if (adapt_gain.drop("none") > 0).any() else "none"
+    return chosen, adaptation, table
+
+
+def _long_table(runs: pd.DataFrame, rows: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    out = []
+    for name, (method, component) in rows.items():
+        part = runs[runs["name"] == name]
+        if part.empty:
+            continue
+        for split in ("val", "test"):
+            for adaptation in ADAPTATIONS:
+                for metric in ("balanced_accuracy", "auc", "accuracy", "share_covid"):
+                    col = _column(split, adaptation, metric)
+                    if col in part:
+                        iv = t_interval(part[col])
+                        out.append({"method": method, "component": component, "adaptation": adaptation,
+                                    "split": split, "metric": metric, "mean": iv.mean, "ci_low": iv.low,
+                                    "ci_high": iv.high, "n_seeds": iv.n})
+        for col in ("clean_accuracy", "pgd10_train_eps", "corruption_all", "corruption_not_augmented"):
+            iv = t_interval(part[col])
+            out.append({"method": method, "component": component, "adaptation": "none", "split": "soares test",
+                        "metric": col, "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high, "n_seeds": iv.n})
+    return pd.DataFrame(out)
+
+
+def _paired(runs, a: str, b: str, col: str) -> dict:
+    ra, rb = runs[runs["name"] == a], runs[runs["name"] == b]
+    if ra.empty or rb.empty or col not in ra or col not in rb:
+        return {}
+    iv = t_interval(list(paired_differences(dict(zip(ra["seed"], ra[col])), dict(zip(rb["seed"], rb[col]))).values()))
+    return {"gain_mean": iv.mean, "gain_ci_low": iv.low, "gain_ci_high": iv.high, "n_pairs": iv.n}
+
+
+def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[str]) -> dict[str, pd.DataFrame]:
+    """The study's tables from the per-run rows (``reproduce``'s runs.csv)."""
+    rows = {}
+    for method in methods:
+        for name in names:
+            rows[_row_name(method, [] if name == "baseline" else [name])] = (method, name)
+        if best:
+            rows[_row_name(method, best)] = (method, "best: " + "+".join(best))
+    table = _long_table(runs, rows)
+    component_gains, method_gains = [], []
+    for name, (method, component) in rows.items():
+        if component == "baseline":
+            continue
+        for split in ("val", "test"):
+            for adaptation in ADAPTATIONS:
+                for metric in ("balanced_accuracy", "auc"):
+                    g = _paired(runs, name, method, _column(split, adaptation, metric))
+                    if g:
+                        component_gains.append({"method": method, "component": component, "adaptation": adaptation,
+                                                "split": split, "metric": metric, **g})
+    for component in {c for _, c in rows.values()}:
+        ours = next((n for n, (m, c) in rows.items() if m == "robustmed" and c == component), None)
+        for comparator in ("erm", "trades"):
+            theirs = next((n for n, (m, c) in rows.items() if m == comparator and c == component), None)
+            if ours is None or theirs is None:
+                continue
+            for adaptation in ADAPTATIONS:
+                for metric in ("balanced_accuracy", "auc"):
+                    g = _paired(runs, ours, theirs, _column("test", adaptation, metric))
+                    if g:
+                        method_gains.append({"component": component, "adaptation": adaptation,
+                                             "comparator": comparator, "split": "test", "metric": metric, **g})
+            g = _paired(runs, ours, theirs, "pgd10_train_eps")
+            if g:
+                method_gains.append({"component": component, "adaptation": "none", "comparator": comparator,
+                                     "split": "soares test", "metric": "pgd10_train_eps", **g})
+    shortcut = []
+    for test in ("baseline", *SHORTCUT_TESTS):
+        part = runs[runs["name"] == ("erm" if test == "baseline" else f"erm+{test}")]
+        for domain, col, n_col in (("soares test", "clean_accuracy", "test_n"),
+                                   ("ucsd test", _column("test", "none", "balanced_accuracy"), f"{TARGET}_test_n")):
+            for metric_col, metric in ((col, "balanced_accuracy" if "ucsd" in domain else "accuracy"),):
+                if part.empty:
+                    continue
+                iv = t_interval(part[metric_col])
+                shortcut.append({"test": "lungs and all" if test == "baseline" else test, "domain": domain,
+                                 "metric": metric, "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high,
+                                 "n_seeds": iv.n, "n_images": int(part[n_col].iloc[0])})
+        if not part.empty:
+            iv = t_interval(part["clean_auc"])
+            shortcut.append({"test": "lungs and all" if test == "baseline" else test, "domain": "soares test",
+                             "metric": "auc", "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high,
+                             "n_seeds": iv.n, "n_images": int(part["test_n"].iloc[0])})
+    return {"sites_table": table, "component_gains": pd.DataFrame(component_gains),
+            "method_gains": pd.DataFrame(method_gains), "shortcut_tests": pd.DataFrame(shortcut)}
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no data)"
+    rows = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
+    rows += ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def _markdown(tables: dict, best: list[str], adaptation: str, choice: pd.DataFrame, goal: float) -> str:
+    t = tables["sites_table"]
+    test = t[(t["split"] == "test") & (t["metric"] == "balanced_accuracy")]
+    lines = ["# Cross-site study: Soares (Brazil) -> UCSD COVID-CT (China)", "",
+             f"Best combination (chosen on UCSD's validation split, never its test split): components "
+             f"{' + '.join(best) or 'none'}, test-time adaptation {adaptation}.", "",
+             "## UCSD test split: balanced accuracy, mean ± half-width of the 95% t-interval over seeds", "",
+             "| method | component | " + " | ".join(ADAPTATIONS) + " |", "| --- | --- | " + " | ".join("---" for _ in
+                                                                                                ADAPTATIONS) + " |"]
+    for (method, component), part in test.groupby(["method", "component"], sort=False):
+        cells = []
+        for adapt in ADAPTATIONS:
+            r = part[part["adaptation"] == adapt]
+            cells.append("n/a" if r.empty else f"{r['mean'].iloc[0]:.3f} ± {(r['ci_high'].iloc[0] - r['ci_low'].iloc[0]) / 2:.3f}")
+        lines.append(f"| {method} | {component} | " + " | ".join(cells) + " |")
+    best_rows = test[test["component"].str.startswith("best") & (test["adaptation"] == adaptation)]
+    if len(best_rows):
+        top = best_rows["mean"].max()
+        lines += ["", f"Goal: balanced accuracy >= {goal} on UCSD for the best combination. Reached: "
+                      f"{'yes' if top >= goal else 'no'} (best mean {top:.3f})."]
+    lines += ["", "## How the combination was chosen (UCSD validation, mean paired gain over the baseline)", "",
+              _md_table(choice.round(4))]
+    lines += ["", "## Shortcut tests (ERM)", "", _md_table(tables["shortcut_tests"].round(3))]
+    return "\n".join(lines) + "\n"
+
+
+def run_sites(profile: str | Profile = "cpu", data: str | None = None, target: str | None = None, methods=SITE_METHODS,
+              seeds=(0, 1, 2), out: str | Path | None = None, runs: str | Path | None = None,
+              jobs: int | None = None, goal: float = 0.65, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Runs the study (see the module docstring) and writes its tables to ``out``.
+
+    Args:
+        profile: A reproduction profile (its runs are shared: the baselines are the reproduction's runs).
+        data: The training site (default: the Soares set beside the shared data).
+        target: The other site, with an official split (default: UCSD COVID-CT beside it).
+        methods: Methods compared.
+        seeds: Training seeds.
+        out: Results folder (default ``results/sites/<profile>``).
+        runs: Run directories (default: the reproduction's, ``runs/reproduction/<profile>``).
+        jobs: Runs at once.
+        goal: The balanced accuracy on the target that the best combination is measured against.
+        progress: Progress bars.
+    """
+    from .reproduce import default_data
+
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    if data is None or target is None:
+        found_data, found_ood = default_data()
+        data = data or found_data
+        target = target or (found_ood[0] if found_ood else None)
+    if target is None or not Path(target).exists():
+        raise FileNotFoundError(f"the target site {target} does not exist: pass --target (e.g. the UCSD COVID-CT "
+                                "folder, which has an official validation and test split)")
+    out = Path(out or f"results/sites/{prof.name}")
+    comps = components(str(target))
+    names = ["baseline", *comps]
+    common = dict(profile=prof, data=data, ood_data=[f"{target}:val", f"{target}:test"], methods=",".join(methods),
+                  seeds=seeds, runs=runs, jobs=jobs, ensemble_n=0, adapt_methods=("adabn", "tent"),
+                  corruption_n=128, progress=progress)
+    variants = _variants(methods, [[c] for c in comps], comps)
+    variants.update({f"erm+{t}": {"method": "erm", **v} for t, v in SHORTCUT_TESTS.items()})
+    first = reproduce(out=out / "all_runs", variants=variants, **common)
+    best, adaptation, choice = choose_best(first["runs"], methods, names)
+    if best:
+        variants.update(_variants(methods, [best], comps))
+        first = reproduce(out=out / "all_runs", variants=variants, **common)
+    tables = summarise_sites(first["runs"], methods, names, best)
+    for key, frame in tables.items():
+        frame.to_csv(out / f"{key}.csv", index=False)
+    choice.to_csv(out / "best_choice.csv", index=False)
+    (out / "best.json").write_text(json.dumps({"components": best, "adaptation": adaptation, "goal": goal,
+                                               "rule": choose_best.__doc__.split("Returns")[0].strip(),
+                                               "settings": {c: comps[c] for c in best}}, indent=2))
+    (out / "table.md").write_text(_markdown(tables, best, adaptation, choice, goal))
+    return {**tables, "runs": first["runs"], "best_choice": choice}
+
+
+def find_site_results(profile: str = "cpu", download: bool = True) -> Path:
+    """The committed study of a profile (``results/sites/<profile>``), here or downloaded (``find_results``)."""
+    return find_results(profile, "sites", [*SCHEMA, "best.json", "best_choice.csv", "table.md"], download)
+
+
+def check_site_results(folder: str | Path) -> dict[str, pd.DataFrame]:
+    """The committed study's files, with their columns checked (see ``reproduce.check_results``)."""
+    return check_results(folder, SCHEMA)
+
+
+def best_settings(folder: str | Path) -> dict:
+    """The best combination recorded by a study, as TrainConfig settings (for ``reproduce --variant``)."""
+    record = json.loads((Path(folder) / "best.json").read_text())
+    return {k: v for c in record["components"] for k, v in record["settings"][c].items()}
+

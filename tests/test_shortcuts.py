@@ -1,0 +1,117 @@
+"""Shortcut diagnosis: calibration error, per-domain report, lung-region tests, saliency outside the body; the
+cross-site study's choice of the best combination."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from robustmed_lite.models import create_model
+from robustmed_lite.phantom import make_phantom_dataset
+from robustmed_lite.preprocess import lung_region, prepare
+from robustmed_lite.shortcuts import (body_mask, domain_report, expected_calibration_error, intensity_histograms,
+                                      saliency_outside)
+from robustmed_lite.sites import choose_best, summarise_sites
+
+
+def test_ece_against_a_hand_computation():
+    # Two bins of confidence: 0.9 (3 samples, 2 right) and 0.6 (1 sample, wrong).
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])
+    labels = np.array([0, 0, 0, 0])
+    # bin of 0.9: confidence 0.9, accuracy 2/3 -> gap 0.2333, weight 3/4; bin of 0.6: accuracy 1 (pred 0, label
+    # 0), gap 0.4, weight 1/4. ECE = 0.75 * 0.23333 + 0.25 * 0.4 = 0.275
+    assert expected_calibration_error(probs, labels, bins=10) == pytest.approx(0.275)
+    perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(perfect, np.array([0, 1])) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        expected_calibration_error(np.zeros((0, 2)), np.zeros(0))
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return make_phantom_dataset(8, 64, "A", seed=0)
+
+
+def test_domain_report_and_histograms(slices):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", img_size=64).eval()
+    report = domain_report(model, {"a": (slices.images, slices.labels), "b": (slices.images * 0.5, slices.labels)})
+    assert list(report["domain"]) == ["a", "b"] and (report["n"] == 8).all()
+    assert report["true_covid_share"].iloc[0] == pytest.approx(float(slices.labels.float().mean()))
+    assert report[["predicted_covid_share", "ece", "balanced_accuracy"]].apply(lambda c: c.between(0, 1)).all().all()
+    hist = intensity_histograms({"a": slices.images, "dark": slices.images * 0.5}, bins=16)
+    assert set(hist["domain"]) == {"a", "dark"} and len(hist) == 32
+    dark = hist[hist["domain"] == "dark"]
+    assert dark[dark["intensity"] > 0.5]["density"].sum() == 0  # halved intensities never pass 0.5
+
+
+def test_lung_region_tests_remove_or_keep_the_lungs(slices):
+    x, lungs_true = slices.images, slices.lung_masks
+    no_lungs, blanked = lung_region(x, "no_lungs")
+    only, blanked_only = lung_region(x, "lungs_only")
+    assert blanked == [] and blanked_only == []
+    inner = lungs_true & ~torch.roll(lungs_true, 3, -1) & ~torch.roll(lungs_true, -3, -1)  # well inside the lungs
+    for i in range(len(x)):
+        assert no_lungs[i][inner[i]].std() < 1e-6, "the lungs are one flat fill"
+        assert torch.equal(only[i][inner[i]], x[i][inner[i]]), "lungs_only keeps the lungs"
+    far = ~torch.nn.functional.max_pool2d(lungs_true.float(), 9, 1, 4).bool()  # well outside the lungs
+    assert (only[far] == 0).all()
+    assert torch.equal(prepare(x, 64, False, "none", "no_lungs")[0], no_lungs)
+    flat = torch.full((1, 1, 32, 32), 0.6)
+    out, blanked = lung_region(flat, "no_lungs")
+    assert blanked == [0] and (out == 0).all()  # no lungs found: the slice shows nothing, and is counted
+    with pytest.raises(ValueError, match="lung_region='heart'"):
+        lung_region(x, "heart")
+
+
+def test_body_mask_and_saliency_outside(slices):
+    body = body_mask(slices.images)
+    assert body.shape == slices.images.shape
+    assert (body & slices.lung_masks).sum() >= 0.95 * slices.lung_masks.sum()  # the lungs lie inside the body
+    assert not body[:, :, 0, 0].any()  # the phantom's corners are air outside the body
+    torch.manual_seed(0)
+    table = saliency_outside(create_model("small_cnn", img_size=64).eval(), slices.images[:4])
+    assert list(table.columns) == ["outside_body", "body_area_outside", "outside_lungs", "lung_area_outside"]
+    assert table.apply(lambda c: c.between(0, 1)).all().all()
+
+
+def _runs(values: dict) -> pd.DataFrame:
+    """Per-run rows with UCSD val/test balanced accuracy for a few row names (3 seeds each)."""
+    rows = []
+    for name, (val, test) in values.items():
+        for seed in (0, 1, 2):
+            row = {"name": name, "seed": seed, "clean_accuracy": 0.9, "clean_auc": 0.95, "test_n": 372,
+                   "ucsd_covidct_test_n": 203, "pgd10_train_eps": 0.5, "corruption_all": 0.7,
+                   "corruption_not_augmented": 0.7}
+            for split, v in (("val", val), ("test", test)):
+                for adapt, bonus in (("", 0.0), ("_adabn", 0.02), ("_tent", -0.01)):
+                    row[f"ucsd_covidct_{split}{adapt}_balanced_accuracy"] = v + bonus + 0.001 * seed
+                    row[f"ucsd_covidct_{split}{adapt}_auc"] = v + bonus
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_the_best_combination_is_chosen_on_validation_never_on_test():
+    # crop helps on validation but not on test; intensity hurts on validation but helps on test: the choice
+    # must follow validation.
+    runs = _runs({"erm": (0.50, 0.50), "erm+crop": (0.60, 0.40), "erm+intensity": (0.45, 0.70)})
+    best, adaptation, table = choose_best(runs, ["erm"], ["baseline", "crop", "intensity"])
+    assert best == ["crop"] and adaptation == "adabn"
+    row = table[(table["component"] == "crop") & (table["adaptation"] == "none")].iloc[0]
+    assert row["val_gain_mean"] == pytest.approx(0.10) and row["n_pairs"] == 3
+
+
+def test_sites_summary_tables():
+    runs = _runs({"erm": (0.5, 0.5), "erm+crop": (0.6, 0.55), "robustmed": (0.52, 0.51),
+                  "robustmed+crop": (0.62, 0.58), "trades": (0.5, 0.5), "trades+crop": (0.6, 0.5),
+                  "erm+no_lungs": (0.5, 0.5), "erm+lungs_only": (0.5, 0.5)})
+    tables = summarise_sites(runs, ["erm", "trades", "robustmed"], ["baseline", "crop"], [])
+    gains = tables["component_gains"]
+    crop = gains[(gains["method"] == "erm") & (gains["component"] == "crop") & (gains["split"] == "test")
+                 & (gains["adaptation"] == "none") & (gains["metric"] == "balanced_accuracy")].iloc[0]
+    assert crop["gain_mean"] == pytest.approx(0.05) and crop["n_pairs"] == 3
+    edge = tables["method_gains"]
+    vs_erm = edge[(edge["component"] == "crop") & (edge["comparator"] == "erm") & (edge["adaptation"] == "none")
+                  & (edge["metric"] == "balanced_accuracy")].iloc[0]
+    assert vs_erm["gain_mean"] == pytest.approx(0.03)
+    assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
