@@ -600,8 +600,9 @@ def find_results(profile: str = "cpu", study: str = "reproduction", names=None, 
                 urllib.request.urlretrieve(f"{RESULTS_URL}/{study}/{profile}/{name}", dest / name)
             return dest
         except OSError as err:
+            command = {"reproduction": "reproduce"}.get(study, study)
             raise FileNotFoundError(f"no {relative} here and the download failed ({err}). Fix: clone the "
-                                    f"repository, or run python -m robustmed_lite {study.replace('reproduction', 'reproduce')}") from err
+                                    f"repository, or run python -m robustmed_lite {command}") from err
     raise FileNotFoundError(f"no {relative} found: clone the repository or run the {study} command")
 
 
@@ -824,6 +825,7 @@ class _ProgressPoller:
             self.items.append((spec, cfg.epochs, 1 if cfg.attack == "none" else cfg.attack_steps + 3))
         total = sum(e * w + self.EVAL_WEIGHT for _, e, w in self.items)
         self.bar = tqdm(total=total, initial=self._done()[0], desc="reproduction", unit="work", disable=not enabled,
+                        mininterval=0.5 if sys.stderr.isatty() else 60,  # a log file gets a line a minute
                         bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)

@@ -97,9 +97,9 @@ def choose_best(runs: pd.DataFrame, methods, names: list[str]) -> tuple[list[str
     return chosen, adaptation, table
 
 
-def _long_table(runs: pd.DataFrame, rows: dict[str, tuple[str, str]]) -> pd.DataFrame:
+def _long_table(runs: pd.DataFrame, rows: list[tuple[str, str, str]]) -> pd.DataFrame:
     out = []
-    for name, (method, component) in rows.items():
+    for name, method, component in rows:
         part = runs[runs["name"] == name]
         if part.empty:
             continue
@@ -129,15 +129,15 @@ def _paired(runs, a: str, b: str, col: str) -> dict:
 
 def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[str]) -> dict[str, pd.DataFrame]:
     """The study's tables from the per-run rows (``reproduce``'s runs.csv)."""
-    rows = {}
+    rows = []  # (run name, method, component): the best combination may be a single component's run too
     for method in methods:
         for name in names:
-            rows[_row_name(method, [] if name == "baseline" else [name])] = (method, name)
+            rows.append((_row_name(method, [] if name == "baseline" else [name]), method, name))
         if best:
-            rows[_row_name(method, best)] = (method, "best: " + "+".join(best))
+            rows.append((_row_name(method, best), method, "best: " + "+".join(best)))
     table = _long_table(runs, rows)
     component_gains, method_gains = [], []
-    for name, (method, component) in rows.items():
+    for name, method, component in rows:
         if component == "baseline":
             continue
         for split in ("val", "test"):
@@ -147,10 +147,10 @@ def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[st
                     if g:
                         component_gains.append({"method": method, "component": component, "adaptation": adaptation,
                                                 "split": split, "metric": metric, **g})
-    for component in {c for _, c in rows.values()}:
-        ours = next((n for n, (m, c) in rows.items() if m == "robustmed" and c == component), None)
+    for component in dict.fromkeys(c for _, _, c in rows):
+        ours = next((n for n, m, c in rows if m == "robustmed" and c == component), None)
         for comparator in ("erm", "trades"):
-            theirs = next((n for n, (m, c) in rows.items() if m == comparator and c == component), None)
+            theirs = next((n for n, m, c in rows if m == comparator and c == component), None)
             if ours is None or theirs is None:
                 continue
             for adaptation in ADAPTATIONS:
@@ -205,7 +205,8 @@ def _markdown(tables: dict, best: list[str], adaptation: str, choice: pd.DataFra
         cells = []
         for adapt in ADAPTATIONS:
             r = part[part["adaptation"] == adapt]
-            cells.append("n/a" if r.empty else f"{r['mean'].iloc[0]:.3f} ± {(r['ci_high'].iloc[0] - r['ci_low'].iloc[0]) / 2:.3f}")
+            half = "" if r.empty else (r["ci_high"].iloc[0] - r["ci_low"].iloc[0]) / 2
+            cells.append("n/a" if r.empty else f"{r['mean'].iloc[0]:.3f} ± {half:.3f}")
         lines.append(f"| {method} | {component} | " + " | ".join(cells) + " |")
     best_rows = test[test["component"].str.startswith("best") & (test["adaptation"] == adaptation)]
     if len(best_rows):
