@@ -51,7 +51,7 @@ def _field_help(name: str, kind: str, default) -> str:
     else:
         what = {"bool": "true/false", "int": "an integer", "float": "a number", "eps": "a number or k/255",
                 "threshold": "a number or otsu", "str": "text"}[kind]
-    return what if default is dataclasses.MISSING else f"{what} (default {default!r})"
+    return what if default is dataclasses.MISSING else f"{what} (default {default!r} unless the preset sets it)"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
