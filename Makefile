@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_ARGS) -c constraints-ci.txt -e ".[test,book]"
+	$(BIN)/pip install -q $(PIP_ARGS) -c constraints-ci.txt -e ".[test,book,dicom]"
 	$(BIN)/pip install -q $(PIP_ARGS) --no-deps "torchattacks==3.5.1"  # pins an old requests: no deps
 	touch $@
 

@@ -24,16 +24,44 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import PRESETS, TrainConfig
+from .config import CHOICES, METHODS, PRESETS, TrainConfig, field_kinds
+from .data import DownloadError
+
+
+# Errors a user causes with a wrong argument, file or folder: one line on stderr and exit code 2 (as argparse does
+# for a bad option); anything else is a bug and keeps its traceback. --debug shows the traceback of these too.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, DownloadError)
+EXIT_USER_ERROR = 2
+
+
+def _field_help(name: str, kind: str, default) -> str:
+    """What an override takes, with the choices of the component options listed."""
+    from .models import MODEL_NAMES
+
+    if name == "method":
+        what = f"one of {', '.join(METHODS)} (see the README's table)"
+    elif name in METHODS["erm"]:  # a component: its default comes from the method
+        choices = CHOICES.get(name, ("true", "false"))
+        return f"one of {', '.join(choices)} (default: the method's)"
+    elif name in CHOICES:
+        what = f"one of {', '.join(CHOICES[name])}"
+    elif name == "model":
+        what = f"one of {', '.join(MODEL_NAMES)} or any timm architecture"
+    else:
+        what = {"bool": "true/false", "int": "an integer", "float": "a number", "eps": "a number or k/255",
+                "threshold": "a number or otsu", "str": "text"}[kind]
+    return what if default is dataclasses.MISSING else f"{what} (default {default!r} unless the preset sets it)"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
     group = parser.add_argument_group("config overrides (any TrainConfig field)")
+    kinds = field_kinds()
     for f in dataclasses.fields(TrainConfig):
         if not f.name.startswith("_"):
             group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(),
-                               help=f"default {f.default!r}" if f.default is not dataclasses.MISSING else None)
+                               help=_field_help(f.name, kinds[f.name][0], f.default))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -63,9 +91,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         results = run_ood(args.checkpoint, out_dir=args.out_dir, n=args.n, covid19c=args.covid19c,
                           corruptions=args.corruptions.split(",") if args.corruptions else None,
-                          severities=[int(s) for s in args.severities.split(",")])
+                          severities=_severities(args.severities), seed=args.seed)
         for key in ("summary", "shift"):
-            print(f"\n{key}:\n{results[key].round(3).to_string(index=False)}")
+            table = results[key]
+            if "note" in table and not table["note"].astype(bool).any():
+                table = table.drop(columns="note")
+            print(f"\n{key}:\n{table.round(3).to_string(index=False)}")
         print(f"\nwrote corruptions.csv, summary.csv, shift.csv, corruption_heatmap.png, shift.png to {args.out_dir}")
         return 0
     from .experiments import evaluate_checkpoint
@@ -73,15 +104,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     tables = []
     for path in args.checkpoint:
         table = evaluate_checkpoint(path, split=args.split, attacks=args.attacks.split(","), eps=args.eps, n=args.n,
-                                    data=args.data, adapt=args.adapt)
+                                    data=args.data, adapt=args.adapt, seed=args.seed)
+        first = table.iloc[0]
+        print(f"{path}: {table.attrs['sample']}: {first['n_covid']} COVID, {first['n_noncovid']} non-COVID")
         tables.append(table.assign(checkpoint=path))
     table = pd.concat(tables, ignore_index=True)
-    print(table.to_string(index=False))
+    shown = table if table["note"].astype(bool).any() else table.drop(columns="note")
+    print(shown.to_string(index=False))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
         print(f"saved {args.out}")
     return 0
+
+
+def _severities(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--severities takes comma-separated integers 1..5, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for image counts: '0' and '-3' are refused with the option's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}")
+    return value
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -142,29 +194,58 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code.
+
+    A mistake the user can fix (``USER_ERRORS``: a bad value, a missing or unusable file, an existing run) is
+    printed as one line, ``error: <message>``, on stderr, and the exit code is 2; ``--debug`` raises it with its
+    traceback instead. Bad options exit through argparse (``SystemExit(2)`` with the usage).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, even for multi-line messages
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m robustmed_lite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the traceback of an error instead of one line")
+    # Each command takes --debug too; SUPPRESS keeps a subcommand from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: ERM vs the method on the phantom, a comparison table")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="the main job: ERM vs the method on the phantom, a comparison table")
     demo.add_argument("--config", default="cpu-demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out_root", default="runs/demo", help="reused on a second run (delete it to retrain)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
 
-    train = sub.add_parser("train", help="train one method (see --method and the presets)")
+    train = sub.add_parser("train", parents=[common], help="train one method (see --method and the presets)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     _add_config_args(train)
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("evaluate", help="clean / attack / worst-case accuracy and clinical metrics of a checkpoint")
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="clean / attack / worst-case accuracy and clinical metrics of a checkpoint")
     ev.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoints")
     ev.add_argument("--split", default="test", choices=("val", "test", "shift"))
     ev.add_argument("--attacks", default="fgsm,pgd10,pgd50,apgd,cw",
-                    help="comma-separated: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd")
+                    help="comma-separated, from: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd")
     ev.add_argument("--eps", default=None, help="attack radius, e.g. 8/255 (default: the training eps)")
-    ev.add_argument("--n", type=int, default=None, help="evaluate the first n images only")
+    ev.add_argument("--n", type=_positive_int, default=None,
+                    help="evaluate a seeded stratified sample of n images (both classes in proportion)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the --n sample (and, with --ood, the corruptions)")
     ev.add_argument("--data", default=None, help="evaluate on another data root instead of the run's split")
     ev.add_argument("--adapt", default="none", choices=("none", "adabn", "tent"),
                     help="test-time adaptation to the evaluated images first (labels never used; checkpoint kept)")
@@ -172,13 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--ood", action="store_true",
                     help="the OOD suite instead: corruptions x severities, mCE against ERM, cross-site shift")
     ev.add_argument("--out_dir", default="results/ood", help="with --ood: where the CSVs and PNGs go")
-    ev.add_argument("--corruptions", default=None, help="with --ood: comma-separated names (default all)")
+    from .corruptions import CORRUPTIONS
+
+    ev.add_argument("--corruptions", default=None,
+                    help=f"with --ood: comma-separated, from: {', '.join(CORRUPTIONS)} (default all)")
     ev.add_argument("--severities", default="1,2,3,4,5", help="with --ood: comma-separated severities")
     ev.add_argument("--covid19c", default=None, help="with --ood: a COVID19-C root to add as shift domains")
     ev.set_defaults(run=_evaluate)
 
-    rep = sub.add_parser("reproduce", help="the paper's comparison on real CT: every method x seed, intervals, "
-                                          "verdicts (resumable)")
+    rep = sub.add_parser("reproduce", parents=[common], help="the paper's comparison on real CT: every method "
+                                                           "x seed, intervals, verdicts (resumable)")
     rep.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"),
                      help="cpu: 64 px, minutes per run; gpu: 128 px, several runs per GPU; paper: CAP's protocol")
     rep.add_argument("--data", default=None, help="training set (default: sarscov2 in ROBUSTMED_DATA or "
@@ -186,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--ood_data", nargs="*", default=None, help="other-site roots, each its own domain (default: "
                                                                  "ucsd_covidct beside the default data)")
     rep.add_argument("--covid19c", default=None, help="a COVID19-C root: its subsets become domains")
-    rep.add_argument("--methods", default=None, help="comma-separated (default: all nine)")
+    rep.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default all)")
     rep.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (or a range, 0-4)")
     rep.add_argument("--out", default=None, help="results folder (default results/reproduction/<profile>)")
     rep.add_argument("--runs", default=None, help="run directories (default runs/reproduction/<profile>)")
@@ -206,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(run=_reproduce)
 
-    sites = sub.add_parser("sites", help="the cross-site study: Soares -> UCSD with and without every component "
-                                         "against the shift, shortcut tests, the best combination")
+    sites = sub.add_parser("sites", parents=[common], help="the cross-site study: Soares -> UCSD with and without "
+                                                           "every component against the shift, shortcut tests, the "
+                                                           "best combination")
     sites.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
     sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
     sites.add_argument("--target", default=None, help="the other site, with an official val/test split (default: "
@@ -219,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     sites.add_argument("--quiet", action="store_true")
     sites.set_defaults(run=_sites)
 
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return parser
 
 
 if __name__ == "__main__":

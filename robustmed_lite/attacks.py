@@ -50,12 +50,41 @@ def parse_eps(eps: float | str) -> float:
         match = _EPS_PATTERN.match(eps)
         if match is None:
             raise ValueError(f"cannot read eps={eps!r}: use a number or a fraction such as '8/255'")
-        value = float(match.group(1)) / (float(match.group(2)) if match.group(2) else 1.0)
+        denominator = float(match.group(2)) if match.group(2) else 1.0
+        if denominator == 0:
+            raise ValueError(f"eps={eps!r} divides by zero: use a fraction with a positive denominator such as "
+                             "'8/255'")
+        value = float(match.group(1)) / denominator
     else:
         value = float(eps)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
+
+
+def check_finite(x: torch.Tensor, what: str = "x", first_index: int = 0) -> None:
+    """Raises a ValueError giving the count and first positions of NaN and inf values in ``x``.
+
+    NaN defeats every min/max comparison, so range checks alone let it through: call this wherever images
+    enter an attack, a prediction or an evaluation.
+
+    Args:
+        x: A tensor (N, ...) of images.
+        what: How the message names ``x``.
+        first_index: Index of ``x[0]`` in the caller's whole set (for batches), added to the reported positions.
+    """
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    bad[:, 0] += first_index
+    n_nan = int(torch.isnan(x).sum())
+    images = bad[:, 0].unique()
+    where = ", ".join(str(tuple(i.tolist())) for i in bad[:3])
+    raise ValueError(f"{what} holds {len(bad)} non-finite values ({n_nan} NaN, {len(bad) - n_nan} inf) in "
+                     f"{len(images)} image(s) (first images {images[:5].tolist()}; first positions {where}). Fix: "
+                     "repair or drop those images where they are made (a float image file with NaN/inf pixels, a "
+                     "division by zero in preprocessing); a NaN image has no prediction")
 
 
 def format_eps(eps: float) -> str:
@@ -263,7 +292,8 @@ class Attack:
         """Adversarial examples for ``(x, y)``: same shape, dtype, device and order as ``x``.
 
         Raises:
-            ValueError: ``x`` outside [0, 1] or not a float batch, or ``y`` not one label per image.
+            ValueError: ``x`` outside [0, 1], non-finite (NaN, inf) or not a float batch, or ``y`` not one label
+                per image.
         """
         y = _check_inputs(x, y)
         gen = None if self.seed is None else torch.Generator(device=x.device).manual_seed(self.seed)
@@ -316,7 +346,8 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                          f"{getattr(x, 'dtype', type(x))} with shape {tuple(getattr(x, 'shape', ()))}")
     if x.numel():
         lo, hi = torch.aminmax(x.detach())
-        if lo < 0 or hi > 1:
+        if not (lo >= 0 and hi <= 1):  # written so that NaN (false in every comparison) lands here too
+            check_finite(x.detach(), "x")
             raise ValueError(f"x must lie in [0, 1] (normalisation belongs inside the model), got values in "
                              f"[{lo.item():.3g}, {hi.item():.3g}]")
     y = torch.as_tensor(y, device=x.device)

@@ -8,6 +8,8 @@ checks everything. A run directory keeps the resolved config as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,40 +182,127 @@ class TrainConfig:
         return d
 
 
-def _field_types() -> dict[str, type]:
-    hints = {"int": int, "float": float, "str": str, "bool": bool}
+# How a command-line or YAML value is read, one rule per kind of field (``field_kinds``):
+#   bool       true/false, yes/no, 1/0 (any case), a YAML boolean or the integers 0 and 1; nothing else
+#   int        an integer ('3', 3, 3.0); never a boolean, never '1.5'
+#   float      a finite number; never a boolean
+#   eps        a finite number >= 0 or a fraction 'k/d' with d > 0 (eps, step_size), kept as written
+#   threshold  a number or 'otsu' (prior_threshold)
+#   str        any text
+# 'none' / 'null' (or YAML null) is None where a field may be None, except in a component whose choices include
+# the word 'none' (--feedback none means no feedback, not the method's default).
+_SPECIAL_KINDS = {"eps": "eps", "step_size": "eps", "prior_threshold": "threshold"}
+_KIND_HELP = {"bool": "true or false", "int": "an integer", "float": "a number", "eps": "a number or a fraction "
+              "such as 8/255", "threshold": "a number or 'otsu'", "str": "text"}
+_NULLS = ("none", "null")
+
+
+def field_kinds() -> dict[str, tuple[str, bool]]:
+    """Field name -> (kind, may be None), from the declared types of ``TrainConfig`` (see the rules above)."""
     out = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name.startswith("_"):
             continue
-        out[f.name] = next((t for name, t in hints.items() if str(f.type).startswith(name)), str)
+        declared = str(f.type)
+        first = declared.split("|")[0].strip()
+        kind = _SPECIAL_KINDS.get(f.name, first if first in ("bool", "int", "float") else "str")
+        # str fields without a default value of their own (data: null in the paper preset) may be None too.
+        optional = "None" in declared or kind == "str"
+        out[f.name] = (kind, optional)
     return out
 
 
-def coerce(key: str, value):
-    """Converts a command-line string to the field's type ('none' -> None, 'true'/'false' -> bool)."""
-    types = _field_types()
-    if key not in types:
-        raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(types))}")
-    if not isinstance(value, str):
-        return value
-    if value.lower() in ("none", "null"):
-        return None
-    kind = types[key]
-    if kind is bool or value.lower() in ("true", "false"):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{key} takes true/false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    if key in ("eps", "step_size") and "/" in value:
-        return value
-    if kind in (int, float):
+def _bad(key: str, kind: str, value) -> ValueError:
+    shown = repr(value)
+    return ValueError(f"{key} takes {_KIND_HELP[kind]}, got {shown}. Fix: pass --{key} with {_KIND_HELP[kind]}")
+
+
+def _parse_int(key: str, value):
+    if isinstance(value, bool):
+        raise _bad(key, "int", value)
+    if isinstance(value, str):
+        text = value.strip()
         try:
-            return kind(value)
+            return int(text)
         except ValueError:
-            if key == "prior_threshold":
-                return value
-            raise ValueError(f"{key} takes a number, got {value!r}") from None
-    return value
+            try:
+                number = float(text)
+            except ValueError:
+                raise _bad(key, "int", value) from None
+            if not number.is_integer():
+                raise _bad(key, "int", value) from None
+            return int(number)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number) or not number.is_integer():
+            raise _bad(key, "int", value)
+        return int(number)
+    raise _bad(key, "int", value)
+
+
+def _parse_float(key: str, value):
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise _bad(key, "float", value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _bad(key, "float", value) from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key} takes a finite number, got {value!r}. Fix: pass --{key} with a finite number")
+    return number
+
+
+def _parse_bool(key: str, value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):  # as the strings '0' and '1'
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise _bad(key, "bool", value)
+
+
+def coerce(key: str, value):
+    """A command-line string or YAML value converted by the field's declared kind (rules above).
+
+    Raises:
+        ValueError: An unknown key, or a value the field's kind does not take; the message names both.
+    """
+    kinds = field_kinds()
+    if key not in kinds:
+        raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(kinds))}")
+    kind, optional = kinds[key]
+    none_is_a_choice = "none" in CHOICES.get(key, ())
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS and not none_is_a_choice):
+        if optional:
+            return None
+        raise _bad(key, kind, value)
+    if kind == "bool":
+        return _parse_bool(key, value)
+    if kind == "int":
+        return _parse_int(key, value)
+    if kind == "float":
+        return _parse_float(key, value)
+    if kind == "eps":
+        if isinstance(value, bool):
+            raise _bad(key, kind, value)
+        try:
+            parse_eps(value)  # checks the number, or the fraction and its denominator
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{key}: {err}") from None
+        return value.strip() if isinstance(value, str) else float(value)
+    if kind == "threshold":
+        if isinstance(value, str) and value.strip().lower() == "otsu":
+            return "otsu"
+        try:
+            return _parse_float(key, value)
+        except ValueError:
+            raise _bad(key, kind, value) from None
+    if isinstance(value, bool):  # a YAML 'true' in a text field is a typo, not the text 'True'
+        raise _bad(key, kind, value)
+    if none_is_a_choice and isinstance(value, str) and value.strip().lower() == "none":
+        return "none"
+    return str(value) if isinstance(value, numbers.Real) else value
 
 
 def load_config(preset: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -225,11 +314,22 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None)
             path = CONFIG_DIR / f"{preset}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"config {preset!r} not found: use one of {PRESETS} or a path to a YAML file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML: {err}. Fix: correct the file") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config {path} holds a {type(values).__name__}, not a mapping of config keys. Fix: "
+                             "write one 'key: value' per line")
+        values.pop("eps_text", None)  # written beside eps in a run's config.yaml; derived, not a setting
+        unknown = set(values) - set(field_kinds())
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)} in {path}. Fix: remove them; known keys: "
+                             f"{', '.join(sorted(field_kinds()))}")
+        try:  # the preset is read by the same rules as the command line
+            values = {key: coerce(key, value) for key, value in values.items()}
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     for key, value in (overrides or {}).items():
         values[key] = coerce(key, value)
-    unknown = set(values) - set(_field_types()) - {"eps_text"}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}")
-    values.pop("eps_text", None)
     return TrainConfig(**values).resolve()

@@ -8,6 +8,13 @@ Layouts (``load_images(..., layout=...)``, detected by ``"auto"``):
 * ``csv``: a COVID19-C-style index with columns ``path,label`` or ``filename,label``.
 * ``folders``: any class-per-folder tree, class folders at the top or one level down (``train/COVID``).
 
+A folder with class folders *and* an index CSV is read by its folders, with a warning that names the CSV and how
+to use it instead (pass the CSV itself, or ``layout="csv"``).
+
+File formats: images Pillow reads (PNG, JPEG, TIFF, ...), DICOM slices (``.dcm``, ``.dicom``, or any file with the
+DICOM preamble; needs pydicom) and NIfTI volumes (``.nii``, ``.nii.gz``; needs nibabel), labelled by their folder
+or an index CSV alike. ``pip install 'robustmed-lite[dicom]'`` installs both readers.
+
 Conversion policy, the same for every layout:
 
 * One grayscale channel in [0, 1] from any PIL mode. Colour uses the ITU-R 601 luma weights (PIL's own ``L``).
@@ -17,17 +24,33 @@ Conversion policy, the same for every layout:
   [0, 65535], so one file's intensities stay comparable with another's; 12-bit data thus looks dark, as it
   should without a window. Signed or wider integers (raw Hounsfield units) and floats outside [0, 1] have no
   agreed maximum and are min-max scaled per image.
+* DICOM and NIfTI hold Hounsfield units (HU): DICOM stored values become HU by the rescale slope and intercept
+  (NIfTI's scl_slope / scl_inter likewise), and HU become [0, 1] by one lung window for every file,
+  ``(HU - (L - W/2)) / W`` clipped to [0, 1], default W 1500 / L -600 (``window=(W, L)``): -1350 HU and below
+  are 0, +150 HU and above are 1, air (-1000 HU) is 0.233. The file's own window tags are ignored on purpose:
+  they differ between hospitals, which a model would learn. MONOCHROME1 DICOM (lowest value shown white) is
+  inverted after windowing, so that it looks as a viewer shows it. Multi-frame DICOM, files without pixel data
+  and compressed DICOM without an installed decoder are refused with a message that says what to do.
+* NIfTI volumes give their axial slices (the volume axis closest to inferior-superior, ``slice_step`` and
+  ``slice_range`` choose among them, counted from inferior), each in the radiological view of a PNG export:
+  anterior at the top, the patient's right on the left. Slices of one volume share a patient id, so every split
+  keeps a volume whole. ``ImageSet.paths`` names them ``<file>#z=<k>``.
+* Non-finite values (NaN, inf) in a float image or volume are an error naming the file and where they are: NaN
+  defeats min/max scaling and would give an all-black or NaN image.
 * Resized to ``size x size`` (the aspect ratio is not kept, like the usual ``Resize((224, 224))`` the shared copies
   were made with) by Pillow's antialiased bilinear filter, which is correct for shrinking and enlarging alike.
+  Images smaller than ``MIN_SIDE`` pixels on a side (a 1x1 placeholder becomes a flat slice) are loaded and named
+  in one warning.
 * Files without an image extension inside class folders are ignored, counted and reported in one warning (a
-  stray ``notes.txt`` or ``.dcm`` should not stop a notebook, but should not pass unnoticed either); hidden files
-  such as ``.DS_Store`` are skipped silently. A file with an image extension that does not decode is an error.
+  stray ``notes.txt`` should not stop a notebook, but should not pass unnoticed either); hidden files such as
+  ``.DS_Store`` are skipped silently. A file with an image extension that does not decode is an error.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -41,13 +64,20 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .runinfo import progress_options
+
 CLASS_NAMES = ("non-COVID", "COVID")
 LAYOUTS = ("auto", "kaggle", "ucsd", "csv", "folders")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",
-                              ".pnm"})
+PIL_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",
+                            ".pnm"})
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+NIFTI_EXTENSIONS = frozenset({".nii", ".nii.gz"})
+IMAGE_EXTENSIONS = PIL_EXTENSIONS | DICOM_EXTENSIONS | NIFTI_EXTENSIONS
+LUNG_WINDOW = (1500.0, -600.0)  # (width, level) in HU, for DICOM and NIfTI
+MIN_SIDE = 8  # images smaller than this on a side carry no anatomy after resizing: warned about
 # Bump whenever decoding or resizing changes, so that old caches are not reused.
-LOADER_VERSION = 1
+LOADER_VERSION = 2
 KAGGLE_DATASET = "plameneduardo/sarscov2-ctscan-dataset"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 
@@ -79,8 +109,10 @@ class ImageSet:
     Attributes:
         images: float32 tensor (N, 1, S, S) in [0, 1].
         labels: int64 tensor (N,), 0 = non-COVID, 1 = COVID (``CLASS_NAMES``).
-        paths: Absolute file paths, in the (sorted) order of ``images``.
-        patient_ids: One id per image where the layout records them (UCSD ``meta.csv``), else None.
+        paths: Absolute file paths, in the (sorted) order of ``images``; a slice of a NIfTI volume is
+            ``<file>#z=<k>`` (axial slice k, counted from inferior).
+        patient_ids: One id per image where the layout records them (UCSD ``meta.csv``; the volume of a NIfTI
+            slice), else None.
         official_split: 'train' / 'val' / 'test' per image where the layout records one, else None.
         layout: The layout the images were read with.
         root: The folder or CSV they were read from.
@@ -178,6 +210,12 @@ class _Index:
     patient_ids: list[str] | None = None
     official_split: list[str] | None = None
     non_images: tuple[Path, ...] = ()
+    slices: list[int | None] | None = None  # the axial slice of a volume entry, None for 2-D files
+
+    def names(self) -> list[str]:
+        """One name per entry: the file, or ``<file>#z=<k>`` for a slice of a volume."""
+        slices = self.slices or [None] * len(self.paths)
+        return [str(p) if z is None else f"{p}#z={z}" for p, z in zip(self.paths, slices)]
 
 
 def class_of(name: str) -> int | None:
@@ -203,8 +241,31 @@ def _find_class_dirs(root: Path) -> list[tuple[Path, int]]:
     return [(d, label) for d, label in nested if label is not None]
 
 
+def file_kind(path: str | os.PathLike) -> str | None:
+    """'image' (Pillow), 'dicom' or 'nifti' by the file's extension, else None."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz") or name.endswith(".nii"):
+        return "nifti"
+    suffix = Path(name).suffix
+    if suffix in DICOM_EXTENSIONS:
+        return "dicom"
+    return "image" if suffix in PIL_EXTENSIONS else None
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'. Scanners export slices without an extension
+    (IM000001) or as .IMA, so other files in class folders are sniffed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
 def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files and other files below a class folder, both sorted; hidden files are skipped."""
+    """Image files (with DICOM files of any name) and other files below a class folder, both sorted; hidden
+    files are skipped."""
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
@@ -212,7 +273,8 @@ def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+            known = file_kind(path) is not None or _has_dicom_preamble(path)
+            (images if known else others).append(path)
     return sorted(images), sorted(others)
 
 
@@ -420,18 +482,75 @@ def _detect_layout(root: Path) -> str:
     class_dirs = _find_class_dirs(root)
     names = sorted(d.name for d, _ in class_dirs)
     one_parent = len({d.parent for d, _ in class_dirs}) == 1
+    csvs = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
     if names == ["CT_COVID", "CT_NonCOVID"] and one_parent:
-        return "ucsd"
-    if names == ["COVID", "non-COVID"] and class_dirs[0][0].parent == root:
-        return "kaggle"
+        return "ucsd"  # its meta.csv belongs to the layout
     if class_dirs:
+        if csvs:
+            # Both could label the images, and they may disagree: say which one wins and how to pick the other.
+            warnings.warn(f"{root} holds class folders ({', '.join(sorted({d.name for d, _ in class_dirs}))}) and "
+                          f"CSV file(s) ({', '.join(p.name for p in csvs)}): the labels come from the folders and "
+                          f"the CSV is not read. To use an index CSV instead, pass the CSV itself as the root (or "
+                          f"layout='csv'); pass layout='folders' to silence this", stacklevel=4)
+        if names == ["COVID", "non-COVID"] and class_dirs[0][0].parent == root:
+            return "kaggle"
         return "folders"
-    if any(p.is_file() and p.suffix.lower() == ".csv" for p in root.iterdir()):
+    if csvs:
         return "csv"
     raise _no_class_dirs_error(root)
 
 
 _INDEXERS = {"kaggle": _index_kaggle, "ucsd": _index_ucsd, "csv": _index_csv, "folders": _index_folders}
+
+
+def _nifti_axial(path: Path) -> tuple[int, int, bool]:
+    """(the array axis nearest inferior-superior, its number of slices, whether it runs superior to inferior),
+    from the header alone."""
+    nib = _optional("nibabel", path)
+    img = _open_nifti(nib, path)
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 2:
+        return 2, 1, False
+    if len(shape) != 3:
+        raise DataError(f"NIfTI {path} has shape {shape}: load_images reads one 3-D CT volume (or a 2-D slice) per "
+                        "file, not a time series or a stack of volumes. Fix: split it into 3-D volumes (e.g. "
+                        "fslsplit or nibabel) and load those")
+    orientation = nib.orientations.io_orientation(img.affine)
+    axial = np.flatnonzero(orientation[:, 0] == 2)
+    if not len(axial):
+        raise DataError(f"NIfTI {path} has an affine without an inferior-superior axis ({img.affine.tolist()}), so "
+                        "its axial slices are unknown. Fix: re-export it with its orientation (e.g. dcm2niix)")
+    axis = int(axial[0])
+    return axis, shape[axis], bool(orientation[axis, 1] < 0)
+
+
+def _expand_volumes(index: _Index, slice_step: int, slice_range: tuple[int, int] | None) -> None:
+    """Replaces each NIfTI volume of the index by its chosen axial slices (in place). Without patient ids the
+    slices of a volume get the volume as their patient, so that splits keep it whole."""
+    if not any(file_kind(p) == "nifti" for p in index.paths):
+        return
+    paths, labels, slices, patients, splits = [], [], [], [], []
+    for i, path in enumerate(index.paths):
+        chosen = [None]
+        if file_kind(path) == "nifti":
+            _, n, _ = _nifti_axial(path)
+            start, stop = slice_range if slice_range is not None else (None, None)
+            chosen = list(range(n)[start:stop:slice_step])
+            if not chosen:
+                raise DataError(f"NIfTI {path} has {n} axial slices, and slice_range={slice_range}, "
+                                f"slice_step={slice_step} choose none of them. Fix: widen slice_range (counted from "
+                                "0, the most inferior slice)")
+        paths += [path] * len(chosen)
+        labels += [index.labels[i]] * len(chosen)
+        slices += chosen
+        patients += [index.patient_ids[i] if index.patient_ids is not None else str(path)] * len(chosen)
+        if index.official_split is not None:
+            splits += [index.official_split[i]] * len(chosen)
+    index.paths, index.labels, index.slices, index.patient_ids = paths, labels, slices, patients
+    if index.official_split is not None:
+        index.official_split = splits
 
 
 def _build_index(root: Path, layout: str) -> _Index:
@@ -465,13 +584,37 @@ def _scale_float(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
+def _nonfinite(values: np.ndarray) -> str | None:
+    """'k NaN and m inf pixel(s), e.g. at (row r, column c), ...', or None when every value is finite."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    n_nan = int(np.isnan(values).sum())
+    where = "; ".join(f"(row {r}, column {c})" for r, c in np.argwhere(bad)[:3, -2:])
+    return f"{n_nan} NaN and {int(bad.sum()) - n_nan} inf pixel(s), e.g. at {where}"
+
+
+def _refuse_nonfinite(values: np.ndarray, what: str) -> None:
+    report = _nonfinite(values)
+    if report:
+        raise DataError(f"{what} holds {report}: a pixel without a value has no place in [0, 1] (min-max scaling "
+                        "would turn the whole image black or NaN). Fix: re-export it with finite values (e.g. NaN "
+                        "outside the body as air), or delete it (or its CSV row)")
+
+
 def to_gray(img: Image.Image) -> np.ndarray:
-    """One float32 grayscale channel in [0, 1] from a PIL image of any mode (policy in the module docstring)."""
+    """One float32 grayscale channel in [0, 1] from a PIL image of any mode (policy in the module docstring).
+
+    Raises:
+        DataError: A float image with NaN or inf pixels (count and positions in the message).
+    """
     if img.mode.startswith("I"):
         # PIL's own convert('L') clips 16-bit values at 255 instead of scaling them.
         return _scale_integer(np.asarray(img))
     if img.mode == "F":
-        return _scale_float(np.asarray(img))
+        values = np.asarray(img)
+        _refuse_nonfinite(values, "the float image")
+        return _scale_float(values)
     if img.mode in ("1", "L"):
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     # P (with or without transparency), LA, RGB, RGBA, CMYK, YCbCr, ...: PIL knows how to reach RGBA.
@@ -479,15 +622,160 @@ def to_gray(img: Image.Image) -> np.ndarray:
     return (rgba[..., :3] @ _LUMA) * rgba[..., 3]
 
 
-def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """Decodes one image file to a float32 (H, W) array in [0, 1].
+def window_hu(hu: np.ndarray, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """Hounsfield units to [0, 1] by a window (width W, level L): ``(HU - (L - W/2)) / W``, clipped.
+
+    With the default lung window (W 1500, L -600) -1350 HU maps to 0, -600 HU to 0.5 and +150 HU to 1.
+    """
+    width, level = _check_window(window)
+    return np.clip((np.asarray(hu, dtype=np.float64) - (level - width / 2)) / width, 0.0, 1.0).astype(np.float32)
+
+
+def _check_window(window) -> tuple[float, float]:
+    try:
+        width, level = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window takes (width, level) in HU, e.g. (1500, -600), got {window!r}") from None
+    if not (np.isfinite(width) and np.isfinite(level) and width > 0):
+        raise ValueError(f"window takes a finite width > 0 and a finite level in HU, got {window!r}")
+    return width, level
+
+
+def _optional(module: str, path) -> object:
+    """Imports pydicom or nibabel, or says how to install them (naming the file that needs them)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise DataError(f"reading {path} needs {module}, which is not installed. Fix: pip install "
+                        f"'robustmed-lite[dicom]' (pydicom and nibabel), or remove the file") from err
+
+
+def read_dicom(path: str | os.PathLike, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """One DICOM slice as float32 (H, W) in [0, 1]: stored values to HU (rescale slope and intercept), the HU
+    window, MONOCHROME1 inverted (policy in the module docstring).
 
     Raises:
-        DataError: The file cannot be decoded; the message names it.
+        DataError: Not a DICOM file, no pixel data, several frames, colour, a compressed transfer syntax without
+            a decoder, or non-finite values; the message names the file and the fix.
     """
+    pydicom = _optional("pydicom", path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # noqa: BLE001 - pydicom raises InvalidDicomError, EOFError, struct errors, ...
+        raise DataError(f"cannot read DICOM {path}: {type(err).__name__}: {err}. Fix: re-export it from the "
+                        "scanner or PACS as a DICOM Part 10 file, or delete it") from err
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = ds.get("SOPClassUID", None)
+        kind = getattr(kind, "name", kind) or "unknown SOP class"
+        raise DataError(f"DICOM {path} holds no pixel data ({kind}, modality {ds.get('Modality', '?')}): it is not "
+                        "an image but e.g. a report, a DICOMDIR or a presentation state. Fix: remove it from the "
+                        "class folder")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"DICOM {path} is a multi-frame file ({frames} frames); load_images reads one slice per "
+                        "file. Fix: split it into single-frame files (e.g. pydicom or dcmtk), or convert the "
+                        "series to NIfTI (dcm2niix) and load that")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise DataError(f"DICOM {path} has {samples} samples per pixel ({ds.get('PhotometricInterpretation')}): a "
+                        "CT slice has one. Fix: export the original grey CT image, not a rendered screenshot")
+    try:
+        stored = ds.pixel_array
+    except Exception as err:  # noqa: BLE001 - pydicom's decoders raise RuntimeError, NotImplementedError, ...
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if syntax is not None and syntax.is_compressed:
+            raise DataError(f"DICOM {path} is compressed ({syntax.name}) and no installed decoder reads it "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Fix: pip "
+                            "install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm), or "
+                            "decompress the files first (gdcmconv --raw, dcmdjpeg)") from err
+        raise DataError(f"cannot decode the pixel data of DICOM {path}: {type(err).__name__}: {err}. Fix: "
+                        "re-export the file") from err
+    slope = ds.get("RescaleSlope", None)
+    intercept = ds.get("RescaleIntercept", None)
+    hu = np.asarray(stored, dtype=np.float64) * (1.0 if slope is None else float(slope)) + (
+        0.0 if intercept is None else float(intercept))
+    _refuse_nonfinite(hu, f"DICOM {path}")
+    gray = window_hu(hu, window)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        gray = 1.0 - gray
+    return gray
+
+
+def _open_nifti(nib, path: Path):
+    try:
+        return nib.load(str(path))
+    except Exception as err:  # noqa: BLE001 - nibabel raises ImageFileError, EOFError, zlib errors, ...
+        raise DataError(f"cannot read NIfTI {path}: {type(err).__name__}: {err}. Fix: re-export or re-download "
+                        "it, or delete it") from err
+
+
+def read_nifti_slices(path: str | os.PathLike, slices, window: tuple[float, float] = LUNG_WINDOW) -> list[np.ndarray]:
+    """Axial slices of a NIfTI volume as float32 (H, W) arrays in [0, 1], each read once from one pass over the
+    file: values in HU (the header's scl_slope / scl_inter applied), the HU window, the radiological view (module
+    docstring).
+
+    Args:
+        path: A ``.nii`` or ``.nii.gz`` file.
+        slices: Axial indices, 0 = the most inferior slice.
+        window: (width, level) in HU.
+
+    Raises:
+        DataError: An unreadable file, a 4-D volume, a slice outside it, or non-finite values.
+    """
+    path = Path(path)
+    nib = _optional("nibabel", path)
+    axis, n, flipped = _nifti_axial(path)
+    img = _open_nifti(nib, path)
+    try:
+        proxy = img.dataobj
+        raw = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+    except Exception as err:  # noqa: BLE001 - a truncated .nii.gz fails only here
+        raise DataError(f"cannot read the voxels of NIfTI {path}: {type(err).__name__}: {err}. Fix: re-export or "
+                        "re-download it") from err
+    # Scaled per slice rather than as a whole: a float64 copy of a 600-slice volume would take gigabytes.
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    slope = float(slope) if slope is not None and np.isfinite(slope) else 1.0
+    inter = float(inter) if inter is not None and np.isfinite(inter) else 0.0
+    if raw.ndim == 4:
+        raw = raw[..., 0]
+    if raw.ndim == 2:
+        raw = raw[:, :, None]
+    orientation = nib.orientations.io_orientation(img.affine)
+    out = []
+    for z in slices:
+        if not 0 <= z < n:
+            raise DataError(f"NIfTI {path} has {n} axial slices; slice {z} does not exist")
+        k = n - 1 - z if flipped else z
+        plane = np.take(raw, [k], axis=axis).astype(np.float64) * slope + inter
+        # Into RAS+ (array axes x to the patient's right, y anterior, z superior), then rows anterior ->
+        # posterior and columns right -> left: the way a radiologist (and every PNG export) shows an axial slice.
+        plane = nib.orientations.apply_orientation(plane, orientation)[:, :, 0]
+        hu = plane.T[::-1, ::-1]
+        _refuse_nonfinite(hu, f"NIfTI {path} slice {z}")
+        out.append(window_hu(hu, window))
+    return out
+
+
+def read_gray(path: str | os.PathLike, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """Decodes one image file (Pillow formats or a DICOM slice) to a float32 (H, W) array in [0, 1].
+
+    Args:
+        path: The file.
+        window: (width, level) in HU for DICOM.
+
+    Raises:
+        DataError: The file cannot be decoded or holds non-finite values; the message names it.
+    """
+    if file_kind(path) == "nifti":
+        raise DataError(f"{path} is a NIfTI volume, not one slice. Fix: read it with read_nifti_slices or "
+                        "load_images")
+    if file_kind(path) == "dicom" or (file_kind(path) is None and _has_dicom_preamble(Path(path))):
+        return read_dicom(path, window)
     try:
         with Image.open(path) as img:
             return to_gray(img)
+    except DataError as err:
+        raise DataError(f"image {path}: {err}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path}: {err}. Fix: re-download or re-export the file, or delete "
                         "it (or its CSV row)") from err
@@ -501,28 +789,64 @@ def _resize(gray: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    return _resize(read_gray(path), size)
+def _decode(path: Path, size: int, window=LUNG_WINDOW) -> tuple[np.ndarray, tuple[int, int]]:
+    """One 2-D file, resized, with its original shape."""
+    gray = read_gray(path, window)
+    return _resize(gray, size), gray.shape
 
 
-def _decode_all(paths: list[Path], size: int, progress: bool) -> torch.Tensor:
-    """Decodes in a thread pool: Pillow releases the GIL while decoding and resampling."""
+def _decode_job(job: tuple[Path, list[int | None]], size: int, window) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """A file's resized slices with their original shapes: one for a 2-D file, the chosen ones of a volume."""
+    path, slices = job
+    if slices == [None]:
+        return [_decode(path, size, window)]
+    return [(_resize(g, size), g.shape) for g in read_nifti_slices(path, slices, window)]
+
+
+def _decode_all(index: _Index, size: int, window, progress: bool) -> tuple[torch.Tensor, list[list]]:
+    """Decodes in a thread pool (Pillow releases the GIL while decoding and resampling); a volume is one task.
+
+    Returns:
+        The images, and ``[name, height, width]`` of each image smaller than ``MIN_SIDE`` on a side.
+    """
     # Filled with NumPy: a torch copy per image wakes torch's intra-op threads and can cost milliseconds each.
-    images = np.empty((len(paths), 1, size, size), dtype=np.float32)
+    images = np.empty((len(index.paths), 1, size, size), dtype=np.float32)
+    names = index.names()
+    slices = index.slices or [None] * len(index.paths)
+    jobs, starts = [], []
+    for i, (path, z) in enumerate(zip(index.paths, slices)):
+        if z is not None and jobs and jobs[-1][0] == path and jobs[-1][1][0] is not None:
+            jobs[-1][1].append(z)  # the slices of one volume are adjacent in the sorted index
+        else:
+            jobs.append((path, [z]))
+            starts.append(i)
     workers = min(8, 2 * (os.cpu_count() or 1))
-    bar = tqdm(total=len(paths), desc=f"decoding {size}px", unit="img", disable=not progress)
+    tiny = []
+    bar = tqdm(total=len(index.paths), desc=f"decoding {size}px", unit="img", **progress_options(progress))
     with ThreadPoolExecutor(workers) as pool:
         try:
-            for i, gray in enumerate(pool.map(_decode, paths, [size] * len(paths))):
-                images[i, 0] = gray
-                bar.update()
+            for start, decoded in zip(starts, pool.map(_decode_job, jobs, [size] * len(jobs),
+                                                       [window] * len(jobs))):
+                for offset, (gray, shape) in enumerate(decoded):
+                    images[start + offset, 0] = gray
+                    if min(shape) < MIN_SIDE:
+                        tiny.append([names[start + offset], int(shape[0]), int(shape[1])])
+                bar.update(len(decoded))
         except BaseException:
             # Without this a corrupt file would wait for every queued decode before it is reported.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             bar.close()
-    return torch.from_numpy(images)
+    return torch.from_numpy(images), tiny
+
+
+def _warn_tiny(tiny: list[list], size: int) -> None:
+    if tiny:
+        shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in tiny[:5])
+        warnings.warn(f"{len(tiny)} image(s) smaller than {MIN_SIDE} px on a side were enlarged to {size}x{size} and "
+                      f"hold no anatomy: {shown}{', ...' if len(tiny) > 5 else ''}. Fix: replace them with the real "
+                      "slices or delete them", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -532,17 +856,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ROBUSTMED_CACHE") or Path.home() / ".cache" / "robustmed_lite").expanduser()
 
 
-def _cache_key(index: _Index, size: int) -> str:
-    files = []
-    for path in index.paths:
-        stat = path.stat()
-        files.append([str(path), stat.st_size, stat.st_mtime_ns])
+def _cache_key(index: _Index, size: int, window) -> str:
+    files, stats = [], {}
+    for path, name in zip(index.paths, index.names()):
+        if path not in stats:
+            stat = path.stat()
+            stats[path] = (stat.st_size, stat.st_mtime_ns)
+        files.append([name, *stats[path]])
     record = {"layout": index.layout, "size": size, "version": LOADER_VERSION, "files": files}
+    if any(file_kind(p) != "image" for p in stats):  # the window changes DICOM and NIfTI pixels only
+        record["window"] = list(_check_window(window))
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
-def _read_cache(file: Path, key: str, paths: list[str]) -> tuple[torch.Tensor | None, bool]:
-    """The cached images, and whether ``file`` may be written (it must not exist: never clobber a stranger)."""
+def _read_cache(file: Path, key: str, paths: list[str]) -> tuple[dict | None, bool]:
+    """The cached payload, and whether ``file`` may be written (it must not exist: never clobber a stranger)."""
     if not file.exists():
         return None, True
     try:
@@ -554,17 +882,17 @@ def _read_cache(file: Path, key: str, paths: list[str]) -> tuple[torch.Tensor | 
             and payload.get("paths") == paths):
         warnings.warn(f"{file} is not this data's cache; leaving it alone and decoding afresh", stacklevel=3)
         return None, False
-    return payload["images"], False
+    return payload, False
 
 
-def _write_cache(file: Path, key: str, paths: list[str], images: torch.Tensor) -> None:
+def _write_cache(file: Path, key: str, paths: list[str], images: torch.Tensor, tiny: list[list]) -> None:
     """Writes to a temporary file and renames it, so a crash never leaves half a cache behind."""
     tmp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + "-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": _CACHE_FORMAT, "key": key, "paths": paths, "images": images}, f)
+            torch.save({"format": _CACHE_FORMAT, "key": key, "paths": paths, "images": images, "tiny": tiny}, f)
         if file.exists():  # written meanwhile by someone else: keep theirs
             return
         os.replace(tmp, file)
@@ -579,48 +907,64 @@ def _write_cache(file: Path, key: str, paths: list[str], images: torch.Tensor) -
 # ----------------------------------------------------------------------------------------------- public API
 
 def load_images(root: str | os.PathLike, size: int, *, layout: str = "auto", cache: bool = True,
-                cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ImageSet:
-    """Loads a lung-CT slice collection as one-channel tensors.
+                cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                window: tuple[float, float] = LUNG_WINDOW, slice_step: int = 1,
+                slice_range: tuple[int, int] | None = None) -> ImageSet:
+    """Loads a lung-CT slice collection (2-D images, DICOM slices, NIfTI volumes) as one-channel tensors.
 
-    Files without an image extension inside class folders are skipped and reported in one ``UserWarning``
-    (policy in the module docstring).
+    Files without an image extension inside class folders are skipped and reported in one ``UserWarning``, and
+    so are images smaller than ``MIN_SIDE`` px (policy in the module docstring).
 
     Args:
         root: Folder of the data set, or an index CSV.
         size: Output side in pixels; every image becomes ``size x size``.
         layout: One of ``LAYOUTS``; ``"auto"`` detects it (UCSD folders, then Kaggle, then any class folders,
             then a single index CSV).
-        cache: Reuse and store decoded tensors, keyed by layout, files (with sizes and mtimes), size and
+        cache: Reuse and store decoded tensors, keyed by layout, files (with sizes and mtimes), size, window and
             ``LOADER_VERSION``; an entry takes 4 bytes a pixel (475 MiB for the Soares set at 224 px).
         cache_dir: Where the cache lives; default ``default_cache_dir()``.
         progress: Show a progress bar while decoding.
+        window: (width, level) in HU that maps DICOM and NIfTI values to [0, 1]; default the lung window.
+        slice_step: NIfTI: every k-th axial slice.
+        slice_range: NIfTI: ``(start, stop)`` axial slices, counted from 0 = the most inferior, stop excluded
+            (Python slicing); None: all.
 
     Returns:
-        An ImageSet in sorted path order.
+        An ImageSet in sorted path order (a volume's slices inferior to superior).
 
     Raises:
-        DataError: A missing folder, an empty class folder, an unreadable image, a bad CSV or split list, or an
-            unknown layout; the message names the file and the fix.
+        DataError: A missing folder, an empty class folder, an unreadable image, non-finite pixels, a bad CSV or
+            split list, or an unknown layout; the message names the file and the fix.
+        ValueError: A bad ``size``, ``window``, ``slice_step`` or ``slice_range``.
     """
-    if int(size) != size or size < 1:
+    if isinstance(size, bool) or int(size) != size or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
     size = int(size)
+    _check_window(window)
+    if isinstance(slice_step, bool) or int(slice_step) != slice_step or slice_step < 1:
+        raise ValueError(f"slice_step takes an integer >= 1 (every k-th slice), got {slice_step!r}")
+    if slice_range is not None and (len(slice_range) != 2 or any(int(v) != v for v in slice_range)):
+        raise ValueError(f"slice_range takes (start, stop) axial slice indices, got {slice_range!r}")
     root = Path(root).expanduser().resolve()
     index = _build_index(root, layout)
     if index.non_images:
         names = ", ".join(p.name for p in index.non_images[:3])
         warnings.warn(f"ignored {len(index.non_images)} non-image file(s) in the class folders under {root}, e.g. "
                       f"{names} (image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})", stacklevel=2)
-    paths = [str(p) for p in index.paths]
-    images, file, writable = None, None, False
+    _expand_volumes(index, int(slice_step), None if slice_range is None else tuple(int(v) for v in slice_range))
+    paths = index.names()
+    payload, file, writable = None, None, False
     if cache:
-        key = _cache_key(index, size)
+        key = _cache_key(index, size, window)
         file = Path(cache_dir or default_cache_dir()).expanduser() / f"{index.layout}-{size}px-{key[:20]}.pt"
-        images, writable = _read_cache(file, key, paths)
-    if images is None:
-        images = _decode_all(index.paths, size, progress)
+        payload, writable = _read_cache(file, key, paths)
+    if payload is not None:
+        images, tiny = payload["images"], payload.get("tiny", [])
+    else:
+        images, tiny = _decode_all(index, size, window, progress)
         if writable:
-            _write_cache(file, key, paths, images)
+            _write_cache(file, key, paths, images, tiny)
+    _warn_tiny(tiny, size)
     return ImageSet(images, torch.tensor(index.labels, dtype=torch.int64), paths, index.patient_ids,
                     index.official_split, index.layout, root)
 
@@ -633,7 +977,7 @@ def load_covid19c(root: str | os.PathLike, size: int, **kwargs) -> dict[str, Ima
     Args:
         root: The folder holding the subset folders.
         size: Output side in pixels.
-        **kwargs: Passed to ``load_images`` (cache, cache_dir, progress).
+        **kwargs: Passed to ``load_images`` (cache, cache_dir, progress, window, ...).
 
     Returns:
         Subset name -> ImageSet, in name order.

@@ -11,6 +11,7 @@ correct clean and under every listed attack.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -20,20 +21,39 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import Attack, eval_mode, parse_eps
+from .attacks import Attack, check_finite, eval_mode, parse_eps
+from .runinfo import progress_options
 
 POSITIVE_CLASS = 1  # COVID
-TABLE_COLUMNS = ("condition", "attack", "norm", "eps", "eps_value", "steps", "n", "accuracy", "auc", "sensitivity",
-                 "specificity", "f1", "seconds")
+TABLE_COLUMNS = ("condition", "attack", "norm", "eps", "eps_value", "steps", "n", "n_covid", "n_noncovid", "accuracy",
+                 "auc", "sensitivity", "specificity", "f1", "seconds", "note")
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` in eval mode over a tensor of images, batch by batch; restores the modes."""
+    """Logits of ``model`` in eval mode over a tensor of images, batch by batch; restores the modes.
+
+    Raises:
+        ValueError: Non-finite images, or a model that returns non-finite logits (both would silently become
+            class 0 under ``argmax``); the message gives their count and positions.
+    """
     device = model_device(model)
+    out = []
     with eval_mode(model):
-        out = [model(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            check_finite(batch, "the images", first_index=i)
+            out.append(model(batch.to(device)).float().cpu())
+            _check_logits(out[-1], i)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _check_logits(logits: torch.Tensor, first_index: int) -> None:
+    bad = (~torch.isfinite(logits)).any(1).nonzero().squeeze(1)
+    if len(bad):
+        raise ValueError(f"the model returned non-finite logits for {len(bad)} image(s), first "
+                         f"{(bad[:5] + first_index).tolist()}. Fix: its weights are probably NaN (a diverged run: "
+                         "lower the learning rate) or the checkpoint is damaged")
 
 
 def adversarial_examples(model: nn.Module, attack: Callable, images: torch.Tensor, labels: torch.Tensor,
@@ -46,7 +66,13 @@ def adversarial_examples(model: nn.Module, attack: Callable, images: torch.Tenso
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy in eval mode."""
+    """Top-1 accuracy in eval mode.
+
+    Raises:
+        ValueError: Non-finite images or logits (see ``predict_logits``), or not one label per image.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return (predict_logits(model, images, batch_size).argmax(1) == labels.cpu()).float().mean().item()
 
 
@@ -81,6 +107,35 @@ def clinical_metrics(labels, probs) -> dict[str, float]:
         f1 = f1_score(labels, pred, labels=np.arange(k), average="macro", zero_division=0)
     return {"accuracy": float((pred == labels).mean()) if len(labels) else float("nan"), "auc": float(auc),
             "sensitivity": float(sens), "specificity": float(spec), "f1": float(f1)}
+
+
+def class_counts(labels) -> tuple[int, int]:
+    """(COVID, non-COVID) counts of binary labels."""
+    labels = np.asarray(labels).reshape(-1)
+    return int((labels == POSITIVE_CLASS).sum()), int((labels == 1 - POSITIVE_CLASS).sum())
+
+
+def undefined_metrics_note(labels, k: int = 2) -> str:
+    """Why some clinical metrics of ``clinical_metrics`` are NaN (or meaningless) for these labels, or ''.
+
+    With one class present AUC is undefined (it ranks positives against negatives), so is specificity (no
+    negatives) or sensitivity (no positives), and accuracy is just the recall of the class that is there.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not len(labels):
+        return "no images"
+    present = set(np.unique(labels).tolist())
+    if k == 2 and len(present) == 1:
+        only = present.pop()
+        if only == POSITIVE_CLASS:
+            return (f"only COVID images ({len(labels)}): AUC and specificity are undefined (NaN), accuracy is the "
+                    "sensitivity")
+        return (f"only non-COVID images ({len(labels)}): AUC and sensitivity are undefined (NaN), F1 is 0 by "
+                "convention, accuracy is the specificity")
+    missing = sorted(set(range(k)) - present)
+    if missing:
+        return f"classes {missing} absent ({len(labels)} images): AUC is undefined (NaN)"
+    return ""
 
 
 def _batches(data, batch_size: int) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int | None]:
@@ -125,8 +180,13 @@ def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *
     Returns:
         A DataFrame with columns ``TABLE_COLUMNS``: rows ``clean``, one per attack, and ``worst case`` (with two
         or more attacks). ``eps`` is k/255 text (L2: plain), ``eps_value`` the float; ``steps`` counts gradient
-        steps; ``seconds`` is the wall time of the attack and its prediction. Binary metrics treat class 1
-        (COVID) as positive; with k classes they are macro averages (``df.attrs["average"]``).
+        steps; ``seconds`` is the wall time of the attack and its prediction; ``n_covid`` and ``n_noncovid``
+        count the classes; ``note`` says why a metric is undefined (one class present; also warned), else ''.
+        Binary metrics treat class 1 (COVID) as positive; with k classes they are macro averages
+        (``df.attrs["average"]``).
+
+    Raises:
+        ValueError: No samples, reserved condition names, or non-finite images (count and positions given).
     """
     attacks = dict(attacks or {})
     if "clean" in attacks or "worst case" in attacks:
@@ -136,13 +196,16 @@ def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *
     probs, labels = {name: [] for name in names}, []
     n_correct, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
     batches, total = _batches(data, batch_size)
-    bar = tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False)
+    bar = tqdm(batches, total=total, desc="evaluate", leave=False, **progress_options(progress))
     seen = 0
     with eval_mode(model):
         for x, y in bar:
+            check_finite(x, "the evaluated images", first_index=seen)
             x, y = x.to(device), y.to(device).long()
             with torch.no_grad():
-                clean = model(x).float().softmax(1)
+                logits = model(x).float()
+            _check_logits(logits, seen)
+            clean = logits.softmax(1)
             correct = (clean.argmax(1) == y).nonzero().squeeze(1)
             probs["clean"].append(clean.cpu())
             n_correct["clean"] += len(correct)
@@ -179,6 +242,12 @@ def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *
                      "seconds": sum(seconds.values())})
     table = pd.DataFrame(rows).reindex(columns=list(TABLE_COLUMNS))
     table["n"] = len(y_all)
+    table["n_covid"], table["n_noncovid"] = class_counts(y_all)
+    note = undefined_metrics_note(y_all, probs["clean"].shape[1])
+    table["note"] = note
+    if note:
+        warnings.warn(f"evaluate: {note}. Evaluate on a sample with both classes (data.stratified_subset)",
+                      stacklevel=2)
     table.attrs["average"] = "binary, positive class 1 (COVID)" if probs["clean"].shape[1] == 2 else "macro"
     return table
 

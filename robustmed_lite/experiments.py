@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf, format_eps, parse_eps
 from .config import load_config
 from .adapt import adapt as adapt_model
 from .preprocess import load_domain, prepare, source_size
+from .data import stratified_subset
 from .evaluate import accuracy, adversarial_examples, evaluate
 from .trainer import Trainer, build_data, model_from_checkpoint
 
@@ -47,9 +49,18 @@ def _evaluation_splits(cfg):
     return build_data(cfg.resolve())
 
 
+def subsample(images, labels, n: int | None, seed: int = 0):
+    """``(images, labels)`` reduced to a seeded stratified sample of ``n`` (``data.stratified_subset``): the
+    first n images of a folder layout are sorted by class, so they would all be COVID. None keeps them all."""
+    if n is None:
+        return images, labels
+    idx = torch.from_numpy(stratified_subset(labels.numpy(), n, seed=seed))
+    return images[idx], labels[idx]
+
+
 def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", "pgd10", "pgd50", "apgd", "cw"),
                         eps=None, n: int | None = None, data: str | None = None, adapt: str = "none",
-                        progress: bool = True):
+                        progress: bool = True, seed: int = 0):
     """Evaluation table of a checkpoint on its run's val/test/shift split (rebuilt from its config) or on
     another data root, optionally after test-time adaptation to those images.
 
@@ -58,12 +69,16 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
         split: 'val', 'test' or 'shift' (the other phantom site / the run's ``ood_data``).
         attacks: Names for ``attack_suite``.
         eps: Attack radius; default the one the model was trained with.
-        n: Evaluate the first n images only.
+        n: Evaluate a seeded stratified sample of n images (both classes in proportion); None: all.
         data: A data root (or ``root:test`` for one split of it) to evaluate on instead, prepared as the run's
             own data (lung crop, intensity standardisation).
         adapt: ``none``, ``adabn`` or ``tent``: adapt a copy of the model to the evaluated images first (their
             labels are never passed to it; the checkpoint is not modified).
         progress: Progress bars.
+        seed: Seed of the ``n`` sample.
+
+    Returns:
+        ``evaluate``'s table (with ``n_covid`` and ``n_noncovid``), and ``attrs["sample"]`` describing the images.
     """
     model, cfg = model_from_checkpoint(path)
     if data is not None:
@@ -75,11 +90,15 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
         if chosen is None:
             raise ValueError("the run has no shifted test set: train with --ood_data, or pass --data")
         images, labels = chosen
-    if n is not None:
-        images, labels = images[:n], labels[:n]
+    total = len(labels)
+    images, labels = subsample(images, labels, n, seed)
+    suite = attack_suite(cfg.eps if eps is None else eps, attacks)  # bad names fail before any adaptation
     model = adapt_model(model, images, adapt)
-    suite = attack_suite(cfg.eps if eps is None else eps, attacks)
-    return evaluate(model, (images, labels), suite, progress=progress)
+    table = evaluate(model, (images, labels), suite, progress=progress)
+    where = data if data is not None else f"the run's {split} split"
+    table.attrs["sample"] = (f"{len(labels)} of {total} images of {where}" + (
+        f", a stratified sample (seed {seed})" if len(labels) < total else ""))
+    return table
 
 
 def train_or_load(method: str, preset: str = "cpu-demo", root: str = "runs/book", seed: int = 0,
@@ -150,9 +169,10 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
         out_dir: Where the CSVs and figures go.
         corruptions: Names (default all of ``corruptions.CORRUPTIONS``).
         severities: Severities to run.
-        n: Use the first n test images only.
+        n: Score a seeded stratified sample of n images of the test split and of the shifted split (both
+            classes in proportion; ``shift.csv`` has ``n_covid`` and ``n_noncovid``); None: all.
         covid19c: A COVID19-C root (subset folders with index CSVs) to add as shift domains.
-        seed: Seed of the corruptions.
+        seed: Seed of the corruptions and of the ``n`` samples.
         progress: Progress bars.
 
     Returns:
@@ -179,10 +199,10 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
                              "suite compares models on one test split. Fix: pass checkpoints of runs that share "
                              "their data settings")
     splits = _evaluation_splits(cfg)
-    x, y = splits.test if n is None else (t[:n] for t in splits.test)
+    x, y = subsample(*splits.test, n, seed)
     domains = {f"{cfg.data} test": (x, y)}
     if splits.shift is not None:
-        domains[splits.shift_name] = splits.shift if n is None else tuple(t[:n] for t in splits.shift)
+        domains[splits.shift_name] = subsample(*splits.shift, n, seed)
     if covid19c:
         size = source_size(cfg.img_size, cfg.lung_crop)
         for name, subset in load_covid19c(covid19c, size, progress=progress).items():

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .corruptions import CORRUPTIONS, FAMILY_OF, corrupt
-from .evaluate import clinical_metrics, model_device, predict_logits
+from .evaluate import class_counts, clinical_metrics, model_device, predict_logits, undefined_metrics_note
+from .runinfo import progress_options
 
 
 def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
@@ -43,7 +44,7 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
     device = model_device(next(iter(models.values())))
     conditions = [("clean", 0)] + [(c, s) for c in corruptions for s in severities]
     rows = []
-    for name, severity in tqdm(conditions, desc="corruptions", disable=not progress, leave=False):
+    for name, severity in tqdm(conditions, desc="corruptions", leave=False, **progress_options(progress)):
         correct = dict.fromkeys(models, 0)
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
@@ -110,14 +111,24 @@ def shift_table(models: dict[str, nn.Module], domains: dict[str, tuple[torch.Ten
         domains: Name -> (images, labels), e.g. {"site A (test)": ..., "site B": ...}.
         source: The in-distribution domain (default: the first).
         batch_size: Inference batch size.
+
+    Returns:
+        One row per model and domain: n, n_covid, n_noncovid, the clinical metrics, ``note`` (why a metric is
+        undefined on a domain with one class, also warned; else '') and ``drop_from_source``.
     """
     source = source or next(iter(domains))
     rows = []
+    for domain, (_, y) in domains.items():
+        note = undefined_metrics_note(y.numpy())
+        if note:
+            warnings.warn(f"shift table, domain {domain!r}: {note}", stacklevel=2)
     for model_name, model in models.items():
         for domain, (x, y) in domains.items():
             probs = predict_logits(model, x, batch_size).softmax(1).numpy()
-            rows.append({"model": model_name, "domain": domain, "n": len(y),
-                         **clinical_metrics(y.numpy(), probs)})
+            n_covid, n_noncovid = class_counts(y.numpy())
+            rows.append({"model": model_name, "domain": domain, "n": len(y), "n_covid": n_covid,
+                         "n_noncovid": n_noncovid, **clinical_metrics(y.numpy(), probs),
+                         "note": undefined_metrics_note(y.numpy(), probs.shape[1])})
     table = pd.DataFrame(rows)
     src = table[table["domain"] == source].set_index("model")["accuracy"]
     table["drop_from_source"] = src.reindex(table["model"]).to_numpy() - table["accuracy"]

@@ -1,4 +1,4 @@
-"""Seeds, devices and the record of what a run used (config, seed, versions)."""
+"""Seeds, devices, progress bars and the record of what a run used (config, seed, versions)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,42 @@ def flush_denormal() -> Iterator[None]:
     finally:
         if changed:
             torch.set_flush_denormal(False)
+
+
+# Seconds between redraws of a progress bar that writes to a log file or pipe instead of a terminal.
+LOG_PROGRESS_INTERVAL = 60.0
+
+
+def progress_options(enabled: bool = True, stream=None) -> dict:
+    """Keyword arguments for every ``tqdm`` bar of the package.
+
+    A terminal redraws a bar in place; a log file or a pipe (CI, ``nohup``, a job scheduler) keeps every redraw,
+    and a bar refreshed ten times a second fills it with thousands of lines. There the bar redraws at most every
+    ``LOG_PROGRESS_INTERVAL`` seconds. Notebook bars (widgets) are left alone.
+
+    Args:
+        enabled: False disables the bar.
+        stream: Where the bar writes (default ``sys.stderr``, as tqdm does).
+    """
+    if not enabled:
+        return {"disable": True}
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        terminal = bool(isatty()) if isatty is not None else False
+    except (OSError, ValueError):  # a closed or detached stream
+        terminal = False
+    if terminal or _in_notebook():
+        return {"disable": False}
+    return {"disable": False, "mininterval": LOG_PROGRESS_INTERVAL, "maxinterval": LOG_PROGRESS_INTERVAL * 10}
+
+
+def _in_notebook() -> bool:
+    """Whether tqdm.auto draws notebook widgets here (a Jupyter kernel with ipywidgets)."""
+    from tqdm.auto import tqdm
+
+    # tqdm.auto's class derives from the notebook bar inside a Jupyter kernel, from the text bar elsewhere.
+    return any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
 
 
 def get_device(name: str | None = None) -> torch.device:

@@ -17,9 +17,11 @@ on a CPU. The run directory records the config, the seed, the library versions a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from .attacks import PGD, FeedbackPGD
 from .config import TrainConfig
 from .augment import acquisition_augment
-from .data import SPLITS, load_images
+from .data import CLASS_NAMES, SPLITS, DataError, load_images
 from .dataset import PriorDataset
 from .evaluate import accuracy, model_device
 from .models import create_model
@@ -41,9 +43,17 @@ from .perturbation import WeightPerturbation
 from .phantom import make_phantom_dataset
 from .preprocess import domain_label, load_domain, prepare, source_size
 from .prior import lung_prior
-from .runinfo import environment_info, get_device, seed_everything
+from .runinfo import environment_info, get_device, progress_options, seed_everything
 
 CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
+# What each use of a checkpoint reads from it.
+MODEL_KEYS = ("model", "config")
+RESUME_KEYS = ("model", "config", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best")
+MIN_EVAL_PER_CLASS = 10  # fewer images of a class in a validation or test split give meaningless rates
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a robustmed_lite checkpoint; the message names it and the cause."""
 
 
 @dataclass
@@ -112,10 +122,43 @@ def build_data(cfg: TrainConfig) -> DataSplits:
         train = tuple(torch.cat([a, b]) for a, b in zip(train, extra["train"]))
         val = tuple(torch.cat([a, b]) for a, b in zip(val, extra["val"]))
         extra_test, extra_name = extra["test"], f"{Path(cfg.extra_data).name} (test)"
+    check_split_classes({"train": train[1], "val": val[1], "test": test[1]}, cfg.data, cfg.extra_data)
     # Training never reads the phantom's masks, so the dataset does not gather and flip them every batch.
     dataset = PriorDataset(*train, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed,
                            prior_kwargs=prior_kwargs, sites=sites if cfg.site_balanced else None)
     return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
+
+
+def check_split_classes(labels: dict, data: str = "the data", extra: str | None = None) -> None:
+    """Refuses a training split without both classes; warns when a validation or test split holds fewer than
+    ``MIN_EVAL_PER_CLASS`` images of a class.
+
+    Misnamed class folders (both classes under one alias, or one folder missing) would otherwise train a model
+    that always answers the same, and every later AUC would be NaN.
+
+    Args:
+        labels: Split name -> label tensor (``train`` is required, ``val`` and ``test`` optional).
+        data: The data's name for the messages.
+        extra: The pooled site (``extra_data``), named in the messages where set.
+
+    Raises:
+        DataError: The training split lacks a class.
+    """
+    source = data if extra is None else f"{data} + {extra}"
+    counts = {name: torch.bincount(torch.as_tensor(y).long().reshape(-1), minlength=2)[:2].tolist()
+              for name, y in labels.items() if y is not None}
+    train = counts["train"]
+    if min(train) == 0:
+        held = ", ".join(f"{n} {CLASS_NAMES[c]}" for c, n in enumerate(train) if n)
+        raise DataError(f"the training split of {source} holds only {held or 'no'} images: a classifier needs both "
+                        f"classes ({CLASS_NAMES[0]} and {CLASS_NAMES[1]}). Fix: check the class folder names "
+                        "(COVID/, non-COVID/ or the aliases in the README) or the CSV's label column")
+    for name in ("val", "test"):
+        if name in counts and min(counts[name]) < MIN_EVAL_PER_CLASS:
+            shown = ", ".join(f"{n} {CLASS_NAMES[c]}" for c, n in enumerate(counts[name]))
+            warnings.warn(f"the {name} split of {source} holds {shown}: fewer than {MIN_EVAL_PER_CLASS} images of a "
+                          "class make its accuracy, sensitivity and specificity noisy (or undefined). Use more "
+                          "data or a larger --val_fraction / --test_fraction", stacklevel=3)
 
 
 def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
@@ -162,11 +205,15 @@ class Trainer:
         self.device = get_device(cfg.device)
         self.cuda = self.device.type == "cuda"
         self.run_dir = cfg.run_dir()
-        self._prepare_run_dir(resume)
+        # Everything that can fail is checked before the run directory is made, so that a failed start (a bad
+        # model name, unusable data, a checkpoint that does not fit) leaves no half-made run behind.
+        last = self._check_run_dir(resume)
         self.data = data or build_data(cfg)
+        if data is not None:
+            check_split_classes({"train": data.train.labels, "val": data.val[1], "test": data.test[1]}, cfg.data)
         self.model = create_model(cfg.model, num_classes=2, img_size=cfg.img_size, pretrained=cfg.pretrained)
         if cfg.init_from:
-            self.model.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+            _load_weights(self.model, load_checkpoint(cfg.init_from, required=("model",)), cfg.init_from)
         self.model.to(self.device)
         if self.cuda and cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -180,19 +227,35 @@ class Trainer:
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
         if resume:
-            self._load_last()
+            self._load_last(last)
+        else:
+            self._write_run_dir()
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool) -> dict | None:
+        """Refuses to overwrite a run, or to resume one that is missing or has other settings (before any data
+        is built); returns the last checkpoint when resuming."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FileExistsError(f"--out_dir {self.run_dir} is a file. Fix: choose another --out_dir")
         existing = [c for c in CHECKPOINTS if (self.run_dir / c).exists()]
         if resume and "last.pt" not in existing:
-            raise FileNotFoundError(f"cannot resume: {self.run_dir / 'last.pt'} does not exist")
+            raise FileNotFoundError(f"cannot resume: {self.run_dir / 'last.pt'} does not exist. Fix: drop --resume "
+                                    "to start the run, or pass the --out_dir of the run to continue")
         if existing and not resume:
             raise FileExistsError(f"{self.run_dir} already holds {existing}: pass --resume to continue that run, "
                                   "or choose another --out_dir")
+        if not resume:
+            return None
+        state = load_checkpoint(self.run_dir / "last.pt", required=RESUME_KEYS)
+        changed = config_differences(state["config"], self.cfg)
+        if changed:
+            raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
+                             "mix two configs; choose another --out_dir")
+        return state
+
+    def _write_run_dir(self) -> None:
+        """The new run's directory and record; a resumed run keeps its own (fit() notes each resumption)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:  # the run's own record stays; fit() notes each resumption that trains beside it
-            return
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         (self.run_dir / "env.json").write_text(json.dumps(_run_record(self.cfg), indent=2))
 
@@ -299,7 +362,7 @@ class Trainer:
             totals, count = {}, 0
             batches = self.data.train.batches(cfg.batch_size, epoch=epoch)
             bar = tqdm(batches, total=self.steps_per_epoch, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
-                       disable=not cfg.progress, leave=False)
+                       leave=False, **progress_options(cfg.progress))
             for batch_index, (x, x_aug, y, *_) in enumerate(bar):
                 stats = self.train_step(x, x_aug, y, epoch, attack, batch_index)
                 for k, v in stats.items():
@@ -340,13 +403,8 @@ class Trainer:
         _atomic_save(state, self.run_dir / "last.pt")
         _append_log(self.run_dir, row)
 
-    def _load_last(self) -> None:
-        state = load_checkpoint(self.run_dir / "last.pt")
-        changed = config_differences(state["config"], self.cfg)
-        if changed:
-            raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
-                             "mix two configs; choose another --out_dir")
-        self.model.load_state_dict(state["model"])
+    def _load_last(self, state: dict) -> None:
+        _load_weights(self.model, state, self.run_dir / "last.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -385,21 +443,86 @@ def _append_log(run_dir: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Loads a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
+def load_checkpoint(path: str | Path, map_location="cpu", required: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Loads a checkpoint with ``weights_only=True`` (no arbitrary code from pickles).
+
+    Args:
+        path: A file written by the trainer.
+        map_location: Where tensors go.
+        required: Keys the caller reads (``MODEL_KEYS``; ``RESUME_KEYS`` to resume; ``("model",)`` for weights).
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: A folder, an empty file, a file torch cannot read (text, random bytes, a truncated
+            download, a pickle with code in it), or one without the required keys: "X is not a robustmed_lite
+            checkpoint (<why>): <cause>".
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise FileNotFoundError(f"checkpoint {path} does not exist. Fix: pass a .pt file a training run wrote "
+                                "(runs/<name>/best_clean.pt, best_robust.pt or last.pt)")
+
+    def refuse(why: str, cause: str, fix: str = "pass a .pt file a training run wrote") -> CheckpointError:
+        return CheckpointError(f"{path} is not a robustmed_lite checkpoint ({why}): {cause}. Fix: {fix}")
+
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))
+        raise refuse("a folder", f"it holds {found or 'no .pt files'}",
+                     f"pass a file inside it, e.g. {path / (found[0] if found else 'best_robust.pt')}")
+    if path.stat().st_size == 0:
+        raise refuse("empty", "the file has 0 bytes (an interrupted copy or save?)", "copy or train it again")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        # torch.load reports a foreign file with whatever its parsers trip over (EOFError, IndexError,
+        # UnpicklingError, zipfile errors, RuntimeError), so every failure here means "not a torch file".
+        raise refuse("not a torch file", f"{type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(state, dict):
+        raise refuse("not a dict of model and config", f"it holds a {type(state).__name__}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise refuse(f"missing keys {', '.join(missing)}", f"it has keys {sorted(map(str, state))[:10]}",
+                     "pass a checkpoint the trainer wrote (last.pt to resume: best_*.pt hold no optimizer state)")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _load_weights(model: nn.Module, state: dict, path) -> None:
+    """``model.load_state_dict`` with an error that names the checkpoint and the model."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        trained = f" (it was trained as {config.get('model')!r} at {config.get('img_size')} px)" if config else ""
+        raise CheckpointError(f"the weights in {path} do not fit this model{trained}: {_first_line(err)}. Fix: "
+                              "use the same --model and --img_size as the checkpoint") from err
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The model of a checkpoint, in eval mode, and the config it was trained with."""
+    """The model of a checkpoint, in eval mode, and the config it was trained with.
+
+    Raises:
+        FileNotFoundError, CheckpointError: See ``load_checkpoint``; also a config with unknown keys or weights
+            that do not fit the model it names.
+    """
     state = load_checkpoint(path)
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} is not a robustmed_lite checkpoint (its config is a "
+                              f"{type(state['config']).__name__}, not a dict). Fix: pass a .pt file a training run "
+                              "wrote")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in state["config"].items() if k != "eps_text"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(f"{path} has config keys this version does not know ({', '.join(unknown)}): it was "
+                              "written by another version of robustmed_lite. Fix: load it with that version")
     cfg = TrainConfig(**values)
     model = create_model(cfg.model, num_classes=2, img_size=cfg.img_size)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state, path)
     return model.to(device).eval(), cfg
 
 
@@ -417,7 +540,7 @@ def fit_erm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     device = model_device(model)
     history = []
-    for _ in tqdm(range(epochs), desc="erm", disable=not progress):
+    for _ in tqdm(range(epochs), desc="erm", **progress_options(progress)):
         model.train()
         order, total = torch.randperm(len(labels), generator=gen), 0.0
         for start in range(0, len(order), batch_size):

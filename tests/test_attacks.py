@@ -90,7 +90,7 @@ def test_parse_eps(text, value):
     assert parse_eps(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["8/", "eight", "-1/255", -0.1, float("nan")])
+@pytest.mark.parametrize("bad", ["8/", "eight", "-1/255", -0.1, float("nan"), "8/0", "1/0.0"])
 def test_parse_eps_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="eps"):
         parse_eps(bad)
@@ -201,6 +201,10 @@ def test_eval_mode_is_active_during_the_attack(batch):
     (torch.rand(2, 1, 8, 8), torch.tensor([0, 1, 1]), "one integer class label"),
     (torch.rand(2, 1, 8, 8), torch.tensor([0.0, 1.0]), "one integer class label"),
     (torch.randint(0, 2, (2, 1, 8, 8)), torch.tensor([0, 1]), "float tensor"),
+    # NaN is false in every comparison, so a range check alone let it through (and came back as NaN images).
+    (torch.full((2, 1, 8, 8), float("nan")), torch.tensor([0, 1]), r"128 non-finite values \(128 NaN, 0 inf\)"),
+    (torch.rand(2, 1, 8, 8).index_put_((torch.tensor([1]),), torch.tensor(float("inf"))), torch.tensor([0, 1]),
+     r"64 non-finite values \(0 NaN, 64 inf\) in 1 image\(s\) \(first images \[1\]"),
 ])
 def test_bad_inputs_are_clear_errors(x, y, match):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))

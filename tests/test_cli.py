@@ -12,8 +12,13 @@ TINY = ["--img_size", "32", "--n_train", "64", "--n_val", "32", "--n_test", "32"
 def test_train_resume_and_evaluate(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY]) == 0
+    capsys.readouterr()
+    # A user's mistake is one line on stderr and exit code 2; --debug raises it with its traceback.
+    assert main(["train", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--resume" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(FileExistsError, match="--resume"):
-        main(["train", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY])
+        main(["train", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY, "--debug"])
     assert main(["train", "--resume", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY]) == 0
     capsys.readouterr()
     csv = tmp_path / "table.csv"
@@ -21,9 +26,12 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
                  "--out", str(csv)]) == 0
     printed = capsys.readouterr().out
     assert "PGD-10" in printed and "worst case" in printed and "4/255" in printed  # cpu-demo trains at 4/255
+    # The phantom's 32 test slices are 15 COVID and 17 non-COVID: a stratified 16 keeps that mix.
+    assert "16 of 32 images of the run's test split, a stratified sample (seed 0): 7 COVID, 9 non-COVID" in printed
     table = pd.read_csv(csv)
     assert list(table["condition"]) == ["clean", "FGSM", "PGD-10", "worst case"]
     assert (table["n"] == 16).all() and (table["accuracy"] <= table["accuracy"][0]).all()
+    assert (table["n_covid"] == 7).all() and (table["n_noncovid"] == 9).all()
 
 
 def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
@@ -45,9 +53,10 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
     # Models trained on other data cannot share the suite; severities outside 1..5 are refused.
     other = str(tmp_path / "other")
     assert main(["train", "--method", "erm", "--epochs", "1", "--out_dir", other, *TINY, "--n_test", "24"]) == 0
-    with pytest.raises(ValueError, match="different data \\(n_test\\)"):
-        main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", f"{other}/best_clean.pt",
-              "--out_dir", str(out)])
-    with pytest.raises(ValueError, match="1..5"):
-        main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", "--severities", "0,6",
-              "--out_dir", str(out)])
+    capsys.readouterr()
+    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", f"{other}/best_clean.pt",
+                 "--out_dir", str(out)]) == 2
+    assert "different data (n_test)" in capsys.readouterr().err
+    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", "--severities", "0,6",
+                 "--out_dir", str(out)]) == 2
+    assert "1..5" in capsys.readouterr().err

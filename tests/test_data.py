@@ -277,7 +277,7 @@ def test_subset_keeps_everything_aligned(tmp_path):
 
 def _count_decodes(monkeypatch) -> list:
     calls, real = [], data._decode
-    monkeypatch.setattr(data, "_decode", lambda path, size: calls.append(path) or real(path, size))
+    monkeypatch.setattr(data, "_decode", lambda path, *args: calls.append(path) or real(path, *args))
     return calls
 
 
@@ -413,9 +413,9 @@ def test_corrupt_image_names_the_file(tmp_path, content):
 def test_non_image_files_are_ignored_with_a_warning(tmp_path):
     root = _kaggle_tree(tmp_path / "k")
     (root / "COVID" / "notes.txt").write_text("scanner settings")
-    (root / "non-COVID" / "slice.dcm").write_bytes(b"DICM")
+    (root / "non-COVID" / "slice.raw").write_bytes(b"DICM")  # no DICOM preamble: not an image
     (root / "non-COVID" / ".DS_Store").write_bytes(b"")  # hidden: skipped silently
-    with pytest.warns(UserWarning, match=r"ignored 2 non-image file\(s\).*notes\.txt.*slice\.dcm"):
+    with pytest.warns(UserWarning, match=r"ignored 2 non-image file\(s\).*notes\.txt.*slice\.raw"):
         s = _load(root)
     assert len(s) == 6
 

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from robustmed_lite.attacks import FGSM, PGD, Attack
-from robustmed_lite.evaluate import TABLE_COLUMNS, accuracy, accuracy_vs_eps, clinical_metrics, evaluate
+from robustmed_lite.evaluate import (TABLE_COLUMNS, accuracy, accuracy_vs_eps, clinical_metrics, evaluate,
+                                     undefined_metrics_note)
 from robustmed_lite.models import create_model
 from robustmed_lite.phantom import make_phantom_dataset
 
@@ -176,6 +177,36 @@ def test_accuracy_vs_eps(toy):
     at_zero = curve[curve.eps == "0/255"].accuracy
     assert (at_zero == (N - 5) / N).all()
     assert (curve.groupby("condition").accuracy.diff().dropna() <= 0).all(), "accuracy falls as eps grows"
+
+
+def test_table_counts_the_classes_and_says_why_a_metric_is_undefined(toy):
+    x, y = toy
+    table = evaluate(Threshold(), (x, y), {"a": Flip([6])}, progress=False)
+    assert (table.n_covid == N // 2).all() and (table.n_noncovid == N // 2).all() and (table.note == "").all()
+    covid = y == 1
+    with pytest.warns(UserWarning, match=r"only COVID images \(20\): AUC and specificity are undefined"):
+        table = evaluate(Threshold(), (x[covid], y[covid]), {"a": Flip([6])}, progress=False)
+    assert table.auc.isna().all() and table.specificity.isna().all() and (table.n_noncovid == 0).all()
+    assert table.note.str.contains("accuracy is the sensitivity").all()
+    assert "sensitivity are undefined" in undefined_metrics_note(np.zeros(5))
+    assert undefined_metrics_note(np.array([0, 2, 0]), k=3) == "classes [1] absent (3 images): AUC is undefined (NaN)"
+
+
+def test_non_finite_images_and_logits_are_refused(toy):
+    x, y = toy
+    bad = x.clone()
+    bad[7, 0, 2, 3] = float("nan")
+    for call in (lambda: evaluate(Threshold(), (bad, y), batch_size=4, progress=False),
+                 lambda: accuracy(Threshold(), bad, y, batch_size=4)):
+        with pytest.raises(ValueError, match=r"1 non-finite values \(1 NaN, 0 inf\).*first images \[7\]"):
+            call()
+
+    class NaNModel(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 2), float("nan"))
+
+    with pytest.raises(ValueError, match=r"non-finite logits for 40 image\(s\)"):
+        evaluate(NaNModel(), toy, progress=False)
 
 
 def test_bad_calls_are_clear_errors(toy):

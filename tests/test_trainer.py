@@ -5,10 +5,12 @@ import torch
 
 from robustmed_lite.attacks import PGD, FeedbackPGD
 from robustmed_lite.config import METHODS, load_config
+from robustmed_lite.data import DataError
 from robustmed_lite.models import attention_weights, create_model
 from robustmed_lite.perturbation import WeightPerturbation, perturbed_names
 from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.trainer import CHECKPOINTS, Trainer, attack_steps_at, build_data, fit_erm, load_checkpoint
+from robustmed_lite.trainer import (CHECKPOINTS, Trainer, attack_steps_at, build_data, check_split_classes, fit_erm,
+                                    load_checkpoint)
 
 SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
              eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255", gamma=0.01)
@@ -185,6 +187,22 @@ def test_bad_configs_are_clear_errors(tmp_path):
         load_config("cpu")
     with pytest.raises(ValueError, match="weight_noise"):
         load_config("cpu-demo", {"method": "robustmed", "weight_noise": "everything"})
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, small_data):
+    with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
+        Trainer(_config(tmp_path, method="erm", model="resnet9000"), data=small_data)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        Trainer(_config(tmp_path, method="erm"), data=small_data, resume=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_data_must_hold_both_classes(tmp_path, small_data):
+    one_class = {"train": torch.ones(8), "val": torch.tensor([0, 1] * 20), "test": torch.tensor([0, 1] * 20)}
+    with pytest.raises(DataError, match="training split of mine holds only 8 COVID images"):
+        check_split_classes(one_class, "mine")
+    with pytest.warns(UserWarning, match="the test split of mine holds 2 non-COVID, 30 COVID: fewer than 10"):
+        check_split_classes({"train": torch.tensor([0, 1]), "test": torch.tensor([0, 0] + [1] * 30)}, "mine")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
