@@ -58,9 +58,9 @@ from .ensemble import binary_ensemble
 from .evaluate import clinical_metrics, evaluate, predict_logits
 from .experiments import _evaluation_splits, selected_checkpoint_name
 from .preprocess import load_domain, prepare, source_size, split_spec
-from .runinfo import environment_info, flush_denormal, get_device
+from .runinfo import environment_info, flush_denormal, get_device, progress_options
 from .stats import VERDICT_RULE, Interval, paired_differences, t_interval, verdict
-from .trainer import Trainer, config_differences, model_from_checkpoint
+from .trainer import Trainer, config_differences, load_checkpoint, model_from_checkpoint
 
 ALL_METHODS = tuple(METHODS)
 PAPER_METHODS = ("cap", "robustmed")  # CAP and the paper's extension of it: not "prior" methods
@@ -392,7 +392,7 @@ def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
     splits = _evaluation_splits(cfg)
     x, y = splits.test
     history = [json.loads(line) for line in (spec.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    state_epoch = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
+    state_epoch = load_checkpoint(checkpoint)["epoch"]
     row = {"name": spec.name, "method": spec.method, "seed": spec.seed, "checkpoint": checkpoint.name,
            "selected_epoch": int(state_epoch), "epochs": cfg.epochs, "img_size": cfg.img_size, "model": cfg.model,
            "train_eps": format_eps(cfg.eps), "test_n": len(y), "test_n_covid": int((y == 1).sum()),
@@ -824,9 +824,9 @@ class _ProgressPoller:
             cfg = spec.config()
             self.items.append((spec, cfg.epochs, 1 if cfg.attack == "none" else cfg.attack_steps + 3))
         total = sum(e * w + self.EVAL_WEIGHT for _, e, w in self.items)
-        self.bar = tqdm(total=total, initial=self._done()[0], desc="reproduction", unit="work", disable=not enabled,
-                        mininterval=0.5 if sys.stderr.isatty() else 60,  # a log file gets a line a minute
-                        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}")
+        self.bar = tqdm(total=total, initial=self._done()[0], desc="reproduction", unit="work",
+                        bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}",
+                        **progress_options(enabled))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 

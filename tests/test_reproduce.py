@@ -150,8 +150,11 @@ def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
     name, values = rep.parse_variant("trades+long=trades,beta=3")
     assert name == "trades+long" and values == {"method": "trades", "beta": "3"}
     plan = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={name: values})
-    assert [s.name for s in plan] == ["erm", "trades", "trades+long"]
-    assert plan[-1].config().beta == 3.0
+    # The variant's robust run starts from a clean run with the same settings, added for it (stage 1 of CAP).
+    assert [s.name for s in plan] == ["erm", "erm+long", "trades", "trades+long"]
+    variant = plan[-1]
+    assert variant.config().beta == 3.0 and variant.reference == "erm+long"
+    assert variant.init_from == tmp_path / "erm+long-seed0" / "best_clean.pt" and plan[1].config().beta == 3.0
     with pytest.raises(ValueError, match="taken by a method"):
         rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={"mart": {"method": "mart"}})
     with pytest.raises(ValueError, match="NAME=METHOD"):

@@ -42,20 +42,24 @@ def test_domain_report_and_histograms(slices):
     hist = intensity_histograms({"a": slices.images, "dark": slices.images * 0.5}, bins=16)
     assert set(hist["domain"]) == {"a", "dark"} and len(hist) == 32
     dark = hist[hist["domain"] == "dark"]
-    assert dark[dark["intensity"] > 0.5]["density"].sum() == 0  # halved intensities never pass 0.5
+    assert dark[dark["intensity"] > 0.55]["density"].sum() == 0  # halved intensities stay at or below 0.5
 
 
 def test_lung_region_tests_remove_or_keep_the_lungs(slices):
-    x, lungs_true = slices.images, slices.lung_masks
+    from robustmed_lite.prior import dice
+    from robustmed_lite.preprocess import lungs
+
+    x = slices.images
+    found = lungs(x)
+    assert dice(found, slices.lung_masks).mean() > 0.85  # the estimated lungs are the phantom's lungs
     no_lungs, blanked = lung_region(x, "no_lungs")
     only, blanked_only = lung_region(x, "lungs_only")
     assert blanked == [] and blanked_only == []
-    inner = lungs_true & ~torch.roll(lungs_true, 3, -1) & ~torch.roll(lungs_true, -3, -1)  # well inside the lungs
     for i in range(len(x)):
-        assert no_lungs[i][inner[i]].std() < 1e-6, "the lungs are one flat fill"
-        assert torch.equal(only[i][inner[i]], x[i][inner[i]]), "lungs_only keeps the lungs"
-    far = ~torch.nn.functional.max_pool2d(lungs_true.float(), 9, 1, 4).bool()  # well outside the lungs
-    assert (only[far] == 0).all()
+        assert no_lungs[i][found[i]].std() < 1e-6, "the lungs are one flat fill"
+        assert torch.equal(no_lungs[i][~found[i]], x[i][~found[i]]), "the rest is untouched"
+        assert torch.equal(only[i][found[i]], x[i][found[i]]), "lungs_only keeps the lungs"
+    assert (only[~found] == 0).all()
     assert torch.equal(prepare(x, 64, False, "none", "no_lungs")[0], no_lungs)
     flat = torch.full((1, 1, 32, 32), 0.6)
     out, blanked = lung_region(flat, "no_lungs")

@@ -60,8 +60,10 @@ def test_a_slice_without_lungs_keeps_its_frame_and_is_counted():
 @pytest.mark.parametrize("mode", [m for m in INTENSITY_MODES if m != "none"])
 def test_standardisation_is_invariant_to_affine_intensity_changes(mode, phantom):
     x = phantom.images
+    # Ranks (histeq) move by a few pixels where a * x + b rounds two nearly equal floats onto one value.
+    atol = 1e-3 if mode == "histeq" else 2e-5
     for a, b in ((0.5, 0.2), (1.7, -0.3), (0.9, 0.05)):
-        torch.testing.assert_close(standardise(a * x + b, mode), standardise(x, mode), atol=2e-5, rtol=0)
+        torch.testing.assert_close(standardise(a * x + b, mode), standardise(x, mode), atol=atol, rtol=0)
 
 
 def test_histogram_equalisation_is_invariant_to_any_increasing_map(phantom):
