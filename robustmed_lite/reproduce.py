@@ -789,10 +789,10 @@ def check_paths(data: str, ood_data, covid19c: str | None) -> None:
     if data != "phantom" and not Path(data).exists():
         raise FileNotFoundError(f"--data {data} does not exist. Fix: pass the folder holding the training slices "
                                 "(e.g. the Kaggle COVID/ and non-COVID/ folders)")
-    for root in ood_data:
-        if not Path(root).exists():
-            raise FileNotFoundError(f"--ood_data {root} does not exist. Fix: pass existing folders of other sites "
-                                    "(e.g. UCSD COVID-CT), or leave --ood_data out")
+    for spec in ood_data:
+        if not Path(split_spec(spec)[0]).exists():
+            raise FileNotFoundError(f"--ood_data {spec} does not exist. Fix: pass existing folders of other sites "
+                                    "(e.g. UCSD COVID-CT; folder:test for one split of it), or leave --ood_data out")
     if covid19c and not Path(covid19c).is_dir():
         raise FileNotFoundError(f"--covid19c {covid19c} is not a folder. Fix: pass the COVID19-C root or leave "
                                 "it out")
@@ -904,6 +904,9 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
               adapt_methods=(), corruption_n: int | None | str = "profile", progress: bool = True,
               command: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Trains, evaluates and summarises a reproduction (see the module docstring).
+
+    With ``jobs > 1`` the runs train in spawned processes: a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard (the command line has it).
 
     Args:
         profile: ``cpu``, ``gpu``, ``paper`` or a ``Profile``.
