@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import CHOICES, METHODS, PRESETS, TrainConfig, field_kinds
+from .config import CHOICES, METHOD_FIELDS, METHODS, PRESETS, TrainConfig, field_kinds
 from .data import DownloadError
 
 
@@ -41,7 +41,9 @@ def _field_help(name: str, kind: str, default) -> str:
 
     if name == "method":
         what = f"one of {', '.join(METHODS)} (see the README's table)"
-    elif name in METHODS["erm"]:  # a component: its default comes from the method
+    elif name in METHOD_FIELDS:  # a component or switch: its default comes from the method
+        if kind == "float":
+            return "a number (default: the method's)"
         choices = CHOICES.get(name, ("true", "false"))
         return f"one of {', '.join(choices)} (default: the method's)"
     elif name in CHOICES:

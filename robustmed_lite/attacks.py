@@ -24,43 +24,21 @@ early-stopped attack is weak by design. Evaluate with PGD (restarts), APGD-CE an
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import eval_mode, format_eps, parse_eps  # noqa: F401 - re-exported (their old home)
+from .components import FEEDBACK, register_attack, register_feedback
+
 NORMS = ("linf", "l2")
 RANDOM_STARTS = (True, False, "uniform", "normal")
 TRADES_START_STD = 1e-3  # TRADES / FAT / CAP start the KL attack from x + 0.001 * N(0, 1)
-_EPS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+)\s*)?$")
 
 
 # ------------------------------------------------------------------------------------------- eps and helpers
-
-def parse_eps(eps: float | str) -> float:
-    """An attack radius on the pixel scale from a float or a string such as ``"8/255"`` or ``"0.03"``.
-
-    Raises:
-        ValueError: A string that is not a number or a fraction, or a negative radius.
-    """
-    if isinstance(eps, str):
-        match = _EPS_PATTERN.match(eps)
-        if match is None:
-            raise ValueError(f"cannot read eps={eps!r}: use a number or a fraction such as '8/255'")
-        denominator = float(match.group(2)) if match.group(2) else 1.0
-        if denominator == 0:
-            raise ValueError(f"eps={eps!r} divides by zero: use a fraction with a positive denominator such as "
-                             "'8/255'")
-        value = float(match.group(1)) / denominator
-    else:
-        value = float(eps)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return value
-
 
 def check_finite(x: torch.Tensor, what: str = "x", first_index: int = 0) -> None:
     """Raises a ValueError giving the count and first positions of NaN and inf values in ``x``.
@@ -85,24 +63,6 @@ def check_finite(x: torch.Tensor, what: str = "x", first_index: int = 0) -> None
                      f"{len(images)} image(s) (first images {images[:5].tolist()}; first positions {where}). Fix: "
                      "repair or drop those images where they are made (a float image file with NaN/inf pixels, a "
                      "division by zero in preprocessing); a NaN image has no prediction")
-
-
-def format_eps(eps: float) -> str:
-    """``eps`` as k/255: ``8/255`` for 8/255, ``7.65/255`` for 0.03."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 else f"{k:.3g}/255"
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts every module in eval mode and restores each module's own flag afterwards, even on errors."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -588,7 +548,76 @@ class APGD(Attack):
         return super().describe().replace("APGD (", f"APGD-{self.loss.upper()}-{self.steps} (", 1)
 
 
-FEEDBACK_RULES = ("fat", "last_correct", "none")
+class FeedbackRule:
+    """The early-stopping rule of ``FeedbackPGD``, one object per attack call (``Rule(x, steps, tau)``).
+
+    Register a new rule with ``components.register_feedback(name)`` on a subclass; ``--feedback name`` then
+    trains with it. ``FeedbackPGD`` shows the rule each iterate before it is stepped:
+
+    * ``observe(t, wrong, x_rows, rows) -> stop``: iterate ``t`` (0 = the random start) of the samples still
+      running (``rows``: their indices in the batch; ``x_rows``: their iterates; ``wrong``: misclassified
+      there). Returns a bool tensor over ``rows``: True freezes a sample at this iterate (it leaves later
+      forward passes). With ``check_final`` the final iterate of the samples never frozen is observed too,
+      as ``t = steps`` (one extra forward pass).
+    * ``result(x_last) -> (x_adv, steps_taken)``: ``x_last`` holds each sample's last iterate (the frozen one
+      for frozen samples); returns what the attack returns and the gradient steps in it per sample.
+
+    Attributes:
+        check_final: Observe the final iterate as well.
+    """
+
+    check_final = False
+
+    def __init__(self, x: torch.Tensor, steps: int, tau: int = 0):
+        self.x, self.steps, self.tau = x, steps, tau
+        self.steps_taken = torch.full((len(x),), steps, device=x.device)
+
+    def observe(self, t: int, wrong: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def result(self, x_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x_last, self.steps_taken
+
+
+class FATRule(FeedbackRule):
+    """FAT (Zhang et al., ICML 2020): each sample may be misclassified at ``tau`` iterates; at its (tau+1)-th
+    misclassified iterate it is frozen and that iterate is returned. Samples never frozen return the last
+    iterate."""
+
+    def __init__(self, x: torch.Tensor, steps: int, tau: int = 0):
+        super().__init__(x, steps, tau)
+        self.budget = torch.full((len(x),), tau, dtype=torch.long, device=x.device)
+
+    def observe(self, t, wrong, x_rows, rows):
+        stop = wrong & (self.budget[rows] == 0)
+        self.budget[rows] -= (wrong & ~stop).long()
+        self.steps_taken[rows[stop]] = t
+        return stop
+
+
+class LastCorrectRule(FeedbackRule):
+    """The last iterate still classified correctly; a sample whose start is already misclassified returns the
+    clean ``x`` itself (nothing to preserve; documented choice). The final iterate is checked too."""
+
+    check_final = True
+
+    def __init__(self, x: torch.Tensor, steps: int, tau: int = 0):
+        super().__init__(x, steps, tau)
+        self.kept = x.clone()  # the last correct iterate, x until one is seen
+        self.steps_taken.zero_()
+
+    def observe(self, t, wrong, x_rows, rows):
+        self.kept[rows[~wrong]] = x_rows[~wrong]
+        self.steps_taken[rows[~wrong]] = t
+        return wrong
+
+    def result(self, x_last):
+        return self.kept, self.steps_taken
+
+
+def feedback_rules() -> tuple[str, ...]:
+    """The registered feedback rules (``none`` and the built-in ``fat``, ``last_correct``, plus any registered)."""
+    return FEEDBACK.names()
 
 
 class FeedbackPGD(PGD):
@@ -616,7 +645,7 @@ class FeedbackPGD(PGD):
         alpha: Step size; CAP uses 2/255.
         steps: Maximum gradient steps.
         loss: ``"kl"`` (TRADES, KL(p(x) || p(x'))) or ``"ce"``.
-        rule: ``"fat"``, ``"last_correct"`` or ``"none"``/None.
+        rule: A registered feedback rule (``"fat"``, ``"last_correct"``) or ``"none"``/None.
         tau: FAT's number of extra misclassified iterates.
         random_start: Default ``"normal"`` (x + 0.001 N(0, 1), as TRADES, FAT and CAP); see ``PGD``.
         seed: Seed of the random start.
@@ -628,8 +657,8 @@ class FeedbackPGD(PGD):
                  rule: str | None = "last_correct", tau: int = 0, random_start: bool | str = "normal",
                  seed: int | None = None):
         rule = "none" if rule is None else rule
-        if rule not in FEEDBACK_RULES:
-            raise ValueError(f"rule must be one of {FEEDBACK_RULES} or None, got {rule!r}")
+        if rule not in FEEDBACK:
+            raise ValueError(f"rule must be one of {FEEDBACK.names()} or None, got {rule!r}")
         if int(tau) != tau or tau < 0:
             raise ValueError(f"tau must be an integer >= 0, got {tau!r}")
         super().__init__(eps, alpha, steps, "linf", loss, random_start, 1, seed)
@@ -639,40 +668,27 @@ class FeedbackPGD(PGD):
     def _attack(self, problem, gen):
         x_adv = problem.start(self.random_start, gen)
         n, device = len(x_adv), x_adv.device
-        # fat and none return the last iterate unless frozen; last_correct returns x until a correct iterate
-        steps_taken = torch.full((n,), 0 if self.rule == "last_correct" else self.steps, device=device)
-        if self.rule == "none":
-            self.last_steps = steps_taken
+        rule_class = FEEDBACK[self.rule]
+        if rule_class is None:  # "none": plain PGD with the same objective
+            self.last_steps = torch.full((n,), self.steps, device=device)
             return _ascend(problem, x_adv, self.steps, self._step())
+        rule = rule_class(problem.x, self.steps, self.tau)
         all_rows = torch.arange(n, device=device)
-        budget = torch.full((n,), self.tau, dtype=torch.long, device=device)
-        kept = problem.x.clone()  # last_correct: the last correct iterate, x until one is seen
         active = torch.ones(n, dtype=torch.bool, device=device)
 
         def monitor(t, logits, x_rows, rows):
             rows = all_rows if rows is None else rows
-            wrong = problem.misclassified(logits, rows)
-            if self.rule == "fat":
-                stop = wrong & (budget[rows] == 0)
-                budget[rows] -= (wrong & ~stop).long()
-                steps_taken[rows[stop]] = t
-            else:
-                stop = wrong
-                kept[rows[~wrong]] = x_rows[~wrong]
-                steps_taken[rows[~wrong]] = t
+            stop = rule.observe(t, problem.misclassified(logits, rows), x_rows, rows)
             active[rows[stop]] = False
             return None if not stop.any() else ~stop
 
         x_adv = _ascend(problem, x_adv, self.steps, self._step(), monitor)
-        if self.rule == "last_correct":
+        if rule.check_final:
             rows = all_rows[active]  # the final iterate of these is still unchecked
             if len(rows):
                 _, logits, _ = problem.loss_grad(x_adv[rows], rows, grad=False)
-                correct = ~problem.misclassified(logits, rows)
-                kept[rows[correct]] = x_adv[rows[correct]]
-                steps_taken[rows[correct]] = self.steps
-            x_adv = kept
-        self.last_steps = steps_taken
+                rule.observe(self.steps, problem.misclassified(logits, rows), x_adv[rows], rows)
+        x_adv, self.last_steps = rule.result(x_adv)
         return x_adv
 
     def _settings(self) -> dict:
@@ -682,3 +698,32 @@ class FeedbackPGD(PGD):
 
     def describe(self) -> str:
         return super().describe() + " [training only]"
+
+
+# ----------------------------------------------------------------------- registered feedback rules, attacks
+register_feedback("none", None, description="no early stopping: plain PGD")
+register_feedback("fat", FATRule)
+register_feedback("last_correct", LastCorrectRule)
+
+
+def _training_pgd(cfg, steps: int, loss: str):
+    start = "normal" if loss == "kl" else True  # TRADES' tiny Gaussian start; uniform in the ball for CE
+    if cfg.feedback != "none":
+        return FeedbackPGD(cfg.eps, cfg.step_size, steps, loss=loss, rule=cfg.feedback, tau=cfg.tau,
+                           random_start=start)
+    return PGD(cfg.eps, cfg.step_size, steps, loss=loss, random_start=start)
+
+
+@register_attack("none", description="no sample perturbation")
+def _no_attack(cfg, steps: int):
+    return None
+
+
+@register_attack("pgd", description="L-inf PGD on CE (PGD-AT style), uniform random start")
+def _pgd_attack(cfg, steps: int):
+    return _training_pgd(cfg, steps, "ce")
+
+
+@register_attack("trades", description="L-inf PGD on KL(p(x) || p(x')) (TRADES style), start x + 0.001 N(0, 1)")
+def _trades_attack(cfg, steps: int):
+    return _training_pgd(cfg, steps, "kl")

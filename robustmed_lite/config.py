@@ -10,43 +10,101 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .attacks import format_eps, parse_eps
+from .common import format_eps, parse_eps
+from .components import ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, register_method
+from .perturbation import PROXY_OPTIMIZERS
 from .preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = ("cpu-demo", "colab", "paper")
 
-# Each method is a choice of components; `robustmed` and `cap` switch them for ablations.
+# Each method is a row of component values (``components.register_method``); ``TrainConfig`` fields left at None
+# take the method's value, else the fallback below. The parts themselves live in one registry each
+# (``components``): sample attack (attacks.py), feedback rule (attacks.py), weight noise (perturbation.py), loss
+# (objectives.py), prior view (prior.py).
 #   attack: the sample-level perturbation (none / pgd: CE, PGD-AT style / trades: KL, TRADES style)
 #   feedback: early stopping of that attack (none / fat / last_correct)
-#   weight_noise: none / awp / proxy_attention;  loss: the outer objective;  prior: use the lung-prior view
-METHODS: dict[str, dict] = {
-    "erm": dict(attack="none", feedback="none", weight_noise="none", loss="ce", prior=False),
-    "pgd_at": dict(attack="pgd", feedback="none", weight_noise="none", loss="ce", prior=False),
-    "trades": dict(attack="trades", feedback="none", weight_noise="none", loss="trades", prior=False),
-    "mart": dict(attack="pgd", feedback="none", weight_noise="none", loss="mart", prior=False),
-    "awp": dict(attack="trades", feedback="none", weight_noise="awp", loss="trades", prior=False),
-    "fat": dict(attack="trades", feedback="fat", weight_noise="none", loss="trades", prior=False),
-    "score": dict(attack="trades", feedback="none", weight_noise="none", loss="score", prior=False),
-    "cap": dict(attack="trades", feedback="none", weight_noise="proxy_attention", loss="square_kl", prior=True),
-    "robustmed": dict(attack="trades", feedback="last_correct", weight_noise="proxy_attention", loss="square_kl",
-                      prior=True),
+#   weight_noise: none / awp / proxy_attention, with its proxy_optimizer (adamw: CAP's / sgd: AWP's)
+#   loss: the outer objective, and target_grad: whether the gradient flows through the soft target (square_kl)
+#   prior: use the lung-prior view, and prior_view: how it is made (cap: CAP's code / package: earlier variant)
+#   weight_feedback, prior_samples: the two readings of the paper's abstract (ablation switches, see below)
+METHOD_FIELDS = ("attack", "feedback", "weight_noise", "proxy_optimizer", "loss", "target_grad", "prior",
+                 "prior_view", "weight_feedback", "prior_samples")
+COMPONENT_DEFAULTS = dict(attack="none", feedback="none", weight_noise="none", proxy_optimizer="sgd", loss="ce",
+                          target_grad=False, prior=False, prior_view="cap", weight_feedback=False, prior_samples=0.0)
+
+# CAP (Xu et al., AAAI 2023) as its public code trains: TRADES attack, proxy attention noise from a stateful AdamW
+# proxy, square loss + KL with the gradient through the soft target, CAP's own guided-filter prior view.
+_CAP = dict(attack="trades", feedback="none", weight_noise="proxy_attention", proxy_optimizer="adamw",
+            loss="square_kl", target_grad=True, prior=True, prior_view="cap", weight_feedback=False,
+            prior_samples=0.0)
+
+# What the 2026 paper adds to CAP: ``robustmed`` differs from ``cap`` in these fields only (a test checks it).
+# The two readings of the abstract are switches, off until the measurements decide (benchmarks/fidelity.py).
+PAPER_ADDITIONS = {
+    "feedback": ("last_correct", "early-stopping (prediction) feedback on the sample perturbation, in the spirit of "
+                 "FAT: perturb as strongly as possible while the prediction stays correct (stop at the last "
+                 "still-correct iterate; --feedback fat is FAT's reading)"),
+    "weight_feedback": (False, "interpretation of 'dual-level perturbations on samples and weights ... with an "
+                        "early-stopping feedback mechanism': the same feedback on the weight noise, gamma halved "
+                        "(up to weight_feedback_halvings times) while the perturbed model misclassifies more than "
+                        "weight_feedback_share of the clean batch; off until measured"),
+    "prior_samples": (0.0, "interpretation of 'generate augmented data': the prior views x_aug of this share of "
+                      "each batch join it as extra training samples (not only in the proxy's KL and the soft "
+                      "target); 0 = off until measured"),
 }
-CHOICES = {
-    "attack": ("none", "pgd", "trades"),
-    "feedback": ("none", "fat", "last_correct"),
-    "weight_noise": ("none", "awp", "proxy_attention"),
-    "loss": ("ce", "trades", "mart", "score", "square_kl"),
-    "optimizer": ("adamw", "sgd"),
-    "intensity": INTENSITY_MODES,
-    "lung_region": LUNG_REGIONS,
-    "schedule": ("cosine", "constant"),
+
+_BUILTIN_METHODS = {
+    "erm": dict(attack="none", loss="ce"),
+    "pgd_at": dict(attack="pgd", loss="ce"),
+    "trades": dict(attack="trades", loss="trades"),
+    "mart": dict(attack="pgd", loss="mart"),
+    # TRADES-AWP (Wu et al., NeurIPS 2020): its code's proxy is a stateless SGD step on the TRADES loss on x_adv.
+    "awp": dict(attack="trades", weight_noise="awp", proxy_optimizer="sgd", loss="trades"),
+    "fat": dict(attack="trades", feedback="fat", loss="trades"),
+    "score": dict(attack="trades", loss="score"),
+    "cap": dict(_CAP),
+    "robustmed": {**_CAP, **{k: v for k, (v, _) in PAPER_ADDITIONS.items()}},
 }
+for _name, _row in _BUILTIN_METHODS.items():
+    register_method(_name, **_row)
+
+# Name -> the method's row of component values (live: a method registered later is in it too).
+METHODS: Mapping[str, dict] = METHOD_REGISTRY
+
+
+class _Choices(Mapping):
+    """Field -> its allowed values; the component fields read their registry (live), the rest are fixed."""
+
+    _fixed = {
+        "proxy_optimizer": PROXY_OPTIMIZERS,
+        "optimizer": ("adamw", "sgd"),
+        "intensity": INTENSITY_MODES,
+        "lung_region": LUNG_REGIONS,
+        "schedule": ("cosine", "constant"),
+    }
+    _registries = {"attack": ATTACKS, "feedback": FEEDBACK, "weight_noise": WEIGHT_NOISE, "loss": LOSSES,
+                   "prior_view": PRIOR_VIEWS}
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        if key in self._registries:
+            return self._registries[key].names()
+        return self._fixed[key]
+
+    def __iter__(self):
+        return iter([*self._registries, *self._fixed])
+
+    def __len__(self) -> int:
+        return len(self._registries) + len(self._fixed)
+
+
+CHOICES: Mapping[str, tuple[str, ...]] = _Choices()
 
 
 @dataclass
@@ -94,7 +152,7 @@ class TrainConfig:
     attack_steps: int = 10
     attack_warmup_epochs: int = 0  # ramp the attack steps up from 1 over these epochs (CAP's schedule)
     tau: int = 0  # FAT's extra steps after the first misclassified iterate
-    # method components (None: the method's default)
+    # method components (None: the method's value, see METHODS and COMPONENT_DEFAULTS)
     attack: str | None = None
     feedback: str | None = None
     weight_noise: str | None = None
@@ -102,11 +160,26 @@ class TrainConfig:
     prior: bool | None = None
     beta: float = 6.0
     smooth: float = 0.03  # weight of p(x_aug) in the soft target (CAP's code reuses the attack eps, 0.03)
-    target_grad: bool = False  # backpropagate through p(x_aug) in the soft target, as CAP's code does
+    # Backpropagate through p(x_aug) in the soft target, as CAP's code does (cap, robustmed: true; false is the
+    # stop-gradient ablation, which treats the soft target as fixed)
+    target_grad: bool | None = None
     gamma: float = 5e-3
     weight_noise_warmup: int = 0  # epochs before weight noise starts
-    proxy_lr: float = 0.01
+    # The proxy's optimizer: adamw (CAP's: one AdamW for the run, moments kept across batches; cap, robustmed) or
+    # sgd (AWP's: stateless; awp). See perturbation.py.
+    proxy_optimizer: str | None = None
+    proxy_lr: float | None = None  # None: adamw at the model's initial lr (CAP, not scheduled); sgd at 0.01
+    proxy_weight_decay: float = 1e-4  # the AdamW proxy's (CAP's 1e-4); the SGD proxy has none
+    # Reading 1 of the abstract (weight-level feedback): halve gamma for the batch, up to weight_feedback_halvings
+    # times, while the perturbed model (eval mode) misclassifies more than weight_feedback_share of the clean batch
+    weight_feedback: bool | None = None
+    weight_feedback_share: float = 0.25
+    weight_feedback_halvings: int = 3
+    # Reading 2 of the abstract (training on the prior view): the prior views of this share of each batch join it
+    # as extra training samples, labelled as their images (0: off; 1: every image's view)
+    prior_samples: float | None = None
     # lung prior
+    prior_view: str | None = None  # cap: CAP's code (2x2 box, bicubic, whole-image q); package: earlier variant
     prior_threshold: float | str = 0.5
     prior_radius: int = 2
     prior_eps: float = 0.003
@@ -130,16 +203,30 @@ class TrainConfig:
         """Fills the method's components, parses eps, and checks every value; returns self."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {sorted(METHODS)}")
-        for key, default in METHODS[self.method].items():
+        row = METHODS[self.method]
+        unknown = sorted(set(row) - set(METHOD_FIELDS))
+        if unknown:
+            raise ValueError(f"method {self.method!r} sets {unknown}, which are not method fields {METHOD_FIELDS}")
+        for key in METHOD_FIELDS:
             if getattr(self, key) is None:
-                setattr(self, key, default)
+                setattr(self, key, row.get(key, COMPONENT_DEFAULTS[key]))
+        if self.proxy_lr is None:  # CAP: AdamW at args.lr, never scheduled; the SGD proxy's lr cancels anyway
+            self.proxy_lr = self.lr if self.proxy_optimizer == "adamw" else 0.01
         for key, options in CHOICES.items():
             if getattr(self, key) not in options:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         self.eps, self.step_size = parse_eps(self.eps), parse_eps(self.step_size)
-        for key in ("eps", "step_size", "lr", "weight_decay", "beta", "gamma", "smooth", "proxy_lr", "prior_eps"):
+        for key in ("eps", "step_size", "lr", "weight_decay", "beta", "gamma", "smooth", "proxy_lr", "prior_eps",
+                    "proxy_weight_decay", "weight_feedback_halvings"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("weight_feedback_share", "prior_samples"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key} is a share of the batch in [0, 1], got {getattr(self, key)}")
+        if self.weight_feedback and self.weight_noise == "none":
+            raise ValueError("weight_feedback scales the weight noise: set a weight_noise (awp or proxy_attention)")
+        if self.prior_samples > 0 and not self.prior:
+            raise ValueError("prior_samples trains on the lung-prior views: set --prior true (or use cap/robustmed)")
         if not 0 <= self.acq_aug <= 1 or not 1 <= self.acq_aug_severity <= 5:
             raise ValueError(f"acq_aug is a probability in [0, 1] and acq_aug_severity in 1..5, got {self.acq_aug} "
                              f"and {self.acq_aug_severity}")
@@ -154,7 +241,7 @@ class TrainConfig:
             raise ValueError(f"method {self.method!r} perturbs samples: it needs eps > 0 and attack_steps >= 1")
         if self.feedback != "none" and self.attack == "none":
             raise ValueError("a feedback rule needs a sample attack (attack='pgd' or 'trades')")
-        if self.loss in ("trades", "mart", "score", "square_kl") and self.attack == "none":
+        if LOSSES.entry(self.loss).info.get("needs_attack") and self.attack == "none":
             raise ValueError(f"loss {self.loss!r} compares clean and adversarial predictions: set an attack")
         if self.data is None:
             raise ValueError("data is not set: this preset trains on real CT. Fix: pass --data with the folder "
@@ -180,6 +267,48 @@ class TrainConfig:
         if isinstance(d["eps"], float):
             d["eps_text"] = format_eps(d["eps"])
         return d
+
+
+def method_row(method: str) -> dict:
+    """A method's value of every ``METHOD_FIELDS`` field (its own, else ``COMPONENT_DEFAULTS``)."""
+    row = METHODS[method]
+    return {key: row.get(key, COMPONENT_DEFAULTS[key]) for key in METHOD_FIELDS}
+
+
+def methods_table(methods=None):
+    """The methods and their parts, read from the registries: one row per method, one column per part (with the
+    registered part's description in ``describe``). ``methods``: names (default all registered)."""
+    import pandas as pd
+
+    registries = {"attack": ATTACKS, "feedback": FEEDBACK, "weight_noise": WEIGHT_NOISE, "loss": LOSSES,
+                  "prior_view": PRIOR_VIEWS}
+    rows = []
+    for name in methods or list(METHODS):
+        row = method_row(name)
+        out = {"method": name}
+        for key in METHOD_FIELDS:
+            value = row[key]
+            if key == "proxy_optimizer" and row["weight_noise"] == "none":
+                value = "-"
+            if key == "target_grad" and row["loss"] != "square_kl":
+                value = "-"
+            if key == "prior_view" and not row["prior"]:
+                value = "-"
+            out[key] = value
+        out["describe"] = "; ".join(f"{key}: {registries[key].entry(row[key]).description}"
+                                    for key in registries if out[key] not in ("-", "none")
+                                    and registries[key].entry(row[key]).description)
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def paper_additions_table(methods=("awp", "cap", "robustmed")):
+    """The method fields of ``methods`` side by side (default TRADES-AWP, CAP, the paper's method), with a
+    column saying which fields are the paper's additions to CAP (``PAPER_ADDITIONS``) and what they mean."""
+    table = methods_table(list(methods)).set_index("method")[list(METHOD_FIELDS)].T  # "-": does not apply
+    table.index.name = "field"
+    table["paper's addition to CAP"] = [PAPER_ADDITIONS[k][1] if k in PAPER_ADDITIONS else "" for k in table.index]
+    return table
 
 
 # How a command-line or YAML value is read, one rule per kind of field (``field_kinds``):

@@ -64,9 +64,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .common import CLASS_NAMES  # noqa: F401 - re-exported (its old home)
 from .runinfo import progress_options
 
-CLASS_NAMES = ("non-COVID", "COVID")
 LAYOUTS = ("auto", "kaggle", "ucsd", "csv", "folders")
 SPLITS = ("train", "val", "test")
 PIL_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",

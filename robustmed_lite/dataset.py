@@ -1,8 +1,11 @@
 """Training data with the prior view: (x, x_aug, y), plus masks where they exist, flipped together.
 
-The prior view is computed once, up front, with the fast CPU backend: the guided filter with mirrored borders
-commutes with flips, so flipping ``x`` and its precomputed ``x_aug`` together gives exactly the prior view of
-the flipped image, and no epoch pays for the filter again.
+The prior view is computed once, up front, with the fast CPU backend. A view that commutes with flips (the
+``"package"`` view: a symmetric window with mirrored borders) is then flipped together with ``x``, which gives
+exactly the prior view of the flipped image, and no epoch pays for the filter again. CAP's view (``"cap"``, a
+2x2 box) does not commute with flips: CAP flips first and filters afterwards, and so does the dataset, computing
+the view of each flipped image of a batch afresh (a few milliseconds per batch on a CPU); unflipped images use
+the precomputed view.
 
 Flips are drawn per epoch from ``(seed, epoch)`` for the whole dataset, so a sample's augmentation does not
 depend on batch size, worker count or where a run was resumed.
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from .prior import lung_prior
+from .prior import flip_equivariant, lung_prior
 
 
 class PriorDataset(Dataset):
@@ -33,7 +36,7 @@ class PriorDataset(Dataset):
         hflip: Random horizontal flips.
         vflip: Random vertical flips (CAP's pipeline uses both).
         seed: Seed of the flips.
-        prior_kwargs: Passed to ``lung_prior`` (threshold, radius, eps, s).
+        prior_kwargs: Passed to ``lung_prior`` (threshold, radius, eps, s, view; default view ``"cap"``).
         sites: Optional (N,) site index per image: ``batches`` then draws every site equally often per epoch
             (a smaller site is repeated, a larger one subsampled), so that no hospital dominates training.
     """
@@ -53,6 +56,9 @@ class PriorDataset(Dataset):
             raise ValueError(f"{len(images)} images but {len(sites)} site labels")
         self.images, self.labels, self.sites = images, labels.long(), sites
         self.prior_kwargs = dict(prior_kwargs or {})
+        self.prior = prior
+        # CAP's view must be computed after the flips; a flip-equivariant one is flipped with x.
+        self.refilter_flips = prior and not flip_equivariant(self.prior_kwargs.get("view", "cap"))
         if prior:
             self.x_aug = torch.cat([lung_prior(images[i:i + 512], with_mask=False, **self.prior_kwargs)[0]
                                     for i in range(0, len(images), 512)]) if len(images) else images.clone()
@@ -98,6 +104,10 @@ class PriorDataset(Dataset):
         views = [self.images[idx], self.x_aug[idx]]
         masks = [self.lung_masks[idx], self.lesion_masks[idx]] if self.has_masks else []
         x, x_aug, *masks = self._apply(views + masks, h, v)
+        flipped = h | v
+        if self.refilter_flips and flipped.any():  # the prior view of the flipped image, as CAP computes it
+            x_aug = x_aug.clone()
+            x_aug[flipped] = lung_prior(x[flipped], with_mask=False, **self.prior_kwargs)[0]
         return (x, x_aug, self.labels[idx], *masks)
 
     def _site_balanced_order(self, gen: torch.Generator) -> torch.Tensor:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import APGD, Attack, _check_inputs, eval_mode, format_eps, parse_eps
+from .attacks import APGD, Attack, _check_inputs
+from .common import eval_mode, format_eps, parse_eps
 
 TORCHATTACKS_HELP = ("the FAB and Square members of the attack ensemble come from torchattacks: pip install "
                      "--no-deps 'torchattacks>=3.5' (--no-deps: it pins an old requests)")

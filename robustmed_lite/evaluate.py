@@ -21,7 +21,8 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import Attack, check_finite, eval_mode, parse_eps
+from .attacks import Attack, check_finite
+from .common import eval_mode, model_device, parse_eps  # noqa: F401 - model_device re-exported
 from .runinfo import progress_options
 
 POSITIVE_CLASS = 1  # COVID
@@ -154,12 +155,6 @@ def _batches(data, batch_size: int) -> tuple[Iterable[tuple[torch.Tensor, torch.
     except TypeError:
         total = None
     return ((batch[0], batch[-1]) for batch in data), total
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def evaluate(model: nn.Module, data, attacks: dict[str, Attack] | None = None, *, batch_size: int = 128,

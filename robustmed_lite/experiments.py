@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf, format_eps, parse_eps
+from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf
+from .common import format_eps, parse_eps
 from .config import load_config
 from .adapt import adapt as adapt_model
 from .preprocess import load_domain, prepare, source_size
 from .data import stratified_subset
 from .evaluate import accuracy, adversarial_examples, evaluate
-from .trainer import Trainer, build_data, model_from_checkpoint
+from .trainer import Trainer, build_data, load_checkpoint, model_from_checkpoint
 
 
 def attack_suite(eps: float | str, names=("fgsm", "pgd10", "pgd50", "apgd", "cw"), seed: int = 0) -> dict:
@@ -131,6 +133,51 @@ def selected_checkpoint_name(method: str) -> str:
 def selected_checkpoint(trainer: Trainer) -> Path:
     """The run's ``selected_checkpoint_name``."""
     return trainer.run_dir / selected_checkpoint_name(trainer.cfg.method)
+
+
+@dataclass
+class SelectedRun:
+    """A trained (or reused) run and the model of its validation-chosen checkpoint.
+
+    Attributes:
+        trainer: The run's ``Trainer`` (its ``cfg``, ``data`` splits and ``history``).
+        model: The selected checkpoint's model, in eval mode, on the requested device.
+        cfg: The config the checkpoint was trained with.
+        path: The selected checkpoint (``best_clean.pt`` for ERM, ``best_robust.pt`` otherwise).
+        epoch: The epoch it was saved at (1-based).
+    """
+
+    trainer: Trainer
+    model: torch.nn.Module
+    cfg: object
+    path: Path
+    epoch: int
+
+
+def load_selected(methods, preset: str = "cpu-demo", root: str = "runs/book", seed: int = 0,
+                  overrides: dict | None = None, device=None, progress: bool = False) -> dict[str, SelectedRun]:
+    """Trains or reuses (``train_or_load``) one run per method and loads each run's selected checkpoint: what
+    notebooks 03-05 do before they look at the models.
+
+    Args:
+        methods: Method names.
+        preset: Config preset or YAML path.
+        root: Folder holding one run directory per method and seed (the book's runs are shared by notebooks).
+        seed: Training seed.
+        overrides: Further config values (e.g. real data and its epochs).
+        device: Where the models go (default: the CPU).
+        progress: Progress bars while training.
+
+    Returns:
+        Method -> ``SelectedRun``, in the order given.
+    """
+    out = {}
+    for method in methods:
+        trainer = train_or_load(method, preset, root=root, seed=seed, overrides=overrides, progress=progress)
+        path = selected_checkpoint(trainer)
+        model, cfg = model_from_checkpoint(path, device or "cpu")
+        out[method] = SelectedRun(trainer, model, cfg, path, int(load_checkpoint(path, required=("epoch",))["epoch"]))
+    return out
 
 
 def compare_methods(methods, preset: str = "cpu-demo", out_root: str = "runs/compare", seed: int = 0,

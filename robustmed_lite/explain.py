@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import eval_mode
-from .evaluate import model_device
+from .common import eval_mode, model_device
 from .models import attention_weights
 
 METHODS = ("gradcam", "attention", "rollout", "input_grad")
@@ -525,12 +524,12 @@ def attention_noise_magnitudes(model: nn.Module, noise: Mapping[str, torch.Tenso
 
 
 def saliency_under_noise(model: nn.Module, x: torch.Tensor, perturbation, noise: Mapping[str, torch.Tensor],
-                         method: str = "attention", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                         method: str = "attention", gamma: float | None = None,
+                         **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Saliency maps at the model's weights and while a weight noise is injected.
 
-    The noise goes in with ``perturbation.perturb(noise)`` (w += gamma * d, gamma from the perturbation) and is
-    taken out with ``restore()`` after the second map, also on errors: no step is taken in between, so the
-    weights come back bitwise.
+    The noise goes in with ``perturbation.applied(noise, gamma)`` (w += gamma * d) and is taken out after the
+    second map, also on errors: no step is taken in between, so the weights come back bitwise.
 
     Args:
         model: The classifier; ``perturbation.model`` must be it.
@@ -538,6 +537,7 @@ def saliency_under_noise(model: nn.Module, x: torch.Tensor, perturbation, noise:
         perturbation: A ``perturbation.WeightPerturbation`` of the model.
         noise: Its noise directions, e.g. from ``perturbation.compute(x, x_aug, y)``.
         method: Saliency method.
+        gamma: Noise scale (default: the perturbation's own ``gamma``).
         **kwargs: Passed to ``saliency`` (target, layer, batch_size).
 
     Returns:
@@ -546,9 +546,6 @@ def saliency_under_noise(model: nn.Module, x: torch.Tensor, perturbation, noise:
     if perturbation.model is not model:
         raise ValueError("the perturbation belongs to another model")
     before = saliency(model, x, method, **kwargs)
-    perturbation.perturb(noise)
-    try:
+    with perturbation.applied(noise, gamma):
         with_noise = saliency(model, x, method, **kwargs)
-    finally:
-        perturbation.restore()
     return before, with_noise

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .data import CLASS_NAMES
+from .common import CLASS_NAMES
 from .explain import for_display
 
 

@@ -1,4 +1,4 @@
-"""Training objectives of the outer minimisation, all on logits, all batch means.
+"""Training objectives of the outer minimisation, all on logits, all batch means, and the registered losses.
 
 * ``ce``: cross-entropy (ERM on clean inputs; PGD-AT on adversarial ones).
 * ``trades``: CE(f(x), y) + beta * KL(p(x) || p(x')) (Zhang et al., ICML 2019).
@@ -7,15 +7,23 @@
   ICML 2022).
 * ``square_kl``: the method's objective: the squared error against a soft target that mixes in the prediction
   on the lung-prior view, y~ = s * p(x_aug) + (1 - s) * onehot(y), plus beta * ||p(x') - p(x)||^2. The KL enters
-  through the inner maximisation that made x'. The trainer treats y~ as a target (no gradient through
-  p(x_aug)) unless ``target_grad`` is set; CAP's code lets the gradient flow, but with a weight of 0.03 it
-  hardly matters, and it costs a backward pass.
+  through the inner maximisation that made x'. As in CAP's code, the gradient flows through p(x_aug) in the
+  soft target (``target_grad``, true for ``cap`` and ``robustmed``); ``--target_grad false`` is the named
+  ablation that treats y~ as a fixed target (stop-gradient, one backward pass fewer).
+
+Each training loss is registered (``components.register_loss``) with one signature, ``loss(model, batch, cfg)``:
+the trainer calls it with the model in train mode (perturbed, where a method has weight noise) and a
+``components.Batch``. The forward passes run in the order x, x_adv, x_aug, which fixes how BatchNorm's running
+statistics are updated.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .components import register_loss
+
 
 def kl_per_sample(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)) per sample."""
@@ -64,3 +72,37 @@ def square_kl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_au
                    y: torch.Tensor, beta: float, smooth: float) -> torch.Tensor:
     """The method's square loss: ||p(x) - y~||^2 + beta * ||p(x') - p(x)||^2, with y~ from the prior view."""
     return _square_loss(F.softmax(logits_nat, 1), F.softmax(logits_adv, 1), soft_target(logits_aug, y, smooth), beta)
+
+
+# ------------------------------------------------------------------------------------- registered losses
+@register_loss("ce", description="cross-entropy, on x_adv where the method has a sample attack, else on x")
+def _ce(model, batch, cfg) -> torch.Tensor:
+    return ce_loss(model(batch.x if batch.x_adv is None else batch.x_adv).float(), batch.y)
+
+
+@register_loss("trades", needs_attack=True, description="TRADES: CE(x) + beta KL(p(x) || p(x_adv))")
+def _trades(model, batch, cfg) -> torch.Tensor:
+    logits_nat, logits_adv = model(batch.x).float(), model(batch.x_adv).float()
+    return trades_loss(logits_nat, logits_adv, batch.y, cfg.beta)
+
+
+@register_loss("mart", needs_attack=True, description="MART: boosted CE on x_adv + beta KL weighted by 1 - p_y(x)")
+def _mart(model, batch, cfg) -> torch.Tensor:
+    logits_nat, logits_adv = model(batch.x).float(), model(batch.x_adv).float()
+    return mart_loss(logits_nat, logits_adv, batch.y, cfg.beta)
+
+
+@register_loss("score", needs_attack=True, description="SCORE: squared error on probabilities + beta robust gap")
+def _score(model, batch, cfg) -> torch.Tensor:
+    logits_nat, logits_adv = model(batch.x).float(), model(batch.x_adv).float()
+    return score_loss(logits_nat, logits_adv, batch.y, cfg.beta)
+
+
+@register_loss("square_kl", needs_attack=True,
+               description="square loss against the soft target from x_aug + beta square gap (CAP)")
+def _square_kl(model, batch, cfg) -> torch.Tensor:
+    logits_nat, logits_adv = model(batch.x).float(), model(batch.x_adv).float()
+    # CAP's code backpropagates through p(x_aug) (target_grad true); false treats y~ as a fixed target.
+    with torch.set_grad_enabled(bool(cfg.target_grad) and torch.is_grad_enabled()):
+        logits_aug = model(batch.x_aug).float()
+    return square_kl_loss(logits_nat, logits_adv, logits_aug, batch.y, cfg.beta, cfg.smooth)

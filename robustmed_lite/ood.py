@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .corruptions import CORRUPTIONS, FAMILY_OF, corrupt
-from .evaluate import class_counts, clinical_metrics, model_device, predict_logits, undefined_metrics_note
+from .common import model_device
+from .evaluate import class_counts, clinical_metrics, predict_logits, undefined_metrics_note
 from .runinfo import progress_options
 
 

@@ -17,9 +17,29 @@ Two exact backends compute the same function:
 ``backend="auto"`` picks OpenCV where it can and torch otherwise.
 
 The prior (CAP, Xu et al., AAAI 2023): the dark region ``G <= t`` (lung cavity and air) is the filter input,
-the full image the guide; the augmented view keeps every pixel outside the dark region and replaces the dark
-region by the filtered interior, clipped to [0, 1]. CAP's code cast negative outputs to uint8, which wrapped
-them around to bright values at the lung wall; here they clip to 0.
+the full image the guide. Two views are registered (``components.PRIOR_VIEWS``, ``TrainConfig.prior_view``):
+
+* ``"cap"``, CAP's code exactly (the default of ``cap`` and ``robustmed``): CAP's own fast guided filter
+  (``cap_guided_filter``): the guide and input are down-sampled by s = 0.5 with *bicubic* interpolation; the box
+  is ``round(window * s)`` pixels wide at that resolution, with CAP's window 5 (radius 2) a **2x2** box
+  (Python's round: round(2.5) = 2), placed as ``cv2.blur`` places it (default anchor: offsets -1 and 0 on each
+  axis) with ``BORDER_REFLECT_101`` borders; ``mean_a`` and ``mean_b`` are up-sampled bilinearly, and
+  ``q = mean_a * I + mean_b`` at full resolution. The view is ``x_aug = bright part + q`` over the *whole* image:
+  q is added everywhere, also on the bright part (where p = 0 it is near 0 except at the lung wall).
+  CAP's code clips the sum above (``cv2.add`` saturates at 255) but casts negative q to uint8, which wraps them
+  around to bright values; here the sum is clipped to [0, 1] on both sides (the wrap is a bug, not a feature).
+  The 2x2 box is not symmetric, so the view does not commute with flips: the dataset computes the view of each
+  flipped image (CAP flips first, then filters).
+* ``"package"``, this package's earlier variant: the symmetric (2r'+1)^2 box at half resolution (r' = r * s
+  rounded half up: a **3x3** box for radius 2), bilinear resampling, ``BORDER_REFLECT`` borders
+  (``fast_guided_filter``), and the view keeps every pixel outside the dark region and replaces the dark region
+  by the filtered interior, clipped to [0, 1]. It commutes with flips and agrees with ``cv2.ximgproc``'s
+  conventions.
+
+Images in [0, 1] versus CAP's 8-bit ``G``: CAP keeps the bright part ``G > 127`` and filters the dark part
+``G <= 127``. Here the dark part is ``x <= threshold`` with threshold 0.5: for 8-bit data (x = G / 255) that is
+exactly ``G <= 127``. Float inputs are not quantised (the package never rounds pixels), so the rare float value
+in (127/255, 0.5] counts as dark, as 0.5 is the midpoint of [0, 1]. ``threshold="otsu"`` picks one per image.
 """
 
 from __future__ import annotations
@@ -31,9 +51,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .components import PRIOR_VIEWS, register_prior_view
 from .ops import border_index
 
 BACKENDS = ("auto", "opencv", "torch")
+CAP_WINDOW_SCALE = 0.5  # CAP's fast guided filter subsamples by s = 0.5
 
 
 # ------------------------------------------------------------------------------------------- box filters
@@ -187,6 +209,99 @@ def fast_guided_filter(I: torch.Tensor, p: torch.Tensor, radius: int, eps: float
     return guided_filter(I, p, radius, eps, s=s, backend=backend)
 
 
+# ------------------------------------------------------------------------- CAP's own fast guided filter
+def cap_window(radius: int, s: float) -> int:
+    """CAP's box side at the subsampled resolution: ``round((2r+1) * s)`` with Python's round (half to even),
+    so window 5 at s = 0.5 gives 2 (CAP: ``round(5 * 0.5)``); at least 1."""
+    return max(1, round((2 * radius + 1) * s))
+
+
+def _cap_box_torch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``cv2.blur(x, (k, k))``: the mean over a k x k window at offsets -(k//2) .. k-1-(k//2) (OpenCV's default
+    anchor), borders mirrored without repeating the edge pixel (``BORDER_REFLECT_101``)."""
+    if k <= 1:
+        return x
+    lo, hi = k // 2, k - 1 - k // 2
+    h, w = x.shape[-2:]
+    rows = border_index(torch.arange(-lo, h + hi), h, "reflect").to(x.device)
+    cols = border_index(torch.arange(-lo, w + hi), w, "reflect").to(x.device)
+    return F.avg_pool2d(x.index_select(-2, rows).index_select(-1, cols), k, stride=1)
+
+
+def _cap_guided_torch(I, p, radius, eps, s):
+    k = cap_window(radius, s)
+    h, w = I.shape[-2:]
+    if s != 1:
+        small = (max(1, round(h * s)), max(1, round(w * s)))
+        I_s, p_s = (F.interpolate(t, size=small, mode="bicubic", align_corners=False) for t in (I, p))
+    else:
+        I_s, p_s = I, p
+    c = p.shape[1]
+    stats = _cap_box_torch(torch.cat([I_s, p_s, I_s * I_s, I_s * p_s], 1), k)
+    mean_i, mean_p, corr_ii, corr_ip = stats[:, :1], stats[:, 1:1 + c], stats[:, 1 + c:2 + c], stats[:, 2 + c:]
+    a = (corr_ip - mean_i * mean_p) / (corr_ii - mean_i * mean_i + eps)
+    b = mean_p - a * mean_i
+    ab = _cap_box_torch(torch.cat([a, b], 1), k)
+    if s != 1:
+        ab = F.interpolate(ab, size=(h, w), mode="bilinear", align_corners=False)
+    return ab[:, :c] * I + ab[:, c:]
+
+
+def _cap_guided_opencv(I, p, radius, eps, s):
+    k = cap_window(radius, s)
+    i_np, p_np = I.detach().numpy(), p.detach().numpy()
+    out = np.empty(p_np.shape, dtype=p_np.dtype)
+    h, w = i_np.shape[-2:]
+    small = (max(1, round(w * s)), max(1, round(h * s)))  # OpenCV sizes are (width, height)
+
+    def box(x):
+        return cv2.blur(x, (k, k), borderType=cv2.BORDER_REFLECT_101) if k > 1 else x
+
+    for n in range(p_np.shape[0]):
+        guide = np.ascontiguousarray(i_np[n, 0])
+        g_small = cv2.resize(guide, small, interpolation=cv2.INTER_CUBIC) if s != 1 else guide
+        mean_i = box(g_small)
+        var_i = box(g_small * g_small) - mean_i * mean_i
+        for c in range(p_np.shape[1]):
+            src = np.ascontiguousarray(p_np[n, c])
+            p_small = cv2.resize(src, small, interpolation=cv2.INTER_CUBIC) if s != 1 else src
+            mean_p = box(p_small)
+            a = (box(g_small * p_small) - mean_i * mean_p) / (var_i + eps)
+            b = mean_p - a * mean_i
+            mean_a, mean_b = box(a), box(b)
+            if s != 1:
+                mean_a = cv2.resize(mean_a, (w, h), interpolation=cv2.INTER_LINEAR)
+                mean_b = cv2.resize(mean_b, (w, h), interpolation=cv2.INTER_LINEAR)
+            out[n, c] = mean_a * guide + mean_b
+    return torch.from_numpy(out)
+
+
+def cap_guided_filter(I: torch.Tensor, p: torch.Tensor, radius: int = 2, eps: float = 0.003,
+                      s: float = CAP_WINDOW_SCALE, backend: str = "auto") -> torch.Tensor:
+    """CAP's fast guided filter, as its code computes it (see the module docstring).
+
+    Guide and input down-sampled by ``s`` (bicubic), a ``cap_window(radius, s)``-wide box (``cv2.blur``'s
+    default anchor, ``BORDER_REFLECT_101``), ``mean_a`` and ``mean_b`` up-sampled bilinearly,
+    ``q = mean_a * I + mean_b``. With radius 2 and s = 0.5: a 2x2 box at half resolution.
+
+    Args:
+        I: Guide, (N,1,H,W).
+        p: Input to filter, (N,C,H,W).
+        radius: Window radius at full resolution (window 2r+1; CAP: 5, i.e. radius 2).
+        eps: Regulariser (CAP: 0.003).
+        s: Subsampling factor (CAP: 0.5; 1 filters at full resolution with a (2r+1)-wide box).
+        backend: 'auto', 'opencv' (CPU, no gradient) or 'torch' (any device, differentiable).
+
+    Returns:
+        ``q``, shaped like ``p``.
+    """
+    _check(I, p, radius, eps, s)
+    I = I.to(p.dtype)
+    if _pick_backend(I, p, backend) == "opencv":
+        return _cap_guided_opencv(I, p, radius, eps, s)
+    return _cap_guided_torch(I, p, radius, eps, s)
+
+
 # -------------------------------------------------------------------------------------------- the prior
 def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu's threshold per image of an (N,1,H,W) batch in [0,1], as an (N,1,1,1) tensor."""
@@ -254,32 +369,55 @@ def lung_mask(x: torch.Tensor, threshold=0.5, min_area: float = 0.004, close: fl
 
 
 def lung_prior(x: torch.Tensor, threshold=0.5, radius: int = 2, eps: float = 0.003, s: float = 0.5,
-               with_mask: bool = True, backend: str = "auto"):
+               with_mask: bool = True, backend: str = "auto", view: str = "cap"):
     """The lung-cavity prior view of a batch and its lung mask.
 
-    Defaults follow CAP's public code: threshold 0.5, window 5 (radius 2), eps 0.003, subsampling s = 0.5.
+    Defaults follow CAP's public code: threshold 0.5 (G <= 127 on 8-bit data), window 5 (radius 2), eps 0.003,
+    subsampling s = 0.5, and CAP's own filter and composition (``view="cap"``; see the module docstring).
 
     Args:
         x: Images (N,1,H,W) in [0,1].
-        threshold: Dark-region threshold, a number or 'otsu' (per image).
+        threshold: Dark-region threshold, a number or 'otsu' (per image): dark is ``x <= threshold``.
         radius: Guided-filter radius.
         eps: Guided-filter regulariser.
         s: Subsampling factor of the fast guided filter (1 = exact).
         with_mask: Also compute the lung mask (SciPy, CPU); False returns None in its place.
         backend: Guided-filter backend ('auto', 'opencv', 'torch').
+        view: A registered prior view: ``"cap"`` (CAP's code) or ``"package"`` (the earlier variant).
 
     Returns:
-        ``(x_aug, lung_mask)``: x_aug keeps x outside the dark region and holds the filtered interior,
-        clipped to [0, 1], inside it; lung_mask is bool (N,1,H,W) or None.
+        ``(x_aug, lung_mask)``: x_aug in [0, 1] (``"cap"``: the bright part plus the filtered dark part,
+        everywhere; ``"package"``: x outside the dark region, the filtered interior inside it); lung_mask is
+        bool (N,1,H,W) or None.
     """
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"lung_prior takes grey images (N,1,H,W), got {tuple(x.shape)}")
+    make_view = PRIOR_VIEWS[view]
     threshold = _threshold(x, threshold)  # once: Otsu's is a histogram per image
     dark = x <= threshold
+    x_aug = make_view(x, dark, radius, eps, s, backend)
+    return x_aug, (lung_mask(x, threshold) if with_mask else None)
+
+
+def flip_equivariant(view: str) -> bool:
+    """Whether a registered prior view commutes with flips (the dataset may then flip a precomputed view)."""
+    return bool(PRIOR_VIEWS.entry(view).info.get("flip_equivariant", False))
+
+
+@register_prior_view("cap", flip_equivariant=False,
+                     description="CAP's code: bicubic 1/2, 2x2 box (REFLECT_101), bright part + q everywhere")
+def _cap_view(x: torch.Tensor, dark: torch.Tensor, radius: int, eps: float, s: float, backend: str):
+    p = torch.where(dark, x, torch.zeros_like(x))
+    q = cap_guided_filter(x, p, radius, eps, s=s, backend=backend).to(x.device)
+    return (torch.where(dark, torch.zeros_like(x), x) + q).clamp(0, 1)
+
+
+@register_prior_view("package", flip_equivariant=True,
+                     description="earlier variant: bilinear 1/2, 3x3 box (REFLECT), filtered dark part only")
+def _package_view(x: torch.Tensor, dark: torch.Tensor, radius: int, eps: float, s: float, backend: str):
     p = torch.where(dark, x, torch.zeros_like(x))
     q = guided_filter(x, p, radius, eps, s=s, backend=backend)
-    x_aug = torch.where(dark, q.to(x.device).clamp(0, 1), x)
-    return x_aug, (lung_mask(x, threshold) if with_mask else None)
+    return torch.where(dark, q.to(x.device).clamp(0, 1), x)
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """The trainer: every method of the book in one loop, with validation-chosen checkpoints and exact resume.
 
-One training step, whatever the method (components from ``config.METHODS``)::
+One training step, whatever the method (components from ``config.METHODS``, each part from its registry in
+``components``)::
 
-    x, x_aug, y             a batch and its lung-prior view (the same flips)
+    x, x_aug, y             a batch and its lung-prior view (the same flips); with prior_samples > 0 the views of
+                            a share of the batch join it as extra samples
     x_adv = attack(x, y)    sample perturbation in eval mode: PGD (CE), TRADES (KL), optionally early-stopped
-    w += gamma * d          weight noise from a one-step proxy adversary (AWP or proxy attention)
-    loss(x, x_adv, x_aug)   CE, TRADES, MART, SCORE or the method's square loss + KL
+    w += gamma * d          weight noise from a one-step proxy adversary (AWP or proxy attention); with
+                            weight_feedback, gamma is halved while the perturbed model gets too much of x wrong
+    loss(model, batch)      CE, TRADES, MART, SCORE, the method's square loss + KL, or any registered loss
     optimizer step, then the weight noise is taken out again
 
 Each epoch ends with a validation pass (clean accuracy on the whole validation split, PGD accuracy on its first
 ``eval_n`` images); the best clean and best robust checkpoints are chosen there, never on the test split. The
-last checkpoint holds the optimizer, scheduler and RNG states, so a resumed run is bitwise the uninterrupted one
-on a CPU. The run directory records the config, the seed, the library versions and a per-epoch log.
+last checkpoint holds the optimizer, scheduler and RNG states and the weight-noise proxy's optimizer state (CAP's
+AdamW moments), so a resumed run is bitwise the uninterrupted one on a CPU. The run directory records the config,
+the seed, the library versions and a per-epoch log.
 """
 
 from __future__ import annotations
@@ -31,15 +35,15 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import PGD, FeedbackPGD
-from .config import TrainConfig
+from .attacks import PGD
 from .augment import acquisition_augment
-from .data import CLASS_NAMES, SPLITS, DataError, load_images
+from .common import CLASS_NAMES, eval_mode, model_device
+from .components import ATTACKS, LOSSES, WEIGHT_NOISE, Batch
+from .config import TrainConfig
+from .data import SPLITS, DataError, load_images
 from .dataset import PriorDataset
-from .evaluate import accuracy, model_device
+from .evaluate import accuracy
 from .models import create_model
-from .objectives import ce_loss, mart_loss, score_loss, square_kl_loss, trades_loss
-from .perturbation import WeightPerturbation
 from .phantom import make_phantom_dataset
 from .preprocess import domain_label, load_domain, prepare, source_size
 from .prior import lung_prior
@@ -83,7 +87,8 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     Real data are split by the data set's own split where it has one, else stratified with seed 0; with
     ``extra_data`` the other site's train and val parts join training and validation (``site_balanced``:
     each site fills half of every epoch) and its test part is reported as ``extra_test``."""
-    prior_kwargs = dict(threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s)
+    prior_kwargs = dict(threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s,
+                        view=cfg.prior_view)
     fallbacks = {}
 
     def prepared(name: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,9 +225,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
-        self.weight_noise = None
-        if cfg.weight_noise != "none":
-            self.weight_noise = WeightPerturbation(self.model, cfg.weight_noise, cfg.gamma, cfg.beta, cfg.proxy_lr)
+        make_noise = WEIGHT_NOISE[cfg.weight_noise]  # None for "none"
+        self.weight_noise = make_noise(self.model, cfg) if make_noise is not None else None
         self.val_attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
@@ -266,17 +270,9 @@ class Trainer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def sample_attack(self, epoch: int):
-        """The training attack of an epoch (None for methods without sample perturbation)."""
-        cfg = self.cfg
-        if cfg.attack == "none":
-            return None
-        loss = "kl" if cfg.attack == "trades" else "ce"
-        start = "normal" if loss == "kl" else True  # TRADES' tiny Gaussian start; uniform in the ball for CE
-        steps = attack_steps_at(cfg, epoch)
-        if cfg.feedback != "none":
-            return FeedbackPGD(cfg.eps, cfg.step_size, steps, loss=loss, rule=cfg.feedback, tau=cfg.tau,
-                               random_start=start)
-        return PGD(cfg.eps, cfg.step_size, steps, loss=loss, random_start=start)
+        """The training attack of an epoch (None for methods without sample perturbation): the registered
+        ``cfg.attack`` with the epoch's number of steps (and ``cfg.feedback`` as its early-stopping rule)."""
+        return ATTACKS[self.cfg.attack](self.cfg, attack_steps_at(self.cfg, epoch))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device, non_blocking=True)
@@ -300,16 +296,19 @@ class Trainer:
             elif not cfg.prior:
                 x_aug = x
             stats["augmented"] = changed.float().mean().item()
+        if cfg.prior_samples > 0:
+            x, x_aug, y, stats["prior_samples"] = self._with_prior_samples(x, x_aug, y, epoch, batch_index)
         x, x_aug, y = self._to_device(x), self._to_device(x_aug), y.to(self.device)
         with self._autocast():
             x_adv = attack(model, x, y) if attack is not None else None
-            if isinstance(attack, FeedbackPGD):
+            if getattr(attack, "last_steps", None) is not None:  # an early-stopped (feedback) attack
                 stats["attack_steps"] = attack.last_steps.float().mean().item()
+            batch = Batch(x, x_adv, x_aug, y)
             noise = self.weight_noise if epoch >= cfg.weight_noise_warmup else None
             if noise is not None:
-                noise.perturb(noise.compute(x, x_adv if cfg.weight_noise == "awp" else x_aug, y))
+                stats.update(self._perturb_weights(noise, batch))
             model.train()
-            loss = self._loss(x, x_adv, x_aug, y)
+            loss = LOSSES[cfg.loss](model, batch, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -319,21 +318,46 @@ class Trainer:
         stats["loss"] = loss.item()
         return stats
 
-    def _loss(self, x, x_adv, x_aug, y) -> torch.Tensor:
-        cfg, model = self.cfg, self.model
-        if cfg.loss == "ce":
-            return ce_loss(model(x if x_adv is None else x_adv).float(), y)
-        logits_nat, logits_adv = model(x).float(), model(x_adv).float()
-        if cfg.loss == "trades":
-            return trades_loss(logits_nat, logits_adv, y, cfg.beta)
-        if cfg.loss == "mart":
-            return mart_loss(logits_nat, logits_adv, y, cfg.beta)
-        if cfg.loss == "score":
-            return score_loss(logits_nat, logits_adv, y, cfg.beta)
-        # The soft target is a target: by default no gradient flows through it, which spares a backward pass.
-        with torch.set_grad_enabled(cfg.target_grad):
-            logits_aug = model(x_aug).float()
-        return square_kl_loss(logits_nat, logits_adv, logits_aug, y, cfg.beta, cfg.smooth)
+    def _with_prior_samples(self, x, x_aug, y, epoch: int, batch_index: int):
+        """The batch with the prior views of ``prior_samples`` of it appended as extra samples (reading 2 of the
+        abstract: "generate augmented data"). Which images is seeded by (seed, epoch, batch), so a resumed run
+        draws the same. An extra sample's own prior view is taken to be itself (the filter of an already
+        filtered interior changes it little), so its soft target uses the same view."""
+        n = len(y)
+        k = n if self.cfg.prior_samples >= 1 else int(round(self.cfg.prior_samples * n))
+        if k == 0:
+            return x, x_aug, y, 0.0
+        if k < n:
+            gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) * 100_003 + batch_index + 7)
+            pick = torch.randperm(n, generator=gen)[:k].sort().values
+        else:
+            pick = torch.arange(n)
+        extra = x_aug[pick]
+        return torch.cat([x, extra]), torch.cat([x_aug, extra]), torch.cat([y, y[pick]]), k / n
+
+    def _perturb_weights(self, noise, batch: Batch) -> dict:
+        """w += gamma * d from the noise's proxy step. With ``weight_feedback`` (reading 1 of the abstract: the
+        early-stopping feedback on the weight level too), gamma is halved, up to ``weight_feedback_halvings``
+        times, while the perturbed model (eval mode, no gradient, BatchNorm statistics untouched) misclassifies
+        more than ``weight_feedback_share`` of the clean batch: the weight noise, like the sample noise, stays
+        where the model still predicts correctly. Returns the statistics of the step."""
+        cfg = self.cfg
+        direction = noise.compute_batch(batch)
+        gamma = cfg.gamma
+        noise.perturb(direction, gamma)
+        if not cfg.weight_feedback:
+            return {}
+        halvings = 0
+        while halvings < cfg.weight_feedback_halvings and self._error_share(batch) > cfg.weight_feedback_share:
+            noise.restore()  # no optimizer step in between: bitwise the unperturbed weights
+            gamma, halvings = gamma / 2, halvings + 1
+            noise.perturb(direction, gamma)
+        return {"gamma_scale": gamma / cfg.gamma if cfg.gamma else 1.0}
+
+    @torch.no_grad()
+    def _error_share(self, batch: Batch) -> float:
+        with eval_mode(self.model):
+            return (self.model(batch.x).argmax(1) != batch.y).float().mean().item()
 
     # ------------------------------------------------------------------------------------------- validation
     def validate(self) -> dict:
@@ -400,6 +424,8 @@ class Trainer:
         state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                      rng_cpu=torch.get_rng_state(),
                      rng_cuda=torch.cuda.get_rng_state_all() if self.cuda else [])
+        if self.weight_noise is not None and hasattr(self.weight_noise, "state_dict"):
+            state["weight_noise"] = self.weight_noise.state_dict()  # CAP's AdamW proxy keeps moments
         _atomic_save(state, self.run_dir / "last.pt")
         _append_log(self.run_dir, row)
 
@@ -407,6 +433,8 @@ class Trainer:
         _load_weights(self.model, state, self.run_dir / "last.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.weight_noise is not None and "weight_noise" in state:
+            self.weight_noise.load_state_dict(state["weight_noise"])
         torch.set_rng_state(state["rng_cpu"])
         if self.cuda and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -59,13 +59,20 @@ def test_existing_run_is_not_overwritten(tmp_path, small_data):
         Trainer(cfg, data=small_data)
 
 
-@pytest.mark.parametrize("method", ["robustmed", "awp"])
+@pytest.mark.parametrize("method", ["robustmed", "cap", "awp"])
 def test_resume_is_bitwise_identical(method, tmp_path, small_data):
-    full = Trainer(_config(tmp_path / "full", method=method, epochs=3), data=small_data)
+    # The weight noise starts in epoch 2, so the split after epoch 2 falls where CAP's AdamW proxy (cap,
+    # robustmed) already holds moments: last.pt must carry them for the resumed run to be bitwise the same.
+    noise_on = dict(weight_noise_warmup=1)
+    full = Trainer(_config(tmp_path / "full", method=method, epochs=3, **noise_on), data=small_data)
     full.fit()
-    Trainer(_config(tmp_path / "split", method=method, epochs=3), data=small_data).fit(stop_after=2)
+    Trainer(_config(tmp_path / "split", method=method, epochs=3, **noise_on), data=small_data).fit(stop_after=2)
     record = (tmp_path / "split" / "run" / "env.json").read_text()
-    resumed = Trainer(_config(tmp_path / "split", method=method, epochs=3), data=small_data, resume=True)
+    saved = load_checkpoint(tmp_path / "split" / "run" / "last.pt")["weight_noise"]
+    assert saved["optimizer"] == ("sgd" if method == "awp" else "adamw")
+    assert bool(saved["proxy_optim"]["state"]) == (method != "awp"), "AdamW keeps moments, SGD none"
+    resumed = Trainer(_config(tmp_path / "split", method=method, epochs=3, **noise_on), data=small_data,
+                      resume=True)
     assert resumed.start_epoch == 2
     resumed.fit()
     assert (tmp_path / "split" / "run" / "env.json").read_text() == record, "the original record stays"
