@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .reproduce import PROFILES, Profile, check_results, find_results, reproduce
+from .reproduce import default_data, reproduce
+from .runplan import PROFILES, Profile
+from .summary import check_results, find_results
 from .stats import paired_differences, t_interval
 
 SITE_METHODS = ("erm", "trades", "robustmed")
@@ -236,8 +238,6 @@ def run_sites(profile: str | Profile = "cpu", data: str | None = None, target: s
         goal: The balanced accuracy on the target that the best combination is measured against.
         progress: Progress bars.
     """
-    from .reproduce import default_data
-
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if data is None or target is None:
         found_data, found_ood = default_data()

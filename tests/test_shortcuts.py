@@ -119,3 +119,19 @@ def test_sites_summary_tables():
                   & (edge["metric"] == "balanced_accuracy")].iloc[0]
     assert vs_erm["gain_mean"] == pytest.approx(0.03)
     assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
+
+
+def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
+    from robustmed_lite.__main__ import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--method", "erm", "--epochs", "1", "--img_size", "32", "--n_train", "64", "--n_val", "32",
+                 "--n_test", "32", "--batch_size", "32", "--progress", "false", "--out_dir", run]) == 0
+    out = tmp_path / "diagnosis.csv"
+    assert main(["diagnose", "--checkpoint", f"{run}/best_clean.pt", "--data", f"{shared_data}/ucsd_covidct:test",
+                 f"{shared_data}/ucsd_covidct:val", "--n", "16", "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out)
+    assert list(table["domain"]) == ["ucsd_covidct (test)", "ucsd_covidct (val)"]
+    assert list(table["n"]) == [203, 118] and (table["saliency_n"] == 16).all()
+    assert {"predicted_covid_share", "ece", "outside_lungs", "lung_area_outside"} <= set(table.columns)
+    assert "reads the site" in capsys.readouterr().out
