@@ -149,6 +149,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     variants = dict(parse_variant(v) for v in args.variant or [])
+    adapt_methods = [m for m in (args.adapt or "").split(",") if m]
+    if args.sites_best:  # the cross-site study's best combination as one more row of the method
+        from .sites import best_settings
+
+        settings, adaptation = best_settings(args.sites_best)
+        variants["robustmed+sites"] = {"method": "robustmed", **settings}
+        adapt_methods += [adaptation] if adaptation != "none" and adaptation not in adapt_methods else []
     ensemble_n = "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all"
                                                             else int(args.ensemble_n))
     corruption_n = "profile" if args.corruption_n is None else (None if args.corruption_n.lower() == "all"
@@ -156,7 +163,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = reproduce(args.profile, data=args.data, ood_data=args.ood_data, covid19c=args.covid19c,
                         methods=args.methods, seeds=args.seeds, out=args.out, runs=args.runs, shard=args.shard,
                         jobs=args.jobs, overrides=overrides, variants=variants, ensemble_n=ensemble_n,
-                        adapt_methods=[m for m in (args.adapt or "").split(",") if m], corruption_n=corruption_n,
+                        adapt_methods=adapt_methods, corruption_n=corruption_n,
                         progress=not args.quiet)
     out = Path(args.out or f"results/reproduction/{args.profile}")
     if len(results["verdicts"]):
@@ -316,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
     rep.add_argument("--variant", action="append", metavar="NAME=METHOD,KEY=VALUE,...",
                      help="an extra row: a method with other settings")
+    rep.add_argument("--sites_best", default=None, metavar="DIR",
+                     help="add the cross-site study's best combination (its best.json in DIR, e.g. results/sites/cpu) "
+                          "as a row robustmed+sites, and its test-time adaptation to the evaluation")
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(run=_reproduce)
 

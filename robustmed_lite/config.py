@@ -37,6 +37,10 @@ METHODS: dict[str, dict] = {
     "robustmed": dict(attack="trades", feedback="last_correct", weight_noise="proxy_attention", loss="square_kl",
                       prior=True),
 }
+# The settings that decide which test images a run is scored on and how they are prepared: runs that share them
+# can be compared on one test split (OOD suite, corruption stage).
+DATA_KEYS = ("data", "img_size", "site", "n_test", "val_fraction", "test_fraction", "lung_crop", "intensity",
+             "lung_region")
 CHOICES = {
     "attack": ("none", "pgd", "trades"),
     "feedback": ("none", "fat", "last_correct"),

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -42,15 +43,15 @@ from tqdm.auto import tqdm
 
 from .attacks import format_eps
 from .data import DataError, find_shared_data, load_images
-from .runeval import (EIGHT, EvalSettings, _finished_epochs, _read_json, _write_json, corruption_stage,
-                      ensemble_check, evaluate_run)
-from .preprocess import split_spec
+from .runeval import (EIGHT, EvalSettings, corruption_stage, ensemble_check, evaluate_run, logged_epochs,
+                      read_json, write_json)
+from .preprocess import resolve_spec, split_spec
 from .runinfo import environment_info, flush_denormal, progress_options
 from .runplan import (ALL_METHODS, DEFAULT_SEEDS, PROFILES, Profile, RunSpec, build_plan, parse_methods,
                       parse_seeds, parse_shard, parse_variant, shard_of)
 from .summary import (CLAIMS, SCHEMA, THE_METHOD, check_results, collect_rows, find_results, summarise,
                       write_summary)
-from .trainer import Trainer, config_differences
+from .trainer import Trainer, completed_epochs, config_differences
 
 __all__ = ["reproduce", "Profile", "PROFILES", "RunSpec", "build_plan", "shard_of", "parse_seeds", "parse_methods",
            "parse_shard", "parse_variant", "CLAIMS", "SCHEMA", "check_results", "find_results", "summarise",
@@ -67,19 +68,39 @@ def check_existing(spec: RunSpec) -> None:
                              "reused. Fix: pass another --runs folder, or delete that run to retrain it")
 
 
-def train_run(spec: RunSpec, wait_poll: float = 5.0) -> None:
-    """Trains a run, or resumes it, or does nothing if it finished; waits for its clean checkpoint if another
-    process (shard) is still training it."""
+TRAINED = "trained.json"  # written when a run has finished training: what other shards wait for
+
+
+def train_run(spec: RunSpec, wait_poll: float = 5.0, wait_timeout: float = 48 * 3600) -> None:
+    """Trains a run, or resumes it, or does nothing if it finished (``trained.json``); waits for its clean run if
+    another process (a shard) trains it.
+
+    A run killed during its first epoch may leave ``best_*.pt`` without ``last.pt``: no epoch finished, so those
+    files are removed (with a warning) and the run starts afresh.
+    """
     cfg = spec.config()
     check_existing(spec)
-    if _finished_epochs(spec.run_dir) >= cfg.epochs and (spec.run_dir / "last.pt").exists():
+    marker = spec.run_dir / TRAINED
+    if marker.exists():
         return
     if spec.init_from is not None:
-        clean_dir = spec.init_from.parent
-        while not (spec.init_from.exists() and _finished_epochs(clean_dir) >= cfg.epochs):
-            time.sleep(wait_poll)  # another shard trains the clean model of this seed
+        clean_marker, waited = spec.init_from.parent / TRAINED, 0.0
+        while not clean_marker.exists():  # another shard trains the clean model of this seed
+            if waited > wait_timeout:
+                raise TimeoutError(f"{spec.init_from.parent} did not finish training within {wait_timeout / 3600:g} "
+                                   "h: start the shard that trains it (the clean run of this seed)")
+            time.sleep(wait_poll)
+            waited += wait_poll
+    if not (spec.run_dir / "last.pt").exists():
+        orphans = [p for p in (spec.run_dir / "best_clean.pt", spec.run_dir / "best_robust.pt") if p.exists()]
+        if orphans:
+            warnings.warn(f"{spec.run_dir}: {', '.join(p.name for p in orphans)} without last.pt (killed in its first "
+                          "epoch): removed, the run starts afresh", stacklevel=2)
+            for path in orphans:
+                path.unlink()
     trainer = Trainer(cfg, resume=(spec.run_dir / "last.pt").exists())
     trainer.fit()
+    write_json(marker, {"epochs": completed_epochs(spec.run_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _task(spec: RunSpec, settings: EvalSettings, threads: int | None) -> str:
@@ -88,20 +109,25 @@ def _task(spec: RunSpec, settings: EvalSettings, threads: int | None) -> str:
         torch.set_num_threads(threads)
     train_run(spec)
     eval_file = settings.eval_file(spec.run_dir)
-    record = _read_json(eval_file)
+    record = read_json(eval_file)
     if record is None or record.get("settings") != settings.to_dict():
         with flush_denormal():
             row = evaluate_run(spec, settings)
-        _write_json(eval_file, {"settings": settings.to_dict(), "row": row})
+        write_json(eval_file, {"settings": settings.to_dict(), "row": row})
     return spec.name
 
 
-def _git_commit() -> str | None:
+def _git_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit, and whether the package's own files differ from it (None outside a checkout)."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=here).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                timeout=5, cwd=here)
+        return commit, (bool(status.stdout.strip()) if commit and status.returncode == 0 else None)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
 
 
 def default_data() -> tuple[str, list[str]]:
@@ -164,7 +190,7 @@ class _ProgressPoller:
     def _done(self) -> tuple[int, int, int]:
         work = epochs = runs = 0
         for spec, n_epochs, weight in self.items:
-            e = min(_finished_epochs(spec.run_dir), n_epochs)
+            e = min(logged_epochs(spec.run_dir), n_epochs)
             evaluated = self.settings.eval_file(spec.run_dir).exists()
             work += e * weight + self.EVAL_WEIGHT * evaluated
             epochs, runs = epochs + e, runs + evaluated
@@ -270,10 +296,11 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
     if data is None:
         data, found_ood = default_data()
         ood_data = found_ood if ood_data is None else ood_data
-    ood_data = [str(Path(p)) for p in (ood_data or [])]
-    data = data if data == "phantom" else str(Path(data))
+    # Absolute paths: a run's config records them, and the same data named two ways must stay one run.
+    ood_data = [resolve_spec(p) for p in (ood_data or [])]
+    data = data if data == "phantom" else resolve_spec(data)
     out = Path(out or f"results/reproduction/{prof.name}")
-    runs_root = Path(runs or f"runs/reproduction/{prof.name}")
+    runs_root = Path(runs or f"runs/reproduction/{prof.name}").resolve()
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     check_paths(data, ood_data, covid19c)
     plan = build_plan(prof, data, methods, seeds, runs_root, overrides, variants)
@@ -297,17 +324,34 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
     out.mkdir(parents=True, exist_ok=True)
     _record_provenance(out, prof, plan, settings, command, shard_i_n, jobs)
 
+    clock = {"start": time.time()}
     with _ProgressPoller(mine, settings, progress):
         failures = _execute(mine, settings, jobs)
+    clock["trained"] = time.time()
     finished = [s for s in mine if settings.eval_file(s.run_dir).exists()]
     corruption_stage(finished, settings, progress=progress)
+    clock["corrupted"] = time.time()
     results = _finish(plan, settings, out, prof, ood_data, covid19c)
+    _record_timing(out, clock, shard_i_n, jobs, len(mine), len(finished))
     if failures:
         name, err = failures[0]
         raise RuntimeError(f"run {name} failed ({type(err).__name__}: {err}); the summary holds the "
                            f"{len(results['runs'])} runs that finished. Fix the cause and call again: finished "
                            "runs are reused") from err
     return results
+
+
+def _record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_finished: int) -> None:
+    """Appends this call's wall times per stage to ``timings.json`` (what the README's times are read from)."""
+    now = time.time()
+    record = {"recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard": f"{shard[0]}/{shard[1]}", "jobs": jobs,
+              "runs": n_runs, "runs_evaluated": n_finished, "cpu_count": os.cpu_count(),
+              "train_and_evaluate_minutes": (clock["trained"] - clock["start"]) / 60,
+              "corruptions_minutes": (clock["corrupted"] - clock["trained"]) / 60,
+              "ensemble_check_and_summary_minutes": (now - clock["corrupted"]) / 60,
+              "total_minutes": (now - clock["start"]) / 60}
+    previous = read_json(out / "timings.json") or []
+    write_json(out / "timings.json", [*previous, record])
 
 
 def _record_provenance(out: Path, prof: Profile, plan: list[RunSpec], settings: EvalSettings, command,
@@ -317,11 +361,12 @@ def _record_provenance(out: Path, prof: Profile, plan: list[RunSpec], settings: 
     with open(out / "commands.txt", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  shard {shard[0]}/{shard[1]}  jobs {jobs}  "
                 f"{shlex.join(str(c) for c in command)}\n")
-    env = {"environment": environment_info(), "git_commit": _git_commit(), "cpu_count": os.cpu_count(),
-           "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json(out / "environment.json", env)
+    commit, dirty = _git_state()
+    env = {"environment": environment_info(), "git_commit": commit, "package_changed_since_commit": dirty,
+           "cpu_count": os.cpu_count(), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(out / "environment.json", env)
     base = plan[0].config().to_dict()
-    _write_json(out / "profile.json", {"profile": dataclasses.asdict(prof), "evaluation": settings.to_dict(),
+    write_json(out / "profile.json", {"profile": dataclasses.asdict(prof), "evaluation": settings.to_dict(),
                                        "base_config": base,
                                        "runs": [{"name": s.name, "seed": s.seed, "run_dir": str(s.run_dir),
                                                  "init_from": str(s.init_from) if s.init_from else None}

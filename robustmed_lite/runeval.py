@@ -21,6 +21,7 @@ import torch
 
 from .adapt import adapt
 from .attacks import PGD, format_eps
+from .config import DATA_KEYS
 from .corruptions import CORRUPTIONS
 from .data import load_covid19c, stratified_subset
 from .ensemble import binary_ensemble
@@ -29,24 +30,27 @@ from .experiments import _evaluation_splits, selected_checkpoint_name
 from .preprocess import load_domain, prepare, source_size, split_spec
 from .runinfo import flush_denormal, get_device
 from .runplan import RunSpec
-from .trainer import load_checkpoint, model_from_checkpoint
+from .trainer import load_checkpoint, model_from_checkpoint, raw_test_split
 
 EIGHT = 8 / 255
 
 
-def _finished_epochs(run_dir: Path) -> int:
+def logged_epochs(run_dir: Path) -> int:
+    """Epochs a run's log holds (cheap; for progress bars). ``trainer.completed_epochs`` is the truth."""
     log = run_dir / "log.jsonl"
     return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None where it is missing or half-written."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_json(path: Path, payload) -> None:
+def write_json(path: Path, payload) -> None:
+    """Writes through a temporary file and a rename: a kill never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
@@ -82,10 +86,6 @@ class EvalSettings:
         return Path(run_dir) / f"corruptions-{hashlib.sha1(key.encode()).hexdigest()[:10]}.csv"
 
 
-def _eps_key(eps: float, train_eps: float) -> str:
-    return "8_255" if abs(eps - EIGHT) < 1e-9 else "train_eps" if abs(eps - train_eps) < 1e-9 else format_eps(eps)
-
-
 def domain_name(spec: str) -> str:
     """A column-safe name for a domain: ``.../ucsd_covidct`` -> ``ucsd_covidct``, ``...:test`` -> ``..._test``."""
     path, split = split_spec(spec)
@@ -96,8 +96,18 @@ def domain_name(spec: str) -> str:
 def _domains(cfg, splits, settings: EvalSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every other-site domain, whole, prepared as the run's own data (crop, intensity): phantom site B for
     phantom runs, the pooled site's own test split for multi-source runs, each ``--ood_data`` spec (a folder,
-    or ``folder:test`` for one split), COVID19-C subsets."""
+    or ``folder:test`` for one split), COVID19-C subsets.
+
+    Raises:
+        ValueError: An ``--ood_data`` spec holds images the run trained on (the whole pooled site, or its train
+            split): they would be scored as "another site".
+    """
     domains = {}
+    for spec in settings.ood_data:
+        path, split = split_spec(spec)
+        if cfg.extra_data and Path(path).resolve() == Path(cfg.extra_data).resolve() and split in (None, "train"):
+            raise ValueError(f"--ood_data {spec} holds training images of {cfg.out_dir} (it pools "
+                             f"{cfg.extra_data}'s train split): score that site on its test split, {path}:test")
     if cfg.data == "phantom" and splits.shift is not None:  # the same test patients at another scanner site
         domains[domain_name(splits.shift_name)] = splits.shift
     if splits.extra_test is not None:
@@ -130,23 +140,25 @@ def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
            "test_n_noncovid": int((y == 0).sum())}
     probs = predict_logits(model, x).softmax(1).numpy()
     row.update({f"clean_{k}": v for k, v in clinical_metrics(y.numpy(), probs).items()})
-    eps_values = list(dict.fromkeys([cfg.eps, *settings.eps]))
-    pgd = {_eps_key(e, cfg.eps): PGD(e, alpha=e / 4, steps=10, seed=spec.seed) for e in eps_values}
+    # Every radius once (the training eps may be 8/255 itself), then a column per name: train_eps, 8_255, ...
+    radii = {"train_eps": cfg.eps, "8_255": EIGHT, **{format_eps(e): e for e in settings.eps}}
+    unique = {format_eps(e): e for e in radii.values()}
+    pgd = {k: PGD(e, alpha=e / 4, steps=10, seed=spec.seed) for k, e in unique.items()}
     table = evaluate(model, (x, y), pgd, progress=False).set_index("condition")
-    for key in pgd:
-        row[f"pgd10_{key}"] = float(table.loc[key, "accuracy"])
+    row.update({f"pgd10_{name}": float(table.loc[format_eps(e), "accuracy"]) for name, e in radii.items()
+                if name in ("train_eps", "8_255")})
     if settings.ensemble_n == 0:  # a study that does not need the ensemble (the columns stay, empty)
-        row.update({f"ensemble_{_eps_key(e, cfg.eps)}": math.nan for e in eps_values},
-                   ensemble_n=0, ensemble_clean_accuracy=math.nan, ensemble="not run")
+        row.update(ensemble_train_eps=math.nan, ensemble_8_255=math.nan, ensemble_n=0,
+                   ensemble_clean_accuracy=math.nan, ensemble="not run")
     else:
         subset = stratified_subset(y.numpy(), settings.ensemble_n, seed=0)
-        ens = {_eps_key(e, cfg.eps): binary_ensemble(e, settings.apgd_steps, settings.fab_steps,
-                                                      settings.square_queries, seed=spec.seed) for e in eps_values}
+        ens = {k: binary_ensemble(e, settings.apgd_steps, settings.fab_steps, settings.square_queries,
+                                  seed=spec.seed) for k, e in unique.items()}
         table = evaluate(model, (x[subset], y[subset]), ens, batch_size=256, progress=False).set_index("condition")
-        for key in ens:
-            row[f"ensemble_{key}"] = float(table.loc[key, "accuracy"])
+        row.update({f"ensemble_{name}": float(table.loc[format_eps(e), "accuracy"]) for name, e in radii.items()
+                    if name in ("train_eps", "8_255")})
         row.update(ensemble_n=len(subset), ensemble_clean_accuracy=float(table.loc["clean", "accuracy"]),
-                   ensemble=ens[_eps_key(cfg.eps, cfg.eps)].describe())
+                   ensemble=ens[format_eps(cfg.eps)].describe())
     domains = _domains(cfg, splits, settings)
     row["domains"] = ",".join(domains)
     for name, (xd, yd) in domains.items():
@@ -165,26 +177,37 @@ def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
 
 
 def corruption_stage(specs: list[RunSpec], settings: EvalSettings, seed: int = 0, progress: bool = True) -> None:
-    """The corruption table of every run that lacks it, all models scored on the same corrupted images (the
-    whole test split, or a stratified subset of ``settings.corruption_n``)."""
+    """The corruption table of every run that lacks it (the whole test split, or a stratified subset of
+    ``settings.corruption_n``), every corruption at severities 1-5.
+
+    A scanner change happens before any preprocessing: each corruption acts on the test slices as stored, and
+    a run that prepares its slices (crop, standardisation) then prepares the corrupted ones, so that what its
+    preparation undoes counts in its favour. Runs that prepare alike are scored together, on the same corrupted
+    images, made once.
+    """
     from .ood import corruption_table
 
     todo = [s for s in specs if not settings.corruption_file(s.run_dir).exists()]
     if not todo:
         return
-    groups = {}  # runs that prepare their data alike share one (prepared) test split and its corrupted copies
+    groups = {}
     for spec in todo:
         c = spec.config()
-        groups.setdefault((c.img_size, c.lung_crop, c.intensity, c.lung_region, c.extra_data), []).append(spec)
+        groups.setdefault(tuple(getattr(c, k) for k in DATA_KEYS), []).append(spec)
     device = get_device()
     for members in groups.values():
         models = {s.run_dir.name: model_from_checkpoint(s.run_dir / selected_checkpoint_name(s.method), device)[0]
                   for s in members}
-        x, y = _evaluation_splits(members[0].config()).test
+        cfg = members[0].config()
+        x, y = raw_test_split(cfg)
         subset = stratified_subset(y.numpy(), settings.corruption_n, seed=0)
+
+        def prepared(batch, cfg=cfg):
+            return prepare(batch, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)[0]
+
         with flush_denormal():
             table = corruption_table(models, x[subset], y[subset], CORRUPTIONS, (1, 2, 3, 4, 5), seed=seed,
-                                     progress=progress)
+                                     progress=progress, prepare=prepared)
         for spec in members:
             part = table[table["model"] == spec.run_dir.name].drop(columns="model")
             target = settings.corruption_file(spec.run_dir)

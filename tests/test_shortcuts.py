@@ -15,11 +15,11 @@ from robustmed_lite.sites import choose_best, summarise_sites
 
 
 def test_ece_against_a_hand_computation():
-    # Two bins of confidence: 0.9 (3 samples, 2 right) and 0.6 (1 sample, wrong).
+    # Two bins of confidence: 0.9 (3 samples, 2 right: the third predicts class 1) and 0.6 (1 sample, right).
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])
     labels = np.array([0, 0, 0, 0])
-    # bin of 0.9: confidence 0.9, accuracy 2/3 -> gap 0.2333, weight 3/4; bin of 0.6: accuracy 1 (pred 0, label
-    # 0), gap 0.4, weight 1/4. ECE = 0.75 * 0.23333 + 0.25 * 0.4 = 0.275
+    # bin of 0.9: confidence 0.9, accuracy 2/3 -> gap 0.2333, weight 3/4; bin of 0.6: confidence 0.6, accuracy 1,
+    # gap 0.4, weight 1/4. ECE = 0.75 * 0.23333 + 0.25 * 0.4 = 0.275
     assert expected_calibration_error(probs, labels, bins=10) == pytest.approx(0.275)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, np.array([0, 1])) == pytest.approx(0.0)
