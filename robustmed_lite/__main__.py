@@ -176,10 +176,12 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
+    from .runplan import parse_methods
     from .sites import run_sites
 
-    tables = run_sites(args.profile, data=args.data, target=args.target, seeds=args.seeds, out=args.out,
-                       runs=args.runs, jobs=args.jobs, progress=not args.quiet)
+    tables = run_sites(args.profile, data=args.data, target=args.target, methods=parse_methods(args.methods),
+                       seeds=args.seeds, out=args.out, runs=args.runs, jobs=args.jobs,
+                       screen=parse_methods(args.screen) if args.screen else None, progress=not args.quiet)
     out = Path(args.out or f"results/sites/{args.profile}")
     print((out / "table.md").read_text())
     print(f"{len(tables['runs'])} runs; tables in {out}")
@@ -336,6 +338,9 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
     sites.add_argument("--target", default=None, help="the other site, with an official val/test split (default: "
                                                       "ucsd_covidct beside the shared data)")
+    sites.add_argument("--methods", default="erm,trades,robustmed")
+    sites.add_argument("--screen", default=None, help="methods trained with each single component, whose validation "
+                                                      "gains choose the combination (default: every method)")
     sites.add_argument("--seeds", default="0,1,2")
     sites.add_argument("--out", default=None, help="results folder (default results/sites/<profile>)")
     sites.add_argument("--runs", default=None, help="run directories (default: the reproduction's)")

@@ -140,8 +140,9 @@ def find_results(profile: str = "cpu", study: str = "reproduction", names=None, 
         dest = default_cache_dir() / "results" / study / profile
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            for name in names:
-                urllib.request.urlretrieve(f"{RESULTS_URL}/{study}/{profile}/{name}", dest / name)
+            for name in names:  # a timeout: offline, a blocked connection must fail, not hang the notebook
+                with urllib.request.urlopen(f"{RESULTS_URL}/{study}/{profile}/{name}", timeout=30) as response:
+                    (dest / name).write_bytes(response.read())
             return dest
         except OSError as err:
             command = {"reproduction": "reproduce"}.get(study, study)

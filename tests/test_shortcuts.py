@@ -11,7 +11,7 @@ from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.preprocess import lung_region, prepare
 from robustmed_lite.shortcuts import (body_mask, domain_report, expected_calibration_error, intensity_histograms,
                                       saliency_outside)
-from robustmed_lite.sites import choose_best, summarise_sites
+from robustmed_lite.sites import choose_best, components, screening_variants, summarise_sites
 
 
 def test_ece_against_a_hand_computation():
@@ -103,6 +103,16 @@ def test_the_best_combination_is_chosen_on_validation_never_on_test():
     assert best == ["crop"] and adaptation == "adabn"
     row = table[(table["component"] == "crop") & (table["adaptation"] == "none")].iloc[0]
     assert row["val_gain_mean"] == pytest.approx(0.10) and row["n_pairs"] == 3
+
+
+def test_screening_trains_single_components_only_for_the_screened_methods():
+    comps = components("/data/ucsd")
+    full = screening_variants(("erm", "trades"), ("erm", "trades"), comps)
+    assert {"erm+crop", "trades+crop", "trades+multi", "erm+no_lungs", "erm+lungs_only"} <= set(full)
+    cheap = screening_variants(("erm", "trades"), ("erm",), comps)
+    assert not any(name.startswith("trades") for name in cheap) and cheap["erm+multi"]["extra_data"] == "/data/ucsd"
+    with pytest.raises(ValueError, match="screened method must be among"):
+        screening_variants(("erm",), ("trades",), comps)
 
 
 def test_sites_summary_tables():
