@@ -191,7 +191,7 @@ def _sites(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from .data import stratified_subset
     from .preprocess import domain_label, load_domain
-    from .shortcuts import domain_report, saliency_outside
+    from .shortcuts import domain_report, intensity_histograms, intensity_summary, saliency_outside
     from .trainer import model_from_checkpoint
 
     model, cfg = model_from_checkpoint(args.checkpoint)
@@ -206,14 +206,20 @@ def _diagnose(args: argparse.Namespace) -> int:
         pick = stratified_subset(y.numpy(), args.n, seed=args.seed)
         rows.append({"domain": name, "saliency_n": len(pick), **saliency_outside(model, x[pick]).mean().to_dict()})
     report = report.merge(pd.DataFrame(rows), on="domain")
+    grey = {name: x for name, (x, _) in domains.items()}
+    report = report.merge(intensity_summary(grey), on="domain")
     print(report.round(3).to_string(index=False))
     print("\npredicted_covid_share far from true_covid_share at a new site means the model reads the site, not the "
           "disease; outside_lungs above lung_area_outside means its input gradients favour what lies outside the "
-          "lungs (an even map would match the area).")
+          "lungs (an even map would match the area); grey levels and the near-black share (outside air) show how "
+          "the sites differ before any model sees them, as the model sees them (after its crop and standardisation).")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report.to_csv(args.out, index=False)
-        print(f"saved {args.out}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.to_csv(out, index=False)
+        hist_path = out.with_name(f"{out.stem}_histograms.csv")
+        intensity_histograms(grey).to_csv(hist_path, index=False)
+        print(f"saved {out} and the grey-level histograms {hist_path}")
     return 0
 
 

@@ -10,7 +10,7 @@ from robustmed_lite.models import create_model
 from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.preprocess import lung_region, prepare
 from robustmed_lite.shortcuts import (body_mask, domain_report, expected_calibration_error, intensity_histograms,
-                                      saliency_outside)
+                                      intensity_summary, saliency_outside)
 from robustmed_lite.sites import choose_best, components, screening_variants, summarise_sites
 
 
@@ -43,6 +43,18 @@ def test_domain_report_and_histograms(slices):
     assert set(hist["domain"]) == {"a", "dark"} and len(hist) == 32
     dark = hist[hist["domain"] == "dark"]
     assert dark[dark["intensity"] > 0.55]["density"].sum() == 0  # halved intensities stay at or below 0.5
+
+
+def test_intensity_summary_counts_the_outside_air():
+    # Half of each slice is air (0), the other half a ramp from 0.2 to 1: the near-black share is one half and
+    # the percentiles follow the ramp.
+    ramp = torch.linspace(0.2, 1.0, 32).repeat(32, 1)
+    slices = torch.cat([torch.zeros(32, 32), ramp], dim=1).expand(4, 1, 32, 64)
+    summary = intensity_summary({"framed": slices, "tight": ramp.expand(4, 1, 32, 32)}).set_index("domain")
+    assert summary.loc["framed", "near_black_share"] == pytest.approx(0.5)
+    assert summary.loc["tight", "near_black_share"] == 0
+    assert summary.loc["tight", "grey_median"] == pytest.approx(0.6, abs=0.02)
+    assert summary.loc["framed", "grey_p1"] == 0 and summary.loc["framed", "grey_p99"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_lung_region_tests_remove_or_keep_the_lungs(slices):
@@ -144,4 +156,10 @@ def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
     assert list(table["domain"]) == ["ucsd_covidct (test)", "ucsd_covidct (val)"]
     assert list(table["n"]) == [203, 118] and (table["saliency_n"] == 16).all()
     assert {"predicted_covid_share", "ece", "outside_lungs", "lung_area_outside"} <= set(table.columns)
+    assert (table["grey_p1"] <= table["grey_median"]).all() and (table["grey_median"] <= table["grey_p99"]).all()
+    assert table["near_black_share"].between(0, 1).all()
+    hist = pd.read_csv(tmp_path / "diagnosis_histograms.csv")
+    assert set(hist["domain"]) == set(table["domain"])
+    for _, part in hist.groupby("domain"):  # densities over [0, 1] integrate to one
+        assert (part["density"].sum() / len(part)) == pytest.approx(1.0, rel=1e-6)
     assert "reads the site" in capsys.readouterr().out
