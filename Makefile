@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/corruptions.py
 	$(BIN)/python benchmarks/calibrate_corruptions.py
+	$(BIN)/python benchmarks/jobs.py
 
 clean:
 	rm -rf book/_build .pytest_cache

@@ -151,6 +151,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     variants = dict(parse_variant(v) for v in args.variant or [])
+    adapt_methods = [m for m in (args.adapt or "").split(",") if m]
+    if args.sites_best:  # the cross-site study's best combination as one more row of the method
+        from .sites import best_settings
+
+        settings, adaptation = best_settings(args.sites_best)
+        variants["robustmed+sites"] = {"method": "robustmed", **settings}
+        adapt_methods += [adaptation] if adaptation != "none" and adaptation not in adapt_methods else []
     ensemble_n = "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all"
                                                             else int(args.ensemble_n))
     corruption_n = "profile" if args.corruption_n is None else (None if args.corruption_n.lower() == "all"
@@ -158,7 +165,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = reproduce(args.profile, data=args.data, ood_data=args.ood_data, covid19c=args.covid19c,
                         methods=args.methods, seeds=args.seeds, out=args.out, runs=args.runs, shard=args.shard,
                         jobs=args.jobs, overrides=overrides, variants=variants, ensemble_n=ensemble_n,
-                        adapt_methods=[m for m in (args.adapt or "").split(",") if m], corruption_n=corruption_n,
+                        adapt_methods=adapt_methods, corruption_n=corruption_n,
                         progress=not args.quiet)
     out = Path(args.out or f"results/reproduction/{args.profile}")
     if len(results["verdicts"]):
@@ -171,13 +178,50 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
+    from .runplan import parse_methods
     from .sites import run_sites
 
-    tables = run_sites(args.profile, data=args.data, target=args.target, seeds=args.seeds, out=args.out,
-                       runs=args.runs, jobs=args.jobs, progress=not args.quiet)
+    tables = run_sites(args.profile, data=args.data, target=args.target, methods=parse_methods(args.methods),
+                       seeds=args.seeds, out=args.out, runs=args.runs, jobs=args.jobs,
+                       screen=parse_methods(args.screen) if args.screen else None, progress=not args.quiet)
     out = Path(args.out or f"results/sites/{args.profile}")
     print((out / "table.md").read_text())
     print(f"{len(tables['runs'])} runs; tables in {out}")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .data import stratified_subset
+    from .preprocess import domain_label, load_domain
+    from .shortcuts import domain_report, intensity_histograms, intensity_summary, saliency_outside
+    from .trainer import model_from_checkpoint
+
+    model, cfg = model_from_checkpoint(args.checkpoint)
+    domains = {}
+    for spec in args.data:
+        images, labels, _ = load_domain(spec, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region,
+                                        progress=not args.quiet)
+        domains[domain_label(spec)] = (images, labels)
+    report = domain_report(model, domains)
+    rows = []
+    for name, (x, y) in domains.items():
+        pick = stratified_subset(y.numpy(), args.n, seed=args.seed)
+        rows.append({"domain": name, "saliency_n": len(pick), **saliency_outside(model, x[pick]).mean().to_dict()})
+    report = report.merge(pd.DataFrame(rows), on="domain")
+    grey = {name: x for name, (x, _) in domains.items()}
+    report = report.merge(intensity_summary(grey), on="domain")
+    print(report.round(3).to_string(index=False))
+    print("\npredicted_covid_share far from true_covid_share at a new site means the model reads the site, not the "
+          "disease; outside_lungs above lung_area_outside means its input gradients favour what lies outside the "
+          "lungs (an even map would match the area); grey levels and the near-black share (outside air) show how "
+          "the sites differ before any model sees them, as the model sees them (after its crop and standardisation).")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.to_csv(out, index=False)
+        hist_path = out.with_name(f"{out.stem}_histograms.csv")
+        intensity_histograms(grey).to_csv(hist_path, index=False)
+        print(f"saved {out} and the grey-level histograms {hist_path}")
     return 0
 
 
@@ -289,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
     rep.add_argument("--variant", action="append", metavar="NAME=METHOD,KEY=VALUE,...",
                      help="an extra row: a method with other settings")
+    rep.add_argument("--sites_best", default=None, metavar="DIR",
+                     help="add the cross-site study's best combination (its best.json in DIR, e.g. results/sites/cpu) "
+                          "as a row robustmed+sites, and its test-time adaptation to the evaluation")
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(run=_reproduce)
 
@@ -299,12 +346,26 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
     sites.add_argument("--target", default=None, help="the other site, with an official val/test split (default: "
                                                       "ucsd_covidct beside the shared data)")
+    sites.add_argument("--methods", default="erm,trades,robustmed")
+    sites.add_argument("--screen", default=None, help="methods trained with each single component, whose validation "
+                                                      "gains choose the combination (default: every method)")
     sites.add_argument("--seeds", default="0,1,2")
     sites.add_argument("--out", default=None, help="results folder (default results/sites/<profile>)")
     sites.add_argument("--runs", default=None, help="run directories (default: the reproduction's)")
     sites.add_argument("--jobs", type=int, default=None)
     sites.add_argument("--quiet", action="store_true")
     sites.set_defaults(run=_sites)
+
+    diag = sub.add_parser("diagnose", parents=[common], help="is the model looking at the disease? per-site "
+                                                             "predictions, calibration and saliency outside the lungs")
+    diag.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
+    diag.add_argument("--data", required=True, nargs="+", help="one or more data roots (root:test for one split)")
+    diag.add_argument("--n", type=int, default=128, help="slices per domain for the saliency measurement "
+                                                         "(seeded, stratified)")
+    diag.add_argument("--seed", type=int, default=0)
+    diag.add_argument("--out", default=None, help="write the table as CSV")
+    diag.add_argument("--quiet", action="store_true")
+    diag.set_defaults(run=_diagnose)
 
     return parser
 

@@ -7,7 +7,7 @@ a gamma change. Draws come from a seed, so an epoch's augmentation does not depe
 
 Every type here is also a corruption of the OOD evaluation (``corruptions.CORRUPTIONS``): a model trained with
 them has seen milder versions of those corruptions, so its corruption accuracy is reported with and without them
-(``OVERLAP``).
+(``corruption_all`` and ``corruption_not_augmented`` of the reproduction's per-run rows).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from .corruptions import corrupt
 
 ACQUISITION = ("window_shift", "gaussian_noise", "low_dose", "sharp_kernel", "smooth_kernel", "gaussian_blur",
                "gamma")
-OVERLAP = ACQUISITION  # the evaluation corruptions that this augmentation has shown the model in a milder form
 
 
 def acquisition_augment(x: torch.Tensor, p: float, max_severity: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

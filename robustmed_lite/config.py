@@ -72,6 +72,10 @@ _BUILTIN_METHODS = {
     "cap": dict(_CAP),
     "robustmed": {**_CAP, **{k: v for k, (v, _) in PAPER_ADDITIONS.items()}},
 }
+# The settings that decide which test images a run is scored on and how they are prepared: runs that share them
+# can be compared on one test split (OOD suite, corruption stage).
+DATA_KEYS = ("data", "img_size", "site", "n_test", "val_fraction", "test_fraction", "lung_crop", "intensity",
+             "lung_region")
 for _name, _row in _BUILTIN_METHODS.items():
     register_method(_name, **_row)
 

@@ -37,8 +37,8 @@ class PriorDataset(Dataset):
         vflip: Random vertical flips (CAP's pipeline uses both).
         seed: Seed of the flips.
         prior_kwargs: Passed to ``lung_prior`` (threshold, radius, eps, s, view; default view ``"cap"``).
-        sites: Optional (N,) site index per image: ``batches`` then draws every site equally often per epoch
-            (a smaller site is repeated, a larger one subsampled), so that no hospital dominates training.
+        sites: Optional (N,) site index per image: shuffled ``batches`` then draw every site equally often per
+            epoch (a smaller site is repeated, a larger one subsampled), so that no hospital dominates training.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, lung_masks: torch.Tensor | None = None,
@@ -135,7 +135,7 @@ class PriorDataset(Dataset):
         epoch = self.epoch if epoch is None else epoch
         h, v = self._flips(epoch)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7)
-        if self.sites is not None:
+        if self.sites is not None and shuffle:
             order = self._site_balanced_order(gen)
         else:
             order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))

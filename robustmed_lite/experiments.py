@@ -10,7 +10,7 @@ import torch
 
 from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf
 from .common import format_eps, parse_eps
-from .config import load_config
+from .config import DATA_KEYS, load_config
 from .adapt import adapt as adapt_model
 from .preprocess import load_domain, prepare, source_size
 from .data import stratified_subset
@@ -238,8 +238,7 @@ def run_ood(checkpoints, out_dir: str | Path = "results/ood", corruptions=None, 
         if cfg is None:
             cfg, first = run_cfg, path
         # Every model is scored on the first run's splits: they must be the same data at the same size.
-        differ = [k for k in ("data", "ood_data", "img_size", "site", "ood_site", "n_test", "val_fraction",
-                              "test_fraction", "lung_crop", "intensity", "lung_region", "extra_data")
+        differ = [k for k in (*DATA_KEYS, "ood_data", "ood_site", "extra_data")
                   if getattr(run_cfg, k, None) != getattr(cfg, k, None)]
         if differ:
             raise ValueError(f"{path} and {first} were trained on different data ({', '.join(differ)}): the OOD "

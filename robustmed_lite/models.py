@@ -41,7 +41,7 @@ class SmallCNN(nn.Module):
 
 
 def tiny_visformer(num_classes: int = 2, img_size: int = 64, in_chans: int = 1) -> nn.Module:
-    """visformer_tiny's architecture, narrower and shallower (about 0.5 M parameters): convolutional stage 1,
+    """visformer_tiny's architecture, narrower and shallower (about 0.9 M parameters): convolutional stage 1,
     attention in stages 2 and 3, BatchNorm. Trains in minutes on a CPU, and has the attention weights that the
     proxy attention noise perturbs."""
     from timm.models.visformer import Visformer

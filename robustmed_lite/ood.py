@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -25,7 +26,7 @@ from .runinfo import progress_options
 
 def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
                      corruptions=CORRUPTIONS, severities=(1, 2, 3, 4, 5), seed: int = 0, batch_size: int = 128,
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, prepare: Callable | None = None) -> pd.DataFrame:
     """Accuracy of every model on clean images and under each corruption and severity.
 
     Args:
@@ -37,6 +38,8 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
         seed: Seed of the corruptions (the same corrupted images for every model).
         batch_size: Images corrupted and classified at once.
         progress: Progress bar.
+        prepare: Applied to every batch after the corruption, before the models see it (for models trained on
+            prepared slices: a scanner change happens before any preprocessing, which may undo part of it).
 
     Returns:
         Long table: model, corruption ('clean' for severity 0), family, severity, accuracy, n.
@@ -53,6 +56,7 @@ def corruption_table(models: dict[str, nn.Module], images: torch.Tensor, labels:
             # Each batch gets its own seed (from the seed and its first index): for a given seed, batch size and
             # device the corrupted images are fixed, and batches do not share one noise draw.
             xc = x if severity == 0 else corrupt(x, name, severity, seed=seed * 100_003 + start)
+            xc = xc if prepare is None else prepare(xc)
             for model_name, model in models.items():
                 correct[model_name] += int((predict_logits(model, xc, batch_size).argmax(1) == y).sum())
         for model_name in models:

@@ -26,6 +26,7 @@ The threat model follows: adversarial attacks perturb the model's input, which i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +227,12 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return str(spec), None
 
 
+def resolve_spec(spec: str) -> str:
+    """A data spec with its folder made absolute (the split suffix kept): one name per folder."""
+    path, split = split_spec(spec)
+    return str(Path(path).resolve()) + (f":{split}" if split else "")
+
+
 def load_domain(spec: str, size: int, crop: bool = False, intensity: str = "none", region: str = "all",
                 progress: bool = False):
     """A labelled data set, or one split of it (``"path:test"``), prepared like a run's own data.
@@ -245,7 +252,5 @@ def load_domain(spec: str, size: int, crop: bool = False, intensity: str = "none
 
 def domain_label(spec: str) -> str:
     """A short name for a domain spec: the folder name, with the split if one is given."""
-    from pathlib import Path
-
     path, split = split_spec(spec)
     return Path(path).name + (f" ({split})" if split else "")

@@ -7,7 +7,8 @@ lungs, and fail at a new hospital. The tools here ask that question of any model
 * ``domain_report``: per domain, the share of slices predicted COVID next to the true share, accuracy, balanced
   accuracy, AUC and the expected calibration error (a model that calls most slices of a new site COVID has found
   a cue that the new site carries, not the disease);
-* ``intensity_histograms``: how the grey levels of the domains differ before any model sees them;
+* ``intensity_histograms`` and ``intensity_summary``: how the grey levels of the domains differ before any model
+  sees them;
 * lung-region tests (``TrainConfig.lung_region``, see ``preprocess.lung_region``): train and test on slices with
   the lungs removed (``no_lungs``) or with everything but the lungs removed (``lungs_only``). High accuracy without
   the lungs means the labels are predictable from outside the lungs: a shortcut the data set offers;
@@ -79,6 +80,18 @@ def intensity_histograms(domains: dict[str, torch.Tensor], bins: int = 64) -> pd
         density, _ = np.histogram(images.flatten().numpy(), bins=edges, density=True)
         rows += [{"domain": name, "intensity": (a + b) / 2, "density": d}
                  for a, b, d in zip(edges[:-1], edges[1:], density)]
+    return pd.DataFrame(rows)
+
+
+def intensity_summary(domains: dict[str, torch.Tensor], black: float = 0.05) -> pd.DataFrame:
+    """Per domain: grey-level percentiles (1, 50, 99) and the share of near-black pixels (below ``black``), the
+    outside air that a tight crop never shows."""
+    rows = []
+    for name, images in domains.items():
+        flat = images.flatten().double().numpy()
+        p1, median, p99 = np.percentile(flat, [1, 50, 99])
+        rows.append({"domain": name, "grey_p1": p1, "grey_median": median, "grey_p99": p99,
+                     "near_black_share": float((flat < black).mean())})
     return pd.DataFrame(rows)
 
 

@@ -9,7 +9,7 @@ Verdict rule for a claimed gain ``G`` of one method over a comparator, from the 
 * **not reproduced** if ``hi < G``: the gain is credibly smaller than claimed (this includes a loss);
 * **reproduced** if ``hi >= G`` and ``lo > 0``: the method is credibly better, and the claimed gain is within (or
   below) what the data allow;
-* **inconclusive** otherwise (``lo <= 0 <= ... hi >= G``): the interval is too wide to tell, e.g. too few seeds.
+* **inconclusive** otherwise (``lo <= 0`` and ``hi >= G``): the interval is too wide to tell, e.g. too few seeds.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ One training step, whatever the method (components from ``config.METHODS``, each
     loss(model, batch)      CE, TRADES, MART, SCORE, the method's square loss + KL, or any registered loss
     optimizer step, then the weight noise is taken out again
 
-Each epoch ends with a validation pass (clean accuracy on the whole validation split, PGD accuracy on its first
-``eval_n`` images); the best clean and best robust checkpoints are chosen there, never on the test split. The
-last checkpoint holds the optimizer, scheduler and RNG states and the weight-noise proxy's optimizer state (CAP's
-AdamW moments), so a resumed run is bitwise the uninterrupted one on a CPU. The run directory records the config,
-the seed, the library versions and a per-epoch log.
+Each epoch ends with a validation pass (clean accuracy on the whole validation split, PGD accuracy on ``eval_n``
+of its images, a stratified sample); the best clean and best robust checkpoints are chosen there, never on the
+test split. The last checkpoint holds the optimizer, scheduler and RNG states and the weight-noise proxy's
+optimizer state (CAP's AdamW moments), so a resumed run is bitwise the uninterrupted one on a CPU. The run
+directory records the config, the seed, the library versions and a per-epoch log.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from .augment import acquisition_augment
 from .common import CLASS_NAMES, eval_mode, model_device
 from .components import ATTACKS, LOSSES, WEIGHT_NOISE, Batch
 from .config import TrainConfig
-from .data import SPLITS, DataError, load_images
+from .data import SPLITS, DataError, load_images, stratified_subset
 from .dataset import PriorDataset
 from .evaluate import accuracy
 from .models import create_model
 from .phantom import make_phantom_dataset
-from .preprocess import domain_label, load_domain, prepare, source_size
+from .preprocess import domain_label, load_domain, prepare, resolve_spec, source_size
 from .prior import lung_prior
 from .runinfo import environment_info, get_device, progress_options, seed_everything
 
@@ -132,6 +132,17 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     dataset = PriorDataset(*train, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed,
                            prior_kwargs=prior_kwargs, sites=sites if cfg.site_balanced else None)
     return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
+
+
+def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of a config *before* its preparation (crop, standardisation, lung region), at the size the
+    preparation starts from (``preprocess.source_size``): what a scanner change acts on. ``prepare`` turns it into
+    ``build_data(cfg).test``."""
+    if cfg.data == "phantom":
+        return make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)[:2]
+    data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=False)
+    test = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
+    return data.images[test], data.labels[test]
 
 
 def check_split_classes(labels: dict, data: str = "the data", extra: str | None = None) -> None:
@@ -228,6 +239,7 @@ class Trainer:
         make_noise = WEIGHT_NOISE[cfg.weight_noise]  # None for "none"
         self.weight_noise = make_noise(self.model, cfg) if make_noise is not None else None
         self.val_attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
+        self._val_robust_idx = None
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
         if resume:
@@ -361,15 +373,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- validation
     def validate(self) -> dict:
-        """Clean accuracy on the validation split and PGD accuracy on its first ``eval_n`` images."""
+        """Clean accuracy on the validation split and PGD accuracy on ``eval_n`` of its images, a stratified
+        sample drawn once with seed 0 (the first images of a folder layout are all of one class)."""
         x, y = self.data.val
-        n = min(self.cfg.eval_n, len(x))
+        if self._val_robust_idx is None:
+            self._val_robust_idx = torch.from_numpy(stratified_subset(y.numpy(), self.cfg.eval_n, seed=0))
+        xr, yr = x[self._val_robust_idx], y[self._val_robust_idx]
         with self._autocast():
             clean = accuracy(self.model, x, y)
-            adv = torch.cat([self.val_attack(self.model, self._to_device(x[i:min(i + 128, n)]),
-                                             y[i:min(i + 128, n)].to(self.device)) for i in range(0, n, 128)])
-            robust = accuracy(self.model, adv, y[:n])
-        return {"val_clean": clean, "val_robust": robust, "val_robust_n": n}
+            adv = torch.cat([self.val_attack(self.model, self._to_device(xr[i:i + 128]), yr[i:i + 128].to(self.device))
+                             for i in range(0, len(yr), 128)])
+            robust = accuracy(self.model, adv, yr)
+        return {"val_clean": clean, "val_robust": robust, "val_robust_n": len(yr)}
 
     # -------------------------------------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> list[dict]:
@@ -380,6 +395,8 @@ class Trainer:
         if 0 < self.start_epoch < last:
             with open(self.run_dir / "resumed.jsonl", "a") as f:
                 f.write(json.dumps({"from_epoch": self.start_epoch, **_run_record(cfg)}) + "\n")
+        if self.start_epoch > 0:
+            _repair_log(self.run_dir, self.history)
         for epoch in range(self.start_epoch, last):
             start = time.perf_counter()
             attack = self.sample_attack(epoch)
@@ -446,7 +463,17 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     (progress bars, device, output folder)."""
     mine = cfg.to_dict()
     ignored = ("progress", "device", "out_dir")
-    return sorted(k for k, v in saved.items() if k not in ignored and mine.get(k) != v)
+
+    def same(key, a, b):  # paths compare as the files they name, however they were written
+        if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a != "phantom":
+            return resolve_spec(a) == resolve_spec(b)
+        return a == b
+
+    return sorted(k for k, v in saved.items() if k not in ignored and not same(k, mine.get(k), v))
+
+
+PATH_KEYS = ("data", "ood_data", "extra_data", "init_from")
+
 
 
 def _run_record(cfg: TrainConfig) -> dict:
@@ -457,6 +484,25 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def _repair_log(run_dir: Path, history: list[dict]) -> None:
+    """Rewrites the per-epoch log from a resumed checkpoint's history when they disagree (a run killed between
+    writing ``last.pt`` and appending to the log): the checkpoint is the truth."""
+    log = run_dir / "log.jsonl"
+    logged = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    if len(logged) == len(history):
+        return
+    for name in ("log.jsonl", "log.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    for row in history:
+        _append_log(run_dir, row)
+
+
+def completed_epochs(run_dir: str | Path) -> int:
+    """The epochs a run has finished, read from its ``last.pt`` (0 without one)."""
+    path = Path(run_dir) / "last.pt"
+    return int(load_checkpoint(path, required=("epoch",))["epoch"]) if path.exists() else 0
 
 
 def _append_log(run_dir: Path, row: dict) -> None:

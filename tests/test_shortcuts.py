@@ -10,16 +10,16 @@ from robustmed_lite.models import create_model
 from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.preprocess import lung_region, prepare
 from robustmed_lite.shortcuts import (body_mask, domain_report, expected_calibration_error, intensity_histograms,
-                                      saliency_outside)
-from robustmed_lite.sites import choose_best, summarise_sites
+                                      intensity_summary, saliency_outside)
+from robustmed_lite.sites import choose_best, components, screening_variants, summarise_sites
 
 
 def test_ece_against_a_hand_computation():
-    # Two bins of confidence: 0.9 (3 samples, 2 right) and 0.6 (1 sample, wrong).
+    # Two bins of confidence: 0.9 (3 samples, 2 right: the third predicts class 1) and 0.6 (1 sample, right).
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])
     labels = np.array([0, 0, 0, 0])
-    # bin of 0.9: confidence 0.9, accuracy 2/3 -> gap 0.2333, weight 3/4; bin of 0.6: accuracy 1 (pred 0, label
-    # 0), gap 0.4, weight 1/4. ECE = 0.75 * 0.23333 + 0.25 * 0.4 = 0.275
+    # bin of 0.9: confidence 0.9, accuracy 2/3 -> gap 0.2333, weight 3/4; bin of 0.6: confidence 0.6, accuracy 1,
+    # gap 0.4, weight 1/4. ECE = 0.75 * 0.23333 + 0.25 * 0.4 = 0.275
     assert expected_calibration_error(probs, labels, bins=10) == pytest.approx(0.275)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, np.array([0, 1])) == pytest.approx(0.0)
@@ -43,6 +43,18 @@ def test_domain_report_and_histograms(slices):
     assert set(hist["domain"]) == {"a", "dark"} and len(hist) == 32
     dark = hist[hist["domain"] == "dark"]
     assert dark[dark["intensity"] > 0.55]["density"].sum() == 0  # halved intensities stay at or below 0.5
+
+
+def test_intensity_summary_counts_the_outside_air():
+    # Half of each slice is air (0), the other half a ramp from 0.2 to 1: the near-black share is one half and
+    # the percentiles follow the ramp.
+    ramp = torch.linspace(0.2, 1.0, 32).repeat(32, 1)
+    slices = torch.cat([torch.zeros(32, 32), ramp], dim=1).expand(4, 1, 32, 64)
+    summary = intensity_summary({"framed": slices, "tight": ramp.expand(4, 1, 32, 32)}).set_index("domain")
+    assert summary.loc["framed", "near_black_share"] == pytest.approx(0.5)
+    assert summary.loc["tight", "near_black_share"] == 0
+    assert summary.loc["tight", "grey_median"] == pytest.approx(0.6, abs=0.02)
+    assert summary.loc["framed", "grey_p1"] == 0 and summary.loc["framed", "grey_p99"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_lung_region_tests_remove_or_keep_the_lungs(slices):
@@ -105,6 +117,16 @@ def test_the_best_combination_is_chosen_on_validation_never_on_test():
     assert row["val_gain_mean"] == pytest.approx(0.10) and row["n_pairs"] == 3
 
 
+def test_screening_trains_single_components_only_for_the_screened_methods():
+    comps = components("/data/ucsd")
+    full = screening_variants(("erm", "trades"), ("erm", "trades"), comps)
+    assert {"erm+crop", "trades+crop", "trades+multi", "erm+no_lungs", "erm+lungs_only"} <= set(full)
+    cheap = screening_variants(("erm", "trades"), ("erm",), comps)
+    assert not any(name.startswith("trades") for name in cheap) and cheap["erm+multi"]["extra_data"] == "/data/ucsd"
+    with pytest.raises(ValueError, match="screened method must be among"):
+        screening_variants(("erm",), ("trades",), comps)
+
+
 def test_sites_summary_tables():
     runs = _runs({"erm": (0.5, 0.5), "erm+crop": (0.6, 0.55), "robustmed": (0.52, 0.51),
                   "robustmed+crop": (0.62, 0.58), "trades": (0.5, 0.5), "trades+crop": (0.6, 0.5),
@@ -119,3 +141,25 @@ def test_sites_summary_tables():
                   & (edge["metric"] == "balanced_accuracy")].iloc[0]
     assert vs_erm["gain_mean"] == pytest.approx(0.03)
     assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
+
+
+def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
+    from robustmed_lite.__main__ import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--method", "erm", "--epochs", "1", "--img_size", "32", "--n_train", "64", "--n_val", "32",
+                 "--n_test", "32", "--batch_size", "32", "--progress", "false", "--out_dir", run]) == 0
+    out = tmp_path / "diagnosis.csv"
+    assert main(["diagnose", "--checkpoint", f"{run}/best_clean.pt", "--data", f"{shared_data}/ucsd_covidct:test",
+                 f"{shared_data}/ucsd_covidct:val", "--n", "16", "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out)
+    assert list(table["domain"]) == ["ucsd_covidct (test)", "ucsd_covidct (val)"]
+    assert list(table["n"]) == [203, 118] and (table["saliency_n"] == 16).all()
+    assert {"predicted_covid_share", "ece", "outside_lungs", "lung_area_outside"} <= set(table.columns)
+    assert (table["grey_p1"] <= table["grey_median"]).all() and (table["grey_median"] <= table["grey_p99"]).all()
+    assert table["near_black_share"].between(0, 1).all()
+    hist = pd.read_csv(tmp_path / "diagnosis_histograms.csv")
+    assert set(hist["domain"]) == set(table["domain"])
+    for _, part in hist.groupby("domain"):  # densities over [0, 1] integrate to one
+        assert (part["density"].sum() / len(part)) == pytest.approx(1.0, rel=1e-6)
+    assert "reads the site" in capsys.readouterr().out
