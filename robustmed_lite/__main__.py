@@ -190,6 +190,16 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fidelity(args: argparse.Namespace) -> int:
+    from .fidelity import run_fidelity
+    from .runplan import parse_seeds
+
+    result = run_fidelity(args.profile, data=args.data, seeds=parse_seeds(args.seeds), out=args.out, runs=args.runs,
+                          jobs=args.jobs, progress=not args.quiet)
+    print(result["effects"].round(4).to_string(index=False))
+    return 0
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from .data import stratified_subset
     from .preprocess import domain_label, load_domain
@@ -355,6 +365,18 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("--jobs", type=int, default=None)
     sites.add_argument("--quiet", action="store_true")
     sites.set_defaults(run=_sites)
+
+    fid = sub.add_parser("fidelity", parents=[common], help="CAP's code against the former defaults, the "
+                                                         "abstract's readings, AWP against TRADES (paired, seeds)")
+    fid.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
+    fid.add_argument("--data", default=None, help="training set (default: sarscov2 beside the shared data; "
+                                                  "'phantom' for the phantom)")
+    fid.add_argument("--seeds", default="0,1,2")
+    fid.add_argument("--out", default=None, help="results folder (default results/fidelity/<profile>[-phantom])")
+    fid.add_argument("--runs", default=None, help="run directories (default runs/fidelity/<profile>[-phantom])")
+    fid.add_argument("--jobs", type=int, default=None)
+    fid.add_argument("--quiet", action="store_true")
+    fid.set_defaults(run=_fidelity)
 
     diag = sub.add_parser("diagnose", parents=[common], help="is the model looking at the disease? per-site "
                                                              "predictions, calibration and saliency outside the lungs")

@@ -140,6 +140,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), overrides
 
 
+# Settings that shape only the robust stage: rows that differ in nothing else start from one clean (ERM) run.
+ROBUST_ONLY = ("attack", "feedback", "weight_noise", "loss", "prior", "beta", "smooth", "target_grad", "gamma",
+               "weight_noise_warmup", "proxy_optimizer", "proxy_lr", "proxy_weight_decay", "weight_feedback",
+               "weight_feedback_share", "weight_feedback_halvings", "prior_samples", "prior_view", "tau",
+               "attack_warmup_epochs")
+
+
 def build_plan(profile: Profile, data: str, methods, seeds, runs_root: Path, overrides: dict | None = None,
                variants: dict[str, dict] | None = None) -> list[RunSpec]:
     """The runs of a reproduction, stage-1 (clean) runs first, each with its run directory.
@@ -157,15 +164,18 @@ def build_plan(profile: Profile, data: str, methods, seeds, runs_root: Path, ove
     def settings_of(row: dict) -> dict:
         return {k: v for k, v in row.items() if k != "method"}
 
+    def clean_settings(row: dict) -> dict:  # what the clean run of a row trains with
+        return {k: v for k, v in settings_of(row).items() if k not in ROBUST_ONLY}
+
     references = {}
     if profile.two_stage:
-        clean = {json.dumps(settings_of(r), sort_keys=True): n for n, r in rows.items() if r["method"] == "erm"}
+        clean = {json.dumps(clean_settings(r), sort_keys=True): n for n, r in rows.items() if r["method"] == "erm"}
         added = {}
         for name, row in rows.items():
-            key = json.dumps(settings_of(row), sort_keys=True)
+            key = json.dumps(clean_settings(row), sort_keys=True)
             if key not in clean:
-                clean[key] = "erm" if not settings_of(row) else f"erm+{name.split('+', 1)[-1]}"
-                added[clean[key]] = {"method": "erm", **settings_of(row)}
+                clean[key] = "erm" if not clean_settings(row) else f"erm+{name.split('+', 1)[-1]}"
+                added[clean[key]] = {"method": "erm", **clean_settings(row)}
             references[name] = clean[key]
         rows = {**added, **rows}
     base = {**profile.train, **(overrides or {}), "data": data, "progress": False}

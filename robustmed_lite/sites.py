@@ -33,7 +33,7 @@ import pandas as pd
 from .reproduce import default_data, reproduce
 from .runeval import domain_name
 from .runplan import PROFILES, Profile
-from .stats import paired_differences, t_interval
+from .stats import paired_differences, paired_gain, t_interval
 from .summary import check_results, find_results
 
 SITE_METHODS = ("erm", "trades", "robustmed")
@@ -141,14 +141,6 @@ def _long_table(runs: pd.DataFrame, rows: list[tuple[str, str, str]], target: st
     return pd.DataFrame(out)
 
 
-def _paired(runs, a: str, b: str, col: str) -> dict:
-    ra, rb = runs[runs["name"] == a], runs[runs["name"] == b]
-    if ra.empty or rb.empty or col not in ra or col not in rb:
-        return {}
-    iv = t_interval(list(paired_differences(dict(zip(ra["seed"], ra[col])), dict(zip(rb["seed"], rb[col]))).values()))
-    return {"gain_mean": iv.mean, "gain_ci_low": iv.low, "gain_ci_high": iv.high, "n_pairs": iv.n}
-
-
 def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[str],
                     target: str = "ucsd_covidct") -> dict[str, pd.DataFrame]:
     """The study's tables from the per-run rows (``reproduce``'s runs.csv); ``target`` is the column stem of the
@@ -167,7 +159,7 @@ def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[st
         for split in ("val", "test"):
             for adaptation in ADAPTATIONS:
                 for metric in ("balanced_accuracy", "auc"):
-                    g = _paired(runs, name, method, _column(target, split, adaptation, metric))
+                    g = paired_gain(runs, name, method, _column(target, split, adaptation, metric))
                     if g:
                         component_gains.append({"method": method, "component": component, "adaptation": adaptation,
                                                 "split": split, "metric": metric, **g})
@@ -179,11 +171,11 @@ def summarise_sites(runs: pd.DataFrame, methods, names: list[str], best: list[st
                 continue
             for adaptation in ADAPTATIONS:
                 for metric in ("balanced_accuracy", "auc"):
-                    g = _paired(runs, ours, theirs, _column(target, "test", adaptation, metric))
+                    g = paired_gain(runs, ours, theirs, _column(target, "test", adaptation, metric))
                     if g:
                         method_gains.append({"component": component, "adaptation": adaptation,
                                              "comparator": comparator, "split": "test", "metric": metric, **g})
-            g = _paired(runs, ours, theirs, "pgd10_train_eps")
+            g = paired_gain(runs, ours, theirs, "pgd10_train_eps")
             if g:
                 method_gains.append({"component": component, "adaptation": "none", "comparator": comparator,
                                      "split": "source test", "metric": "pgd10_train_eps", **g})

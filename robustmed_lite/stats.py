@@ -101,3 +101,13 @@ def verdict(interval: Interval, claimed_gain: float) -> str:
     if interval.low > 0:
         return "reproduced"
     return "inconclusive"
+
+
+def paired_gain(runs, a: str, b: str, col: str) -> dict:
+    """Row ``a`` minus row ``b`` of per-run results (columns ``name``, ``seed`` and ``col``), paired by seed: the
+    mean gain, its 95% t-interval and the number of pairs; empty when either row or the column is missing."""
+    ra, rb = runs[runs["name"] == a], runs[runs["name"] == b]
+    if ra.empty or rb.empty or col not in ra or col not in rb:
+        return {}
+    iv = t_interval(list(paired_differences(dict(zip(ra["seed"], ra[col])), dict(zip(rb["seed"], rb[col]))).values()))
+    return {"gain_mean": iv.mean, "gain_ci_low": iv.low, "gain_ci_high": iv.high, "n_pairs": iv.n}

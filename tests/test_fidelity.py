@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -467,3 +468,56 @@ def test_load_selected_loads_each_runs_validation_chosen_checkpoint(tmp_path):
         assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in saved.items())
     again = train_or_load("erm", "cpu-demo", root=str(tmp_path), overrides=tiny, progress=False)
     assert again.start_epoch == 1, "reused, not retrained"
+
+
+# ------------------------------------------------------------------- the measurement behind the defaults
+def test_the_fidelity_rows_differ_from_their_method_only_where_named():
+    from robustmed_lite.fidelity import FORMER, variants
+
+    rows = variants(epochs=10)
+    for name, row in rows.items():
+        settings = {k: v for k, v in row.items() if k != "method"}
+        base = load_config("cpu-demo", {"method": row["method"]}).to_dict()
+        mine = load_config("cpu-demo", dict(row)).to_dict()
+        changed = {k for k in base if base[k] != mine[k]}
+        derived = {"proxy_lr"} if "proxy_optimizer" in settings else set()  # each optimizer's own default lr
+        assert changed - derived == set(settings), name  # each named setting changes something, nothing else
+    assert {k: rows["robustmed_v0"][k] for k in FORMER} == FORMER
+    assert rows["awp+warmup"]["weight_noise_warmup"] == 1 and variants(epochs=200)["awp+warmup"][
+        "weight_noise_warmup"] == 20  # AWP: 10 of 200 epochs
+
+
+def test_fidelity_rows_share_the_plain_clean_run(tmp_path):
+    """The rows differ only in robust-stage settings, so every one starts from the same seed's plain ERM run."""
+    from robustmed_lite.fidelity import variants
+    from robustmed_lite.reproduce import PROFILES, build_plan
+
+    plan = build_plan(PROFILES["cpu"], "phantom", ["trades", "awp", "cap", "robustmed"], [0], tmp_path,
+                      variants=variants(10))
+    assert [s.name for s in plan if s.init_from is None] == ["erm"]
+    assert all(s.reference == "erm" and s.init_from == tmp_path / "erm-seed0" / "best_clean.pt"
+               for s in plan if s.init_from is not None)
+    # A data setting still gets its own clean run (the cross-site study's rows).
+    sites = build_plan(PROFILES["cpu"], "phantom", ["trades"], [0], tmp_path,
+                       variants={"trades+crop": {"method": "trades", "lung_crop": True}})
+    assert sorted(s.name for s in sites if s.init_from is None) == ["erm", "erm+crop"]
+
+
+def test_summarise_fidelity_pairs_rows_by_seed():
+    from robustmed_lite.fidelity import comparisons, summarise_fidelity, _markdown
+
+    rows = []
+    for seed in (0, 1, 2):
+        for _, row, reference in comparisons():
+            for name, shift in ((row, 0.02 * (seed + 1)), (reference, 0.0)):
+                rows.append({"name": name, "seed": seed, "clean_accuracy": 0.8 + shift,
+                             "pgd10_train_eps": 0.5 - shift, "pgd10_8_255": 0.3, "ensemble_train_eps": 0.45})
+    runs = pd.DataFrame(rows).drop_duplicates(["name", "seed"])
+    effects = summarise_fidelity(runs)
+    cap = effects[(effects["row"] == "cap") & (effects["metric"] == "clean_accuracy")].iloc[0]
+    assert cap["reference"] == "cap_v0" and cap["n_pairs"] == 3
+    assert cap["gain_mean"] == pytest.approx(0.04) and cap["gain_ci_low"] < 0.04 < cap["gain_ci_high"]
+    robust = effects[(effects["row"] == "cap") & (effects["metric"] == "pgd10_train_eps")].iloc[0]
+    assert robust["gain_mean"] == pytest.approx(-0.04)
+    assert "+0.040" in _markdown(effects, "test") and "(n=3)" in _markdown(effects, "test")
+    assert summarise_fidelity(runs[runs["name"] != "trades"]).query("reference == 'trades'").empty
