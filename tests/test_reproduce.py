@@ -145,14 +145,19 @@ def test_shards_split_the_plan_and_own_their_clean_runs(tmp_path):
 
 
 def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
-    name, values = rep.parse_variant("trades+long=trades,beta=3")
-    assert name == "trades+long" and values == {"method": "trades", "beta": "3"}
+    name, values = rep.parse_variant("trades+long=trades,epochs=3")
+    assert name == "trades+long" and values == {"method": "trades", "epochs": "3"}
     plan = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={name: values})
     # The variant's robust run starts from a clean run with the same settings, added for it (stage 1 of CAP).
     assert [s.name for s in plan] == ["erm", "erm+long", "trades", "trades+long"]
     variant = plan[-1]
-    assert variant.config().beta == 3.0 and variant.reference == "erm+long"
-    assert variant.init_from == tmp_path / "erm+long-seed0" / "best_clean.pt" and plan[1].config().beta == 3.0
+    assert variant.config().epochs == 3 and variant.reference == "erm+long"
+    assert variant.init_from == tmp_path / "erm+long-seed0" / "best_clean.pt" and plan[1].config().epochs == 3
+    # A setting of the robust stage only (beta) changes nothing of the clean run: the variant shares plain ERM's.
+    beta = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path,
+                          variants={"trades+beta3": {"method": "trades", "beta": "3"}})
+    assert [s.name for s in beta] == ["erm", "trades", "trades+beta3"]
+    assert beta[-1].config().beta == 3.0 and beta[-1].reference == "erm"
     with pytest.raises(ValueError, match="taken by a method"):
         rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={"mart": {"method": "mart"}})
     with pytest.raises(ValueError, match="NAME=METHOD"):
