@@ -273,6 +273,21 @@ class TrainConfig:
         return d
 
 
+# Fields added after runs had been saved without them (config_differences): for each, the value with which today's
+# code trains as the code did before the field existed, and when the field has no effect at all. A saved run that
+# lacks one of these keys matches only where the current value is that one or has no effect; any other missing
+# key is a difference.
+ADDED_FIELDS = {
+    "prior_view": ("package", lambda c: not c.prior),
+    "proxy_optimizer": ("sgd", lambda c: c.weight_noise == "none"),
+    "proxy_weight_decay": (None, lambda c: c.weight_noise == "none" or c.proxy_optimizer == "sgd"),
+    "weight_feedback": (False, lambda c: c.weight_noise == "none"),
+    "weight_feedback_share": (None, lambda c: not c.weight_feedback),
+    "weight_feedback_halvings": (None, lambda c: not c.weight_feedback),
+    "prior_samples": (0.0, lambda c: False),
+}
+
+
 def method_row(method: str) -> dict:
     """A method's value of every ``METHOD_FIELDS`` field (its own, else ``COMPONENT_DEFAULTS``)."""
     row = METHODS[method]

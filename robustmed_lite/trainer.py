@@ -39,7 +39,7 @@ from .attacks import PGD
 from .augment import acquisition_augment
 from .common import CLASS_NAMES, eval_mode, model_device
 from .components import ATTACKS, LOSSES, WEIGHT_NOISE, Batch
-from .config import TrainConfig
+from .config import ADDED_FIELDS, TrainConfig
 from .data import SPLITS, DataError, load_images, stratified_subset
 from .dataset import PriorDataset
 from .evaluate import accuracy
@@ -460,7 +460,11 @@ class Trainer:
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings in which a saved run's config differs from ``cfg``, ignoring how and where a run is looked at
-    (progress bars, device, output folder)."""
+    (progress bars, device, output folder).
+
+    A setting that ``cfg`` has and the saved config lacks (a run saved before the field existed) is a difference
+    unless ``config.ADDED_FIELDS`` says that its current value trains as the older code did, or has no effect.
+    """
     mine = cfg.to_dict()
     ignored = ("progress", "device", "out_dir")
 
@@ -469,7 +473,15 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
             return resolve_spec(a) == resolve_spec(b)
         return a == b
 
-    return sorted(k for k, v in saved.items() if k not in ignored and not same(k, mine.get(k), v))
+    def as_before(key):
+        if key not in ADDED_FIELDS:
+            return False
+        former, no_effect = ADDED_FIELDS[key]
+        return mine[key] == former or no_effect(cfg)
+
+    changed = {k for k, v in saved.items() if k not in ignored and not same(k, mine.get(k), v)}
+    changed |= {k for k in mine if k not in saved and k not in ignored and not as_before(k)}
+    return sorted(changed)
 
 
 PATH_KEYS = ("data", "ood_data", "extra_data", "init_from")

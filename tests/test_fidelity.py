@@ -27,7 +27,7 @@ from robustmed_lite.__main__ import main
 from robustmed_lite.components import (ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, Batch,
                                        register_feedback, register_loss, register_method, register_prior_view)
 from robustmed_lite.attacks import FeedbackPGD, FeedbackRule
-from robustmed_lite.config import (CHOICES, METHOD_FIELDS, METHODS, PAPER_ADDITIONS, PRESETS, load_config,
+from robustmed_lite.config import (ADDED_FIELDS, CHOICES, METHOD_FIELDS, METHODS, PAPER_ADDITIONS, PRESETS, load_config,
                                    methods_table, paper_additions_table)
 from robustmed_lite.data import load_images
 from robustmed_lite.dataset import PriorDataset
@@ -37,7 +37,8 @@ from robustmed_lite.objectives import trades_loss
 from robustmed_lite.perturbation import WeightPerturbation, perturbed_names, random_direction, relative_diff
 from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.prior import _cap_box_torch, cap_guided_filter, cap_window, lung_prior
-from robustmed_lite.trainer import Trainer, build_data, load_checkpoint
+from robustmed_lite.fidelity import FORMER
+from robustmed_lite.trainer import Trainer, build_data, config_differences, load_checkpoint
 
 SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
              eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255", gamma=0.01)
@@ -521,3 +522,48 @@ def test_summarise_fidelity_pairs_rows_by_seed():
     assert robust["gain_mean"] == pytest.approx(-0.04)
     assert "+0.040" in _markdown(effects, "test") and "(n=3)" in _markdown(effects, "test")
     assert summarise_fidelity(runs[runs["name"] != "trades"]).query("reference == 'trades'").empty
+
+
+def _saved_before_the_new_fields(cfg) -> dict:
+    """A run's saved config as the code wrote it before the fields of ``ADDED_FIELDS`` existed."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ADDED_FIELDS}
+
+
+@pytest.mark.parametrize("method,overrides,expected", [
+    ("trades", {}, []),  # the new fields have no effect on TRADES: its old runs are reused
+    ("awp", {}, []),  # AWP's proxy was and is the stateless SGD step
+    ("cap", FORMER, []),  # the former defaults, stated: the old run is exactly this
+    ("cap", {}, ["prior_view", "proxy_lr", "proxy_optimizer", "proxy_weight_decay", "target_grad"]),
+    ("robustmed", {**FORMER, "weight_feedback": True},
+     ["weight_feedback", "weight_feedback_halvings", "weight_feedback_share"]),
+])
+def test_a_run_saved_before_a_field_existed_matches_only_the_settings_it_was_trained_with(method, overrides,
+                                                                                          expected):
+    old = load_config("cpu-demo", {"method": method, **FORMER} if method in ("cap", "robustmed") else
+                      {"method": method})
+    saved = _saved_before_the_new_fields(old)
+    assert config_differences(saved, load_config("cpu-demo", {"method": method, **overrides})) == expected
+
+
+def test_a_missing_key_that_is_not_a_known_added_field_is_a_difference():
+    cfg = load_config("cpu-demo", {"method": "trades"})
+    saved = cfg.to_dict()
+    del saved["beta"]
+    assert config_differences(saved, cfg) == ["beta"]
+
+
+def test_the_phantom_study_trains_only_the_rows_of_its_questions(monkeypatch, tmp_path):
+    from robustmed_lite import fidelity
+
+    calls = {}
+
+    def fake_reproduce(**kwargs):
+        calls.update(kwargs)
+        return {"runs": pd.DataFrame(columns=["name", "seed"])}
+
+    monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
+    fidelity.run_fidelity("cpu", data="phantom", out=tmp_path / "phantom", runs=tmp_path / "runs")
+    assert calls["methods"] == "cap,robustmed" and set(calls["variants"]) == set(fidelity.PHANTOM_ROWS)
+    assert (tmp_path / "phantom" / "table.md").read_text().count("no finished pairs") == 1
+    fidelity.run_fidelity("cpu", data=str(tmp_path), out=tmp_path / "real", runs=tmp_path / "runs")
+    assert calls["methods"] == "trades,awp,cap,robustmed" and set(calls["variants"]) == set(fidelity.variants(10))
