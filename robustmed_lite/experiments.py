@@ -46,8 +46,9 @@ def attack_suite(eps: float | str, names=("fgsm", "pgd10", "pgd50", "apgd", "cw"
 
 def _evaluation_splits(cfg):
     """A run's val/test/shift splits, rebuilt from its config, without the training set's prior view (which no
-    evaluation reads: the splits are the same, the guided filter over every training image is skipped)."""
-    cfg.progress, cfg.prior = False, False
+    evaluation reads: the splits are the same, the guided filter over every training image is skipped; and so
+    neither are the prior views trained on as extra samples)."""
+    cfg.progress, cfg.prior, cfg.prior_samples = False, False, 0.0
     return build_data(cfg.resolve())
 
 

@@ -660,3 +660,74 @@ def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = 
     ax.set_title("Robustness vs accuracy (points: seeds; markers: mean, 95% CI)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return fig
+
+
+def plot_paired_effects(effects, metrics=(("pgd10_train_eps", "PGD-10 at the training eps"),
+                                          ("ensemble_train_eps", "ensemble at the training eps"),
+                                          ("clean_accuracy", "natural accuracy")), title: str | None = None):
+    """Paired per-seed effects (row minus reference) with their 95% t-intervals, one panel per metric, one line
+    per comparison; an interval that crosses the dotted zero line is no measured effect.
+
+    Args:
+        effects: ``fidelity``'s ``effects.csv`` (group, row, reference, metric, gain_mean, gain_ci_low,
+            gain_ci_high, n_pairs).
+        metrics: (metric, title) pairs; metrics missing from ``effects`` are skipped.
+        title: Figure title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    metrics = [(m, t) for m, t in metrics if m in set(effects["metric"])]
+    labels = list(dict.fromkeys(f"{r} - {ref}" for r, ref in zip(effects["row"], effects["reference"])))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics) + 1.8, 0.32 * len(labels) + 1.2),
+                             sharey=True, squeeze=False, layout="constrained")
+    for ax, (metric, panel_title) in zip(axes[0], metrics):
+        part = effects[effects["metric"] == metric].assign(
+            label=lambda d: [f"{r} - {ref}" for r, ref in zip(d["row"], d["reference"])]).set_index("label")
+        part = part.reindex(labels)
+        y = np.arange(len(labels))[::-1]
+        mean = part["gain_mean"].to_numpy(float)
+        err = np.nan_to_num(np.vstack([mean - part["gain_ci_low"].to_numpy(float),
+                                       part["gain_ci_high"].to_numpy(float) - mean]), nan=0.0)
+        ax.errorbar(mean, y, xerr=err, fmt="o", color="C0", capsize=3, ms=4)
+        ax.axvline(0, color="grey", lw=0.8, ls=":")
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel("paired difference", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def interactive_figure(draw, **sliders):
+    """Sliders that redraw a figure: ``draw(**values)`` returns a matplotlib figure, shown as a PNG image
+    below the sliders and drawn again whenever one of them moves.
+
+    ``ipywidgets.interact`` would show the figure in an Output widget. Executed headless (nbclient, and so the
+    book build), an Output widget makes the client message the kernel while it waits for the cell's reply,
+    which can stall the build until its timeout (jupyter/nbclient#312); an image widget needs no such message.
+
+    Args:
+        draw: Returns the figure for the sliders' values (it is closed after drawing).
+        **sliders: ipywidgets value widgets, by the name of ``draw``'s argument they set.
+
+    Returns:
+        An ``ipywidgets.VBox`` of the sliders and the image: the last expression of a cell, or ``display`` it.
+    """
+    import io
+
+    import ipywidgets
+
+    image = ipywidgets.Image(format="png")
+
+    def redraw(_=None):
+        fig = draw(**{name: slider.value for name, slider in sliders.items()})
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        plt.close(fig)
+        image.value = buffer.getvalue()
+
+    for slider in sliders.values():
+        slider.observe(redraw, names="value")
+    redraw()
+    return ipywidgets.VBox([*sliders.values(), image])

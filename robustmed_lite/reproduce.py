@@ -331,7 +331,14 @@ def reproduce(profile: str | Profile = "cpu", data: str | None = None, ood_data=
     finished = [s for s in mine if settings.eval_file(s.run_dir).exists()]
     corruption_stage(finished, settings, progress=progress)
     clock["corrupted"] = time.time()
-    results = _finish(plan, settings, out, prof, ood_data, covid19c)
+    try:
+        results = _finish(plan, settings, out, prof, ood_data, covid19c)
+    except Exception as summary_error:
+        if failures:  # say first that a run failed: that is what stopped the other runs
+            name, err = failures[0]
+            raise RuntimeError(f"run {name} failed ({type(err).__name__}: {err}); then the summary of the runs "
+                               "that finished failed too (its error is below)") from summary_error
+        raise
     _record_timing(out, clock, shard_i_n, jobs, len(mine), len(finished))
     if failures:
         name, err = failures[0]

@@ -73,8 +73,9 @@ def collect_rows(specs: list[RunSpec], settings: EvalSettings) -> pd.DataFrame:
         if record is None or record.get("settings") != settings.to_dict() or not corr_file.exists():
             continue
         tables[(spec.name, spec.seed)] = pd.read_csv(corr_file)
-        rows.append({**record["row"], "run_dir": str(spec.run_dir), **_corruption_means(tables[(spec.name,
-                                                                                                 spec.seed)])})
+        # The plan names the row: a record keeps the name its run had when evaluated (a folder may be renamed).
+        rows.append({**record["row"], "name": spec.name, "run_dir": str(spec.run_dir),
+                     **_corruption_means(tables[(spec.name, spec.seed)])})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

@@ -567,3 +567,34 @@ def test_the_phantom_study_trains_only_the_rows_of_its_questions(monkeypatch, tm
     assert (tmp_path / "phantom" / "table.md").read_text().count("no finished pairs") == 1
     fidelity.run_fidelity("cpu", data=str(tmp_path), out=tmp_path / "real", runs=tmp_path / "runs")
     assert calls["methods"] == "trades,awp,cap,robustmed" and set(calls["variants"]) == set(fidelity.variants(10))
+
+
+def test_a_renamed_run_folder_is_summarised_under_the_plans_name(tmp_path):
+    """Old runs reused under a new row name (the former defaults as ``cap_v0``) keep the record written when the
+    folder was called ``cap``: the summary names the row as the plan does, and mCE finds its reference."""
+    from robustmed_lite.runeval import EvalSettings, write_json
+    from robustmed_lite.runplan import RunSpec
+    from robustmed_lite.summary import collect_rows
+
+    settings = EvalSettings((4 / 255,), 0, 1, 1, 1, (), None)
+    corruptions = pd.DataFrame({"corruption": ["gaussian_noise"] * 2, "severity": [0, 1], "accuracy": [0.9, 0.6]})
+    specs = []
+    for name, stored, seed in (("erm", "erm", 0), ("cap_v0", "cap", 0)):
+        run_dir = tmp_path / f"{name}-seed{seed}"
+        run_dir.mkdir()
+        write_json(settings.eval_file(run_dir), {"settings": settings.to_dict(),
+                                                 "row": {"name": stored, "method": stored.split("_")[0],
+                                                         "seed": seed, "clean_accuracy": 0.8}})
+        corruptions.to_csv(settings.corruption_file(run_dir), index=False)
+        specs.append(RunSpec(name, seed, "cpu-demo", {"method": stored}, run_dir, None))
+    rows = collect_rows(specs, settings)
+    assert rows["name"].tolist() == ["erm", "cap_v0"]
+    assert rows.set_index("name").loc["cap_v0", "mce_all"] == pytest.approx(1.0)  # the same errors as its ERM
+
+
+def test_a_run_that_trains_on_prior_views_is_evaluated_on_the_plain_splits(tmp_path):
+    from robustmed_lite.experiments import _evaluation_splits
+
+    cfg = _config(tmp_path, method="robustmed", prior_samples=0.5)
+    splits = _evaluation_splits(cfg)
+    assert cfg.prior_samples == 0 and not cfg.prior and len(splits.test[1]) > 0
