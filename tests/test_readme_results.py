@@ -1,0 +1,66 @@
+"""The README's result tables quote the committed result files: a re-run that changes a number fails here until
+the README says the new one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+INTERVAL = re.compile(r"([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]")
+PLUS_MINUS = re.compile(r"(\d\.\d{3}) ± (\d\.\d{3})")
+
+
+def _table_after(marker: str) -> list[list[str]]:
+    """The rows (cells) of the first Markdown table after ``marker``."""
+    text = README[README.index(marker):]
+    lines = text[text.index("\n|"):].strip().splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[2:]  # without the header and the rule
+
+
+FIDELITY_ROWS = {
+    "`cap` after - before": "cap", "`robustmed` after - before": "robustmed",
+    "`robustmed`, earlier prior view": "robustmed-prior_view", "`robustmed`, SGD proxy": "robustmed-proxy_optimizer",
+    "`robustmed`, stop-gradient soft target": "robustmed-target_grad",
+    "`robustmed` + weight-level feedback": "robustmed+weight_feedback",
+    "`robustmed` + training on prior views": "robustmed+prior_samples", "`awp` - `trades`": "awp",
+    "`awp` with warm-up - `trades`": "awp+warmup", "`awp` with gamma 1e-3 - `trades`": "awp+gamma1e-3"}
+
+
+def test_the_fidelity_table_quotes_the_committed_effects():
+    effects = pd.read_csv(ROOT / "results/fidelity/cpu/effects.csv").set_index(["row", "metric"])
+    rows = _table_after("**The committed measurement** (`results/fidelity/cpu/table.md`")
+    assert [r[0] for r in rows] == list(FIDELITY_ROWS)
+    for label, ensemble, clean in rows:
+        for cell, metric in ((ensemble, "ensemble_train_eps"), (clean, "clean_accuracy")):
+            quoted = [float(v) for v in INTERVAL.search(cell).groups()]
+            measured = effects.loc[(FIDELITY_ROWS[label], metric), ["gain_mean", "gain_ci_low", "gain_ci_high"]]
+            assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
+
+
+REPRODUCTION_ROWS = {"natural accuracy": "clean_accuracy", "ensemble @ 4/255": "ensemble_train_eps",
+                     "ensemble @ 8/255": "ensemble_8_255", "corruptions, CAP's 15 types": "corruption_cap15",
+                     "corruptions, CT physics": "corruption_ct",
+                     "UCSD (all 746), balanced accuracy": "ucsd_covidct_balanced_accuracy"}
+
+
+def test_the_reproduction_table_quotes_the_committed_summary():
+    table = pd.read_csv(ROOT / "results/reproduction/cpu/table.csv").set_index(["name", "metric"])
+    rows = _table_after("**The committed result** (`results/reproduction/cpu/table.md`")
+    names = ["erm", "trades", "awp", "cap", "robustmed"]
+    assert [r[0] for r in rows] == list(REPRODUCTION_ROWS)
+    for label, *cells in rows:
+        for name, cell in zip(names, cells):
+            mean, half = (float(v) for v in PLUS_MINUS.search(cell).groups())
+            row = table.loc[(name, REPRODUCTION_ROWS[label])]
+            assert (mean, half) == pytest.approx((round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)),
+                                                 abs=5e-4), (label, name)
