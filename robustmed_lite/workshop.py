@@ -1,0 +1,235 @@
+"""Exercise checks for the workshop: ``check("nb02-fgsm", fgsm)`` prints right, or what is wrong.
+
+A check never raises: an unfinished starter (``...``), a wrong answer and an answer that crashes all end in one
+line that says what to look at, because a traceback in a room of thirty laptops stops the room. Each check builds
+its own small, seeded test case (a model with known weights, a batch with a known answer), so it runs in a second
+on a CPU, the same in the book build, in Colab and in the tests (``tests/test_workshop.py`` runs every solution
+and every starter through it). The solutions themselves live in the notebooks, folded under each exercise.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import tempfile
+import textwrap
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RIGHT, NOT_YET = "right", "not yet"
+
+
+class NotYet(Exception):
+    """Raised inside a checker: the message says what is wrong with the answer and where to look."""
+
+
+@dataclass
+class Exercise:
+    """A check: ``checker(answer)`` returns the line shown when it is right, or raises NotYet."""
+
+    label: str
+    title: str
+    checker: Callable
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def exercise(label: str, title: str):
+    """Registers a checker under the label the notebook's ``{exercise}`` directive carries."""
+    def register(checker: Callable) -> Callable:
+        if label in EXERCISES:
+            raise ValueError(f"exercise {label!r} is registered twice")
+        EXERCISES[label] = Exercise(label, title, checker)
+        return checker
+    return register
+
+
+def _unfinished(answer) -> bool:
+    """The starter as given: ``...`` itself, or a function whose source still holds a ``...``."""
+    if answer is Ellipsis or answer is None:
+        return True
+    if not inspect.isfunction(answer):
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(answer)))
+    except (OSError, TypeError, SyntaxError):  # no source to read (exec'd code): judge by the result
+        return False
+    return any(isinstance(node, ast.Constant) and node.value is Ellipsis for node in ast.walk(tree))
+
+
+def check(label: str, answer) -> bool:
+    """Checks an answer and prints one line; returns whether it is right. Never raises.
+
+    Args:
+        label: The exercise's label, as in the notebook (``nb02-fgsm``).
+        answer: What the exercise asks for: a function, a name, a number.
+    """
+    if label not in EXERCISES:
+        print(f"{NOT_YET}: there is no exercise {label!r}; the exercises are {', '.join(sorted(EXERCISES))}")
+        return False
+    ex = EXERCISES[label]
+    if _unfinished(answer):
+        print(f"{NOT_YET}: {ex.title} - replace the `...` in the cell above with your code, run it, then this cell")
+        return False
+    try:
+        message = ex.checker(answer)
+    except NotYet as err:
+        print(f"{NOT_YET}: {err}")
+        return False
+    except Exception as err:  # the attendee's code crashed: show where in their code, in one line
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename != __file__]
+        where = f" (line {frames[-1].lineno}: {frames[-1].line})" if frames else ""
+        print(f"{NOT_YET}: your code raised {type(err).__name__}: {err}{where}")
+        return False
+    print(f"{RIGHT}: {message}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------- test cases
+class _BatchNormNet(nn.Module):
+    """A small seeded CNN with BatchNorm, so that an attack run in train mode gives other results than eval mode."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 2))
+        with torch.no_grad():  # give the BatchNorm running statistics that differ from any batch's own
+            self.body[1].running_mean.uniform_(-0.2, 0.2)
+            self.body[1].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _fgsm_case():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 1, 16, 16, generator=gen)
+    x[:2] = 0.0  # black and white slices: a step past [0, 1] must be clipped
+    x[2:4] = 1.0
+    y = torch.randint(0, 2, (16,), generator=gen)
+    return _BatchNormNet().eval(), x, y
+
+
+def _gradient_sign(model, x, y):
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return grad.sign()
+
+
+@exercise("nb02-fgsm", "FGSM: one signed gradient step of size eps that increases the loss, in eval mode, in [0, 1]")
+def _check_fgsm(fgsm) -> str:
+    eps = 8 / 255
+    model, x, y = _fgsm_case()
+    model.train()  # the attack must switch to eval mode itself, and leave the mode as it found it
+    x_before = x.clone()
+    x_adv = fgsm(model, x, y, eps)
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        raise NotYet(f"fgsm should return a tensor shaped like x {tuple(x.shape)}, got "
+                     f"{getattr(x_adv, 'shape', type(x_adv).__name__)}")
+    if not torch.equal(x, x_before):
+        raise NotYet("fgsm changed x in place: work on a copy (x.clone().requires_grad_(True))")
+    if not model.training:
+        raise NotYet("fgsm left the model in eval mode: restore the mode it had (see robustmed_lite.common.eval_mode)")
+    if x_adv.requires_grad:
+        raise NotYet("return x_adv.detach(): a tensor that still carries the attack's graph keeps it in memory")
+    if x_adv.min() < 0 or x_adv.max() > 1:
+        raise NotYet(f"x_adv leaves the pixel range [0, 1] (min {x_adv.min():.3f}, max {x_adv.max():.3f}): clamp it")
+    if (x_adv - x).abs().max() > eps + 1e-6:
+        raise NotYet(f"x_adv moves a pixel by {(x_adv - x).abs().max():.4f}, more than eps = {eps:.4f}")
+    sign = _gradient_sign(model.eval(), x, y)
+    if torch.allclose(x_adv, (x + eps * sign).clamp(0, 1), atol=1e-6):
+        return "one signed step of eps up the loss, in eval mode, clamped to [0, 1]"
+    if torch.allclose(x_adv, (x - eps * sign).clamp(0, 1), atol=1e-6):
+        raise NotYet("the step goes down the loss: FGSM adds eps * sign(gradient), it does not subtract it")
+    if torch.allclose(x_adv, (x + eps * _gradient_sign(model.train(), x, y)).clamp(0, 1), atol=1e-6):
+        raise NotYet("these are the train-mode gradients: BatchNorm then normalises with the batch's own "
+                     "statistics. Attack in eval mode (model.eval(), then restore the mode)")
+    raise NotYet("x_adv differs from x + eps * sign(grad of the cross-entropy at x): check the loss and the sign")
+
+
+class _MaskedLinear(nn.Module):
+    """Gradient masking by saturation: a correct, confident linear classifier whose logits are scaled by 1e4,
+    so that the softmax is exactly one-hot in float32 and the cross-entropy's gradient vanishes."""
+
+    def __init__(self, size: int = 16, scale: float = 1e4):
+        super().__init__()
+        weight = torch.zeros(size, size)
+        weight[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+        self.register_buffer("weight", weight / weight.sum())
+        self.scale = scale
+
+    def forward(self, x):
+        score = (x[:, 0] * self.weight).sum((-2, -1)) - 0.5
+        return self.scale * torch.stack([-score, score], 1)
+
+
+def masking_case(n: int = 64, seed: int = 0):
+    """The gradient-masking model of notebook 02's exercise and a batch it classifies correctly.
+
+    Class 1 slices are brighter in the centre by 0.02 (about 5/255), so an L-inf attack of 8/255 can flip every
+    one of them, while cross-entropy PGD sees a zero gradient and flips none.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (0.5 + 0.04 * (y[:, None, None, None] - 0.5) + 0.005 * torch.randn(n, 1, 16, 16, generator=gen)).clamp(0, 1)
+    return _MaskedLinear().eval(), x, y
+
+
+@exercise("nb02-masking", "an attack that gets past gradient masking: accuracy at 8/255 near zero where "
+                          "cross-entropy PGD reports near 100%")
+def _check_masking(attack) -> str:
+    eps = 8 / 255
+    model, x, y = masking_case()
+    x_adv = attack(model, x, y)
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        raise NotYet(f"the attack should return x_adv shaped like x {tuple(x.shape)}")
+    x_adv = x_adv.detach()
+    if x_adv.min() < 0 or x_adv.max() > 1 or (x_adv - x).abs().max() > eps + 1e-6:
+        raise NotYet(f"x_adv must stay within eps = 8/255 of x and inside [0, 1]; it moves a pixel by "
+                     f"{(x_adv - x).abs().max():.4f}, range [{x_adv.min():.3f}, {x_adv.max():.3f}]")
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    if robust > 0.1:
+        raise NotYet(f"accuracy under your attack is {robust:.2f} (clean {clean:.2f}): the cross-entropy's gradient "
+                     "is zero here. Try a loss that does not saturate (the logit margin, as CW does), or scale the "
+                     "logits down before the loss")
+    return f"accuracy {clean:.2f} -> {robust:.2f}: the model was never robust, its gradients were hidden"
+
+
+@exercise("nb03-defence", "a defence registered with register_loss and trained by the Trainer")
+def _check_defence(name) -> str:
+    from .components import LOSSES, Batch
+    from .config import load_config
+    from .trainer import Trainer
+
+    if not isinstance(name, str):
+        raise NotYet("pass the name you registered the loss under, e.g. check('nb03-defence', 'my_defence')")
+    if name not in LOSSES:
+        raise NotYet(f"no loss {name!r} is registered: decorate your function with @register_loss({name!r}, "
+                     "needs_attack=True) and run that cell")
+    with tempfile.TemporaryDirectory() as run_dir:  # a throw-away run: the check trains one step
+        cfg = load_config("cpu-demo", dict(method="trades", loss=name, img_size=32, n_train=64, n_val=32, n_test=32,
+                                           batch_size=32, epochs=1, eval_n=16, attack_steps=2, eval_attack_steps=2,
+                                           progress=False, out_dir=run_dir))
+        trainer = Trainer(cfg)
+    x, x_aug, y = next(trainer.data.train.batches(32, epoch=0))[:3]
+    loss = LOSSES[name](trainer.model, Batch(x, x, x_aug, y), cfg)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise NotYet(f"the loss should return one number (a 0-d tensor), got {getattr(loss, 'shape', loss)!r}")
+    if not loss.requires_grad:
+        raise NotYet("the loss carries no gradient: compute it from model(...) outputs, without .item() or "
+                     "torch.no_grad()")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    stats = trainer.train_step(x, x_aug, y, epoch=0, attack=trainer.sample_attack(0), batch_index=0)
+    moved = sum(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    if not torch.isfinite(torch.tensor(stats["loss"])) or not moved:
+        raise NotYet(f"a training step with {name!r} gave loss {stats['loss']} and moved {moved} weight tensors")
+    return f"the Trainer took a step with {name!r} (loss {stats['loss']:.3f}); train it with --loss {name} as well"
