@@ -28,6 +28,7 @@ pytest: setup
 
 book: setup
 	ROBUSTMED_PROFILE=$${ROBUSTMED_PROFILE:-fast} $(BIN)/jupyter-book build book --warningiserror --keep-going
+	$(BIN)/python book/check_offline.py book/_build/html
 
 bench: setup
 	$(BIN)/python benchmarks/phantom.py
