@@ -189,3 +189,23 @@ def test_sarscov2_through_kaggle(tmp_path, monkeypatch, capsys):
     assert main(["data", "fetch", "sarscov2", "--dest", str(tmp_path / "data")]) == 0
     assert check_counts("sarscov2", tmp_path / "data" / "sarscov2") == {"non-COVID": 2, "COVID": 3}
     assert "export ROBUSTMED_DATA=" in capsys.readouterr().out
+
+
+def test_the_notebook_setup_fetches_where_asked(tmp_path, monkeypatch, capsys):
+    from robustmed_lite.runinfo import notebook_setup
+
+    archive = ucsd_archive(tmp_path / "upstream.zip")
+    calls = []
+
+    def offline_fetch(name, dest):
+        calls.append((name, dest))
+        return fetch(name, dest, url=archive.as_uri())
+
+    monkeypatch.setattr(fetch_module, "fetch", offline_fetch)
+    monkeypatch.setenv("ROBUSTMED_DATA", str(tmp_path / "data"))
+    _, _, data_dir = notebook_setup(fetch=["ucsd"])
+    assert calls == [("ucsd", tmp_path / "data")] and data_dir == (tmp_path / "data").resolve()
+    assert check_counts("ucsd", data_dir / "ucsd_covidct") == {"non-COVID": 4, "COVID": 3}
+    assert f"real CT: {data_dir}" in capsys.readouterr().out
+    notebook_setup(fetch=["ucsd"])  # a second call finds the set and downloads nothing
+    assert not (tmp_path / "data" / "COVID-CT-master.zip").exists()

@@ -26,7 +26,7 @@ def test_notebook_conventions(path):
     assert f"]({badge})" in first.source, f"the Colab badge opens this notebook in this repository: {badge}"
     setup = next(c for c in nb.cells if c.cell_type == "code")
     assert 'find_spec("robustmed_lite") is None' in setup.source, "setup installs the package only if missing"
-    assert "notebook_setup()" in setup.source, "setup reports the device and the profile"
+    assert "notebook_setup(fetch=FETCH)" in setup.source, "setup reports the device and the profile, offers the data"
     assert "PROFILE" in setup.source
     for cell in nb.cells:
         if cell.cell_type == "code":
