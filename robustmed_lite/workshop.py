@@ -233,3 +233,144 @@ def _check_defence(name) -> str:
     if not torch.isfinite(torch.tensor(stats["loss"])) or not moved:
         raise NotYet(f"a training step with {name!r} gave loss {stats['loss']} and moved {moved} weight tensors")
     return f"the Trainer took a step with {name!r} (loss {stats['loss']:.3f}); train it with --loss {name} as well"
+
+
+# ------------------------------------------------------------------------------ chapters 00, 01, 04-07
+def _compare(got, expected, what: str, atol: float = 1e-5):
+    got = torch.as_tensor(got, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    if got.shape != expected.shape:
+        raise NotYet(f"{what} should have shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+    return torch.allclose(got, expected, atol=atol, equal_nan=True)
+
+
+@exercise("nb00-window", "a CT window: Hounsfield units to grey levels in [0, 1]")
+def _check_window(to_unit) -> str:
+    from .data import window_hu
+
+    hu = torch.linspace(-2000, 1500, 351)
+    for width, level, name in ((1500.0, -600.0, "lung"), (400.0, 40.0, "soft-tissue")):
+        got = to_unit(hu, width, level)
+        expected = window_hu(hu.numpy(), (width, level))
+        if _compare(got, expected, "the result"):
+            continue
+        got = torch.as_tensor(got, dtype=torch.float64)
+        if got.min() < 0 or got.max() > 1:
+            raise NotYet(f"the {name} window gives values outside [0, 1] ({got.min():.2f} to {got.max():.2f}): clip "
+                         "what lies below and above the window")
+        ends = to_unit(torch.tensor([level - width / 2, level + width / 2]), width, level)
+        raise NotYet(f"the {name} window (W {width:g}, L {level:g}) should put L - W/2 = {level - width / 2:g} HU at 0 "
+                     f"and L + W/2 = {level + width / 2:g} HU at 1; yours gives {float(ends[0]):.3f} and "
+                     f"{float(ends[1]):.3f}")
+    return ("air (-1000 HU) is 0.233 in the lung window and 0 in the soft-tissue one: the window decides what a "
+            "model sees")
+
+
+def _box_case():
+    gen = torch.Generator().manual_seed(3)
+    return torch.rand(2, 1, 12, 10, generator=gen, dtype=torch.float64)
+
+
+@exercise("nb01-box", "the box filter: the mean over every (2r+1) x (2r+1) window, borders mirrored")
+def _check_box(box_mean) -> str:
+    from .prior import box_filter
+
+    x = _box_case()
+    for r in (1, 2):
+        got, expected = box_mean(x.clone(), r), box_filter(x, r)
+        if _compare(got, expected, f"box_mean(x, {r})"):
+            continue
+        inner = (slice(None), slice(None), slice(r, -r), slice(r, -r))
+        if _compare(torch.as_tensor(got)[inner], expected[inner], "the interior"):
+            raise NotYet(f"the interior is right for r = {r}, the borders are not: mirror the image at its edges, "
+                         "edge pixel included (numpy's pad mode 'symmetric'), then average")
+        raise NotYet(f"box_mean(x, {r}) differs from the window mean even away from the borders: average the "
+                     f"{2 * r + 1} x {2 * r + 1} window around each pixel")
+    return "each pixel is now the mean of its window; the guided filter is four of these and some arithmetic"
+
+
+@exercise("nb01-guided", "the guided filter (He et al. 2013) from box filters")
+def _check_guided(guided) -> str:
+    from .prior import guided_filter
+
+    gen = torch.Generator().manual_seed(4)
+    I = torch.rand(2, 1, 24, 24, generator=gen, dtype=torch.float64)
+    p = (I > 0.5).double()
+    for r, eps in ((2, 0.01), (3, 1e-3)):
+        got, expected = guided(I, p, r, eps), guided_filter(I, p, r, eps, backend="torch")
+        if not _compare(got, expected, "the output", atol=1e-6):
+            raise NotYet(f"for r = {r}, eps = {eps:g} the output differs by up to "
+                         f"{(torch.as_tensor(got, dtype=torch.float64) - expected).abs().max():.3g}. Check a = "
+                         "cov(I, p) / (var(I) + eps), b = mean(p) - a mean(I), and that q = mean(a) I + mean(b) "
+                         "averages a and b once more")
+    return "q follows the guide's edges where var(I) >> eps and is smooth where var(I) << eps"
+
+
+@exercise("nb04-pointing", "the pointing game: does each map's maximum fall inside the lesion mask?")
+def _check_pointing(hits) -> str:
+    from .explain import pointing_game
+
+    gen = torch.Generator().manual_seed(5)
+    maps = torch.rand(8, 1, 10, 10, generator=gen)
+    masks = torch.zeros(8, 1, 10, 10, dtype=torch.bool)
+    masks[:, :, 2:6, 3:7] = True
+    maps[::2, :, 4, 4] = 2.0  # every other map peaks inside the mask, the rest outside
+    maps[1::2, :, 8, 8] = 2.0
+    got = hits(maps, masks)
+    expected = pointing_game(maps, masks)
+    if not _compare(torch.as_tensor(got).float().reshape(-1), expected, "the hits"):
+        raise NotYet(f"hits should be 1 where the maximum of a map lies in its mask and 0 elsewhere, one per image: "
+                     f"expected {expected.int().tolist()}, got {torch.as_tensor(got).int().reshape(-1).tolist()}")
+    return f"{int(expected.sum())} of {len(expected)} maps point inside: the score counts peaks, not mass"
+
+
+@exercise("nb05-mce", "the mean corruption error against a reference model (Hendrycks and Dietterich 2019)")
+def _check_mce(mce) -> str:
+    errors = {"noise": [0.10, 0.20, 0.40], "blur": [0.05, 0.10, 0.20], "window": [0.30, 0.50, 0.60]}
+    reference = {"noise": [0.20, 0.30, 0.50], "blur": [0.05, 0.05, 0.10], "window": [0.20, 0.30, 0.40]}
+    expected = sum(sum(errors[c]) / sum(reference[c]) for c in errors) / len(errors)
+    got = mce(errors, reference)
+    if abs(float(got) - expected) < 1e-9:
+        return f"mCE {expected:.3f}: above 1 means more error than the reference, corruption by corruption"
+    wrong_order = sum(sum(e) for e in errors.values()) / sum(sum(e) for e in reference.values())
+    if abs(float(got) - wrong_order) < 1e-9:
+        raise NotYet("that is the ratio of the total errors: take the ratio per corruption (summed over "
+                     "severities), then the mean of those ratios, so that no corruption dominates")
+    raise NotYet(f"expected {expected:.4f}, got {float(got):.4f}: for each corruption, sum the errors over the "
+                 "severities and divide by the reference's sum; then average over the corruptions")
+
+
+@exercise("nb06-interval", "a paired 95% t-interval of the per-seed differences")
+def _check_interval(paired_interval) -> str:
+    from .stats import t_interval
+
+    a, b = [0.71, 0.68, 0.74], [0.66, 0.67, 0.69]
+    expected = t_interval([x - y for x, y in zip(a, b)])
+    got = paired_interval(a, b)
+    if not isinstance(got, (tuple, list)) or len(got) != 3:
+        raise NotYet("return three numbers: (mean, low, high) of the differences a - b")
+    if all(abs(float(g) - e) < 1e-9 for g, e in zip(got, (expected.mean, expected.low, expected.high))):
+        return (f"{expected.mean:+.3f} [{expected.low:+.3f}, {expected.high:+.3f}]: with 3 seeds, t(0.975, 2) = 4.30 "
+                "makes the interval wide")
+    unpaired = t_interval(a).mean - t_interval(b).mean
+    if abs(float(got[0]) - unpaired) < 1e-9:
+        raise NotYet("the mean is right, the interval is not: take the t-interval of the differences a[i] - b[i], "
+                     "with n - 1 degrees of freedom (scipy.stats.t.ppf(0.975, n - 1))")
+    raise NotYet(f"expected {expected.mean:.4f} [{expected.low:.4f}, {expected.high:.4f}]: the mean of the "
+                 "differences a[i] - b[i] plus and minus t(0.975, n - 1) * their standard deviation / sqrt(n)")
+
+
+@exercise("nb07-ece", "the expected calibration error with 15 equal-width bins")
+def _check_ece(ece) -> str:
+    from .shortcuts import expected_calibration_error
+
+    gen = torch.Generator().manual_seed(6)
+    p_covid = torch.rand(200, generator=gen, dtype=torch.float64)
+    probs = torch.stack([1 - p_covid, p_covid], 1).numpy()
+    labels = (torch.rand(200, generator=gen, dtype=torch.float64) < 0.3).long().numpy()
+    expected = expected_calibration_error(probs, labels)
+    got = float(ece(probs, labels))
+    if abs(got - expected) < 1e-9:
+        return f"ECE {expected:.3f}: this model says 'sure' more often than it is right"
+    raise NotYet(f"expected {expected:.4f}, got {got:.4f}: bin the confidence (the larger probability) into 15 "
+                 "equal bins on [0, 1]; per bin take |accuracy - mean confidence|, weighted by the bin's share")

@@ -99,3 +99,66 @@ def test_an_unknown_label_lists_the_exercises(capsys):
     assert not check("nb99-nothing", fgsm_solution)
     out = capsys.readouterr().out
     assert all(label in out for label in EXERCISES)
+
+
+# ------------------------------------------------------------------------- the other chapters' checks
+def window_solution(hu, width, level):
+    return ((hu - (level - width / 2)) / width).clamp(0, 1)
+
+
+def box_solution(x, r):
+    import numpy as np
+    padded = torch.from_numpy(np.pad(x.numpy(), [(0, 0), (0, 0), (r, r), (r, r)], mode="symmetric"))
+    return F.avg_pool2d(padded, 2 * r + 1, stride=1)
+
+
+def guided_solution(I, p, r, eps):
+    from robustmed_lite.prior import box_filter
+    mean_I, mean_p = box_filter(I, r), box_filter(p, r)
+    a = (box_filter(I * p, r) - mean_I * mean_p) / (box_filter(I * I, r) - mean_I ** 2 + eps)
+    b = mean_p - a * mean_I
+    return box_filter(a, r) * I + box_filter(b, r)
+
+
+def pointing_solution(maps, masks):
+    peak = maps.flatten(1).argmax(1)
+    return masks.flatten(1)[torch.arange(len(peak)), peak].float()
+
+
+def mce_solution(errors, reference):
+    return sum(sum(errors[c]) / sum(reference[c]) for c in errors) / len(errors)
+
+
+def interval_solution(a, b):
+    from scipy import stats
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std() / len(d) ** 0.5
+    return d.mean().item(), (d.mean() - half).item(), (d.mean() + half).item()
+
+
+def ece_solution(probs, labels):
+    import numpy as np
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, 16)[1:-1], right=True), 0, 14)
+    return sum((which == b).mean() * abs(correct[which == b].mean() - confidence[which == b].mean())
+               for b in range(15) if (which == b).any())
+
+
+@pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb00-window", window_solution, lambda hu, w, l: (hu - (l - w / 2)) / w, "clip"),
+    ("nb00-window", window_solution, lambda hu, w, l: ((hu - l) / w).clamp(0, 1), "should put L - W/2"),
+    ("nb01-box", box_solution, lambda x, r: F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1),
+     "the borders are not"),
+    ("nb01-guided", guided_solution, lambda I, p, r, eps: p, "Check a = cov(I, p)"),
+    ("nb04-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
+    ("nb05-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
+     "ratio of the total errors"),
+    ("nb06-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
+    ("nb07-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
+])
+def test_chapter_checks(label, solution, mistake, hint, capsys):
+    assert check(label, solution), capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
+    assert not check(label, mistake)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and hint in out, out
