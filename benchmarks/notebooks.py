@@ -1,0 +1,77 @@
+"""How long each notebook takes in the fast profile, starting from nothing: no trained runs, no decode cache.
+
+Each notebook runs alone (nbclient, a fresh kernel) in its own empty working folder with its own empty
+``ROBUSTMED_CACHE``, so that no notebook profits from another's runs, as on an attendee's fresh laptop or Colab
+runtime. The package and the committed results are found through the installed package. Reports the wall time
+of each notebook and its three slowest cells. Run it on an otherwise idle machine.
+
+Usage: python benchmarks/notebooks.py [--notebooks 00 02] [--timeout 1200]
+Writes benchmarks/results/notebooks_cpu.json (or _gpu).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_notebook(path: Path, timeout: int) -> dict:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    with tempfile.TemporaryDirectory() as work:
+        os.environ["ROBUSTMED_CACHE"] = str(Path(work) / "cache")
+        os.environ.setdefault("ROBUSTMED_PROFILE", "fast")
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=True,
+                                resources={"metadata": {"path": work}})
+        start = time.perf_counter()
+        client.execute()
+        seconds = time.perf_counter() - start
+    cells = []
+    for index, cell in enumerate(nb.cells):
+        timing = cell.get("metadata", {}).get("execution", {})
+        if cell.cell_type == "code" and "iopub.execute_input" in timing and "shell.execute_reply" in timing:
+            began, ended = (datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                            for k in ("iopub.execute_input", "shell.execute_reply"))
+            cells.append({"cell": index, "seconds": round((ended - began).total_seconds(), 1),
+                          "first_line": cell.source.splitlines()[0][:80] if cell.source else ""})
+    slowest = sorted(cells, key=lambda c: -c["seconds"])[:3]
+    return {"notebook": path.name, "seconds": round(seconds, 1), "slowest_cells": slowest}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--notebooks", nargs="*", default=None, help="number prefixes, e.g. 00 02 (default: all)")
+    parser.add_argument("--timeout", type=int, default=1200, help="per cell, seconds")
+    args = parser.parse_args()
+
+    import torch
+    from tqdm import tqdm
+
+    from robustmed_lite.runinfo import environment_info
+
+    paths = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    if args.notebooks:
+        paths = [p for p in paths if p.name[:2] in args.notebooks]
+    rows = []
+    for path in tqdm(paths, desc="notebooks", unit="nb"):
+        rows.append(run_notebook(path, args.timeout))
+        print(f"{path.name}: {rows[-1]['seconds']:.0f} s", flush=True)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    out = ROOT / "benchmarks" / "results" / f"notebooks_{device}.json"
+    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "profile": os.environ["ROBUSTMED_PROFILE"],
+              "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment_info(), "notebooks": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
