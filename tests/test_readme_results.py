@@ -36,14 +36,26 @@ FIDELITY_ROWS = {
     "`awp` with warm-up - `trades`": "awp+warmup", "`awp` with gamma 1e-3 - `trades`": "awp+gamma1e-3"}
 
 
-def test_the_fidelity_table_quotes_the_committed_effects():
-    effects = pd.read_csv(ROOT / "results/fidelity/cpu/effects.csv").set_index(["row", "metric"])
-    rows = _table_after("**The committed measurement** (`results/fidelity/cpu/table.md`")
-    assert [r[0] for r in rows] == list(FIDELITY_ROWS)
-    for label, ensemble, clean in rows:
-        for cell, metric in ((ensemble, "ensemble_train_eps"), (clean, "clean_accuracy")):
+PHANTOM_ROWS = {label: row for label, row in FIDELITY_ROWS.items()
+                if row in ("cap", "robustmed", "robustmed-proxy_optimizer", "robustmed+weight_feedback",
+                           "robustmed+prior_samples")}
+
+
+@pytest.mark.parametrize("results, marker, labels, metrics", [
+    ("results/fidelity/cpu", "**The committed measurement** (`results/fidelity/cpu/table.md`", FIDELITY_ROWS,
+     ("ensemble_train_eps", "clean_accuracy")),
+    ("results/fidelity/cpu-phantom", "**On the phantom** (`results/fidelity/cpu-phantom/table.md`", PHANTOM_ROWS,
+     ("ensemble_train_eps", "pgd10_train_eps", "clean_accuracy")),
+], ids=["soares", "phantom"])
+def test_the_fidelity_tables_quote_the_committed_effects(results, marker, labels, metrics):
+    effects = pd.read_csv(ROOT / results / "effects.csv").set_index(["row", "metric"])
+    rows = _table_after(marker)
+    assert [r[0] for r in rows] == list(labels)
+    for label, *cells in rows:
+        assert len(cells) == len(metrics), label
+        for cell, metric in zip(cells, metrics):
             quoted = [float(v) for v in INTERVAL.search(cell).groups()]
-            measured = effects.loc[(FIDELITY_ROWS[label], metric), ["gain_mean", "gain_ci_low", "gain_ci_high"]]
+            measured = effects.loc[(labels[label], metric), ["gain_mean", "gain_ci_low", "gain_ci_high"]]
             assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
 
 
