@@ -215,6 +215,8 @@ def _check_defence(name) -> str:
     if name not in LOSSES:
         raise NotYet(f"no loss {name!r} is registered: decorate your function with @register_loss({name!r}, "
                      "needs_attack=True) and run that cell")
+    if _unfinished(LOSSES[name]):
+        raise NotYet(f"{name!r} is registered, but its body is still `...`: replace the `...` with the loss")
     with tempfile.TemporaryDirectory() as run_dir:  # a throw-away run: the check trains one step
         cfg = load_config("cpu-demo", dict(method="trades", loss=name, img_size=32, n_train=64, n_val=32, n_test=32,
                                            batch_size=32, epochs=1, eval_n=16, attack_steps=2, eval_attack_steps=2,
