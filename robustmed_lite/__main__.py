@@ -255,6 +255,25 @@ def _data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bookruns(args: argparse.Namespace) -> int:
+    from . import bookruns
+
+    if args.action == "regenerate":
+        manifest = bookruns.regenerate(progress=not args.quiet)
+        for name, run in manifest["runs"].items():
+            print(f"{name}: {run['megabytes']} MB, trained in {run['train_minutes']} min; test clean "
+                  f"{run['float16']['test_clean']:.3f}, PGD {run['float16']['test_pgd']:.3f} (float16 weights)")
+        print(f"wrote {bookruns.manifest_path()}")
+        return 0
+    problems = bookruns.check(retrain=args.retrain, progress=not args.quiet)
+    for line in problems:
+        print(f"FAIL {line}")
+    retrained = f"; retrained: {', '.join(args.retrain)}" if args.retrain else ""
+    print(f"{len(bookruns.METHODS)} shipped runs checked{retrained}: "
+          f"{'all within tolerance' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .experiments import compare_methods
 
@@ -412,6 +431,14 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", parents=[common], help="is this machine ready for the notebooks? a short "
                                                              "pass/fail report to paste")
     doctor.set_defaults(run=_doctor)
+
+    book = sub.add_parser("bookruns", parents=[common], help="the fast-profile runs shipped for the notebooks: "
+                                                             "regenerate them, or check them against their record")
+    book.add_argument("action", choices=("regenerate", "check"))
+    book.add_argument("--retrain", nargs="*", default=[], metavar="METHOD",
+                      help="check: also train these methods again and compare (e.g. --retrain erm)")
+    book.add_argument("--quiet", action="store_true")
+    book.set_defaults(run=_bookruns)
 
     data = sub.add_parser("data", help="get the real CT sets (data fetch sarscov2|ucsd --dest DIR)")
     data_sub = data.add_subparsers(dest="action", required=True)

@@ -53,6 +53,8 @@ CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
 # What each use of a checkpoint reads from it.
 MODEL_KEYS = ("model", "config")
 RESUME_KEYS = ("model", "config", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best")
+# A finished run restored from a shipped one (``bookruns``) has no optimizer state: it can be loaded, not continued.
+RESTORED_KEYS = ("model", "config", "epoch", "history", "best")
 MIN_EVAL_PER_CLASS = 10  # fewer images of a class in a validation or test split give meaningless rates
 
 
@@ -262,11 +264,17 @@ class Trainer:
                                   "or choose another --out_dir")
         if not resume:
             return None
-        state = load_checkpoint(self.run_dir / "last.pt", required=RESUME_KEYS)
+        state = load_checkpoint(self.run_dir / "last.pt", required=RESTORED_KEYS)
         changed = config_differences(state["config"], self.cfg)
         if changed:
             raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
                              "mix two configs; choose another --out_dir")
+        if not state.get("restored"):
+            load_checkpoint(self.run_dir / "last.pt", required=RESUME_KEYS)  # says which keys are missing
+        elif state["epoch"] < self.cfg.epochs:
+            raise CheckpointError(f"{self.run_dir / 'last.pt'} is a restored run without optimizer state, stopped "
+                                  f"at epoch {state['epoch']} of {self.cfg.epochs}: it cannot be continued. Fix: "
+                                  "train the run from scratch in another --out_dir")
         return state
 
     def _write_run_dir(self) -> None:
@@ -448,6 +456,9 @@ class Trainer:
 
     def _load_last(self, state: dict) -> None:
         _load_weights(self.model, state, self.run_dir / "last.pt")
+        self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        if state.get("restored"):  # finished: nothing to continue, so no optimizer state to load
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.weight_noise is not None and "weight_noise" in state:
@@ -455,7 +466,6 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if self.cuda and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -10,7 +10,9 @@ and every starter through it). The solutions themselves live in the notebooks, f
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
+import numbers
 import tempfile
 import textwrap
 import traceback
@@ -237,6 +239,42 @@ def _check_defence(name) -> str:
     return f"the Trainer took a step with {name!r} (loss {stats['loss']:.3f}); train it with --loss {name} as well"
 
 
+def _history_case():
+    """A run's per-epoch log: validation PGD accuracy ties at epochs 4 and 6 (robust overfitting after that), the
+    best clean epoch is 5, and a test column, logged for the report, peaks at epoch 7."""
+    import pandas as pd
+
+    return pd.DataFrame({"epoch": range(1, 9),
+                         "train_loss": [0.69, 0.61, 0.55, 0.50, 0.46, 0.43, 0.40, 0.38],
+                         "val_clean": [0.60, 0.70, 0.74, 0.78, 0.83, 0.80, 0.81, 0.82],
+                         "val_robust": [0.30, 0.38, 0.41, 0.47, 0.44, 0.47, 0.45, 0.43],
+                         "test_robust": [0.31, 0.37, 0.40, 0.44, 0.45, 0.46, 0.49, 0.42]})
+
+
+@exercise("nb03-select", "the checkpoint a robust run keeps: the first epoch with the best validation PGD accuracy")
+def _check_select(select_epoch) -> str:
+    history = _history_case()
+    got = select_epoch(history.copy())
+    if not isinstance(got, numbers.Real) or not float(got).is_integer():
+        raise NotYet(f"return one epoch number, got a {type(got).__name__}: the value in the `epoch` column of the "
+                     "chosen row")
+    got = int(got)
+    mistakes = {
+        8: "that is the last epoch: a run keeps the epoch with the best val_robust (best_robust.pt), and robust "
+           "overfitting often puts it well before the end",
+        7: "epoch 7 has the best test_robust: the test split must choose nothing, or its accuracy is no longer an "
+           "estimate for new patients. Choose on val_robust",
+        5: "epoch 5 has the best val_clean, ERM's choice (best_clean.pt); the robust methods choose on val_robust",
+        6: "epochs 4 and 6 tie on val_robust, and the trainer keeps the first: it saves a checkpoint only on a "
+           "strict improvement (`>` in Trainer._save_epoch)",
+        3: "3 is the row's 0-based position: return the value of its `epoch` column, which counts from 1",
+    }
+    if got == 4:
+        return "epoch 4, as best_robust.pt holds; the test split stays unused until the report"
+    raise NotYet(mistakes.get(got, f"epoch {got} does not have the highest val_robust: take the row with the "
+                                        "largest val_robust (the first one on ties) and return its epoch"))
+
+
 # ------------------------------------------------------------------------------ chapters 00, 01, 04-07
 def _compare(got, expected, what: str, atol: float = 1e-5):
     got = torch.as_tensor(got, dtype=torch.float64)
@@ -266,6 +304,29 @@ def _check_window(to_unit) -> str:
                      f"{float(ends[1]):.3f}")
     return ("air (-1000 HU) is 0.233 in the lung window and 0 in the soft-tissue one: the window decides what a "
             "model sees")
+
+
+@exercise("nb00-noise", "a site's image noise in grey levels of 255, to set beside the attack budgets")
+def _check_noise(noise_255) -> str:
+    from .phantom import SITES
+
+    for site in SITES.values():
+        expected = site.noise_hu / site.width * 255
+        got = float(noise_255(site.noise_hu, site.width))
+        if abs(got - expected) < 1e-6:
+            continue
+        what = f"site {site.name} (noise {site.noise_hu:g} HU, window width {site.width:g} HU)"
+        if abs(got - expected / 255) < 1e-9:
+            raise NotYet(f"{what}: {got:.4f} is on the [0, 1] scale; multiply by 255 to compare it with budgets "
+                         "written as k/255")
+        if abs(got - 2 * expected) < 1e-6:
+            raise NotYet(f"{what}: the window spreads its whole width W over the 255 grey levels, not W/2: one HU "
+                         "is 255 / W grey levels")
+        raise NotYet(f"{what}: expected {expected:.2f} grey levels, got {got:.2f}. The window maps W HU onto 255 "
+                     "grey levels, so noise_hu HU become noise_hu / W * 255")
+    a, b, c = (s.noise_hu / s.width * 255 for s in (SITES["A"], SITES["B"], SITES["C"]))
+    return (f"site A {a:.1f}/255, B {b:.1f}/255, C {c:.1f}/255 per pixel: the attacks of notebook 02 (0.5-8/255) "
+            "are the size of the scanner's own noise, but aimed instead of random")
 
 
 def _box_case():
@@ -326,6 +387,39 @@ def _check_pointing(hits) -> str:
     return f"{int(expected.sum())} of {len(expected)} maps point inside: the score counts peaks, not mass"
 
 
+@exercise("nb04-ratio", "the lung-attention ratio: the share of each map's mass inside its mask")
+def _check_ratio(lung_ratio) -> str:
+    from .explain import mass_ratio
+
+    gen = torch.Generator().manual_seed(9)
+    maps = 3 * torch.rand(6, 1, 10, 10, generator=gen) ** 2  # not normalised: the ratio must divide by the mass
+    masks = torch.zeros(6, 1, 10, 10, dtype=torch.bool)
+    masks[:, :, 2:8, 1:5] = True
+    masks[4] = False  # a slice where no lung was found
+    maps[5] = 0.0  # a map with no mass
+    expected = mass_ratio(maps, masks)
+    got = lung_ratio(maps.clone(), masks.clone())
+    if _compare(got, expected, "the ratios (one per map)"):
+        return f"ratios {', '.join(f'{r:.2f}' for r in expected.tolist())}: NaN where there is nothing to measure"
+    got = torch.as_tensor(got, dtype=torch.float64)
+    valid = expected.isfinite()
+    inside = (maps * masks).flatten(1).sum(1).double()
+    if torch.allclose(got[valid], inside[valid], atol=1e-4):
+        raise NotYet("that is the mass inside the mask, not its share: divide by each map's total mass (these maps "
+                     "are not normalised)")
+    mean_inside = inside / masks.flatten(1).sum(1).clamp(min=1)
+    if torch.allclose(got[valid], mean_inside[valid], atol=1e-4):
+        raise NotYet("that is the map's mean value inside the mask: the ratio is the mass inside divided by the "
+                     "map's total mass")
+    if torch.allclose(got[valid], expected[valid].double(), atol=1e-5):
+        why = {4: "image 4 has an empty mask (no lung found)", 5: "image 5 is a map with no mass"}
+        wrong = "; ".join(why[i] for i in (4, 5) if not got[i].isnan())
+        raise NotYet(f"right wherever a ratio exists, but {wrong}: there the ratio is undefined, so return NaN, "
+                     "and the means (nanmean) leave the slice out instead of counting it as 0")
+    raise NotYet(f"expected {[round(r, 3) for r in expected.tolist()]}, got {[round(r, 3) for r in got.tolist()]}: "
+                 "per map, the sum of the map inside the mask divided by the map's sum")
+
+
 @exercise("nb05-mce", "the mean corruption error against a reference model (Hendrycks and Dietterich 2019)")
 def _check_mce(mce) -> str:
     errors = {"noise": [0.10, 0.20, 0.40], "blur": [0.05, 0.10, 0.20], "window": [0.30, 0.50, 0.60]}
@@ -340,6 +434,72 @@ def _check_mce(mce) -> str:
                      "severities), then the mean of those ratios, so that no corruption dominates")
     raise NotYet(f"expected {expected:.4f}, got {float(got):.4f}: for each corruption, sum the errors over the "
                  "severities and divide by the reference's sum; then average over the corruptions")
+
+
+def _corruption_case():
+    """A long table as ``ood.corruption_table`` returns it, less its family column: three models, their clean rows
+    (severity 0) and six corruptions of three families at severities 1-5."""
+    import pandas as pd
+
+    gen = torch.Generator().manual_seed(10)
+    rows = []
+    for model, clean in (("erm", 0.92), ("trades", 0.81), ("robustmed", 0.84)):
+        rows.append({"model": model, "corruption": "clean", "severity": 0, "accuracy": clean, "n": 200})
+        for corruption in ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "low_dose", "ring"):
+            drops = (0.06 * torch.rand(5, generator=gen, dtype=torch.float64)).cumsum(0)  # worse with severity
+            rows += [{"model": model, "corruption": corruption, "severity": s, "accuracy": round(clean - d, 3),
+                      "n": 200} for s, d in enumerate(drops.tolist(), 1)]
+    return pd.DataFrame(rows)
+
+
+@exercise("nb05-family", "the mean corruption accuracy per model and corruption family")
+def _check_family(family_means) -> str:
+    import pandas as pd
+
+    from .corruptions import FAMILY_OF
+
+    table = _corruption_case()
+    expected = (table[table["severity"] > 0].assign(family=table["corruption"].map(FAMILY_OF))
+                .groupby(["model", "family"])["accuracy"].mean().unstack())
+    try:
+        got = family_means(table.copy())
+    except KeyError as err:
+        if "family" not in str(err):
+            raise
+        raise NotYet("this table has no `family` column: map each corruption to its family with FAMILY_OF, e.g. "
+                     "table['corruption'].map(FAMILY_OF)") from None
+    if isinstance(got, pd.DataFrame) and {"model", "family", "accuracy"} <= set(got.columns):  # the long form
+        got = got.set_index(["model", "family"])["accuracy"]
+    if isinstance(got, pd.Series) and got.index.nlevels == 2:
+        got = got.unstack()
+    if isinstance(got, pd.Series) and set(got.index) <= set(FAMILY_OF.values()) | {"clean"}:
+        raise NotYet("one number per family, with the models averaged together: group by model and family")
+    if not isinstance(got, pd.DataFrame):
+        raise NotYet(f"return a DataFrame with one row per model and one column per family (as by_family above), "
+                     f"got {type(got).__name__}")
+    if set(got.index) <= set(FAMILY_OF.values()):  # grouped by family, then model: the same numbers, transposed
+        got = got.T
+    if set(got.columns) & set(FAMILY_OF):
+        raise NotYet("the columns are corruptions: map each corruption to its family (FAMILY_OF), then average over "
+                     "all the family's corruptions and severities")
+    if "clean" in got.columns:
+        raise NotYet("there is a column for the clean rows: leave out severity 0 (the clean images), which belongs "
+                     "to no family")
+    missing = sorted(set(expected.index) - set(got.index))
+    if missing:
+        raise NotYet(f"no row for {', '.join(missing)}: one row per model of the table "
+                     f"({', '.join(sorted(expected.index))})")
+    if set(got.columns) != set(expected.columns) or set(got.index) != set(expected.index):
+        raise NotYet(f"expected the models {sorted(expected.index)} as rows and the families "
+                     f"{sorted(expected.columns)} as columns; got {sorted(map(str, got.index))} and "
+                     f"{sorted(map(str, got.columns))}")
+    got = got.loc[expected.index, expected.columns].to_numpy(dtype=float, copy=True)
+    if _compare(got, expected.to_numpy(copy=True), "the table"):
+        worst = expected.mean().idxmin()
+        return (f"{len(expected)} models x {len(expected.columns)} families; {worst} costs the most here, which one "
+                "mean over all corruptions would hide")
+    raise NotYet("the means differ: per model and family, average the accuracy over every corruption of the family "
+                 "and every severity 1-5, leaving the clean rows (severity 0) out")
 
 
 @exercise("nb06-interval", "a paired 95% t-interval of the per-seed differences")
@@ -362,6 +522,44 @@ def _check_interval(paired_interval) -> str:
                  "differences a[i] - b[i] plus and minus t(0.975, n - 1) * their standard deviation / sqrt(n)")
 
 
+def _seeds_for(sd: float, half_width: float, quantile: Callable) -> int:
+    """The smallest n >= 2 with quantile(n) * sd / sqrt(n) <= half_width."""
+    n = 2
+    while quantile(n) * sd / n ** 0.5 > half_width:
+        n += 1
+    return n
+
+
+@exercise("nb06-seeds", "how many seeds a 95% t-interval of a given half-width needs")
+def _check_seeds(seeds_needed) -> str:
+    from scipy import stats
+
+    def t(n):
+        return stats.t.ppf(0.975, n - 1)
+
+    # (0.02, 0.02) tells t from 1.96, from n degrees of freedom and from the one-sided quantile (7, 4, 6 and 5
+    # seeds); (0.01, 0.1) needs only the floor of two seeds
+    for sd, half_width in ((0.02, 0.02), (0.03, 0.02), (0.01, 0.1)):
+        expected, got = _seeds_for(sd, half_width, t), seeds_needed(sd, half_width)
+        if got == expected:
+            continue
+        what = f"sd {sd:g}, half-width {half_width:g}: expected {expected} seeds, got {got}"
+        if got < 2:
+            raise NotYet(f"{what}. Start at 2: one seed has no standard deviation, so no interval")
+        if got == _seeds_for(sd, half_width, lambda n: 1.96):
+            raise NotYet(f"{what}. 1.96 is the normal quantile; with few seeds the t quantile is larger (4.30 at "
+                         "n = 3, 2.45 at n = 7): use scipy.stats.t.ppf(0.975, n - 1)")
+        if got == _seeds_for(sd, half_width, lambda n: stats.t.ppf(0.975, n)):
+            raise NotYet(f"{what}. The t quantile has n - 1 degrees of freedom, not n: the mean uses up one")
+        if got == _seeds_for(sd, half_width, lambda n: stats.t.ppf(0.95, n - 1)):
+            raise NotYet(f"{what}. 0.95 is the one-sided quantile; a two-sided 95% interval leaves 2.5% on each "
+                         "side: t.ppf(0.975, n - 1)")
+        raise NotYet(f"{what}: the smallest n >= 2 with t(0.975, n - 1) * sd / sqrt(n) <= half_width")
+    three = t(3) * 0.03 / 3 ** 0.5
+    return (f"sd 0.03 needs {_seeds_for(0.03, 0.02, t)} seeds for ±0.02; three seeds give ±{three:.3f}, wider than "
+            "the 3.4-point gain the paper claims")
+
+
 @exercise("nb07-ece", "the expected calibration error with 15 equal-width bins")
 def _check_ece(ece) -> str:
     from .shortcuts import expected_calibration_error
@@ -376,3 +574,55 @@ def _check_ece(ece) -> str:
         return f"ECE {expected:.3f}: this model says 'sure' more often than it is right"
     raise NotYet(f"expected {expected:.4f}, got {got:.4f}: bin the confidence (the larger probability) into 15 "
                  "equal bins on [0, 1]; per bin take |accuracy - mean confidence|, weighted by the bin's share")
+
+
+def _adabn_case():
+    """A seeded CNN with two BatchNorm layers and a Dropout between them, whose source statistics and affine
+    parameters differ from anything the target batch gives, and a brighter target batch."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    gen = torch.Generator().manual_seed(11)
+    return model.eval(), 0.3 + 0.5 * torch.rand(32, 1, 12, 12, generator=gen)
+
+
+@exercise("nb07-adabn", "AdaBN: BatchNorm statistics re-estimated on the target images, no weight changed")
+def _check_adabn(adabn) -> str:
+    from .adapt import adabn as reference_adabn
+
+    model, x = _adabn_case()
+    source = copy.deepcopy(model)
+    reference = reference_adabn(source, x, batch_size=len(x))  # one pass over the whole target batch
+    adapted = adabn(model, x.clone())
+    if not isinstance(adapted, nn.Module):
+        raise NotYet(f"return the adapted model, got {type(adapted).__name__}")
+    if any(m.training for m in adapted.modules()):
+        raise NotYet("the model comes back in train mode: BatchNorm would then normalise every test batch with "
+                     "that batch's own statistics. Return model.eval()")
+    changed = [name for name, p in adapted.named_parameters() if not torch.equal(p, source.get_parameter(name))]
+    if changed:
+        raise NotYet(f"the weights {', '.join(changed)} changed: AdaBN only re-estimates the running statistics "
+                     "(no loss, no optimizer step)")
+    layers = [(adapted[i], reference[i], source[i]) for i in (1, 5)]
+    right = [torch.allclose(a.running_mean, r.running_mean, atol=1e-5) and
+             torch.allclose(a.running_var, r.running_var, atol=1e-5) for a, r, _ in layers]
+    if all(right):
+        return "both BatchNorm layers now normalise with the target's statistics; every weight is the source's"
+    unmeasured = [torch.equal(a.running_mean, s.running_mean) or not a.running_mean.any() for a, _, s in layers]
+    if all(unmeasured):  # the source's statistics, or reset ones that no pass has filled
+        raise NotYet("the running statistics were not measured on the target: BatchNorm updates them only in "
+                     "train mode, so put the BatchNorm layers in train mode for the pass")
+    if right[0]:
+        raise NotYet("the first BatchNorm is right, the second is not: put only the BatchNorm layers in train "
+                     "mode. A Dropout in train mode drops units during the pass, and the next BatchNorm then "
+                     "measures features the eval-mode model never produces")
+    raise NotYet("the running statistics are not the target batch's: reset them (bn.reset_running_stats()) and "
+                 "set bn.momentum = None, so that one pass replaces the source's statistics; with the default "
+                 "momentum 0.1 they keep 90% of the source's")

@@ -36,6 +36,17 @@ def test_notebook_conventions(path):
     assert f"notebooks/{path.stem}" in BOOK_TOC.read_text(), "the notebook is in the book"
 
 
+CODE_COLUMNS = 88  # the rendered book shows this many columns of a code cell without a sideways scroll
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_code_wraps_at_88_columns(path):
+    nb = nbformat.read(path, as_version=4)
+    long = [f"cell {i}: {line[:60]}... ({len(line)})" for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+            for line in cell.source.splitlines() if len(line) > CODE_COLUMNS]
+    assert not long, f"{len(long)} code lines are wider than {CODE_COLUMNS} columns:\n" + "\n".join(long)
+
+
 WORKFLOWS = ROOT / ".github" / "workflows"
 
 

@@ -162,3 +162,124 @@ def test_chapter_checks(label, solution, mistake, hint, capsys):
     assert not check(label, mistake)
     out = capsys.readouterr().out
     assert out.startswith(f"{NOT_YET}: ") and hint in out, out
+
+
+# ---------------------------------------------------------------- the second exercise of chapters 00, 03-07
+def noise_solution(noise_hu, width):
+    return noise_hu / width * 255
+
+
+def select_solution(history):
+    return int(history.loc[history["val_robust"].idxmax(), "epoch"])
+
+
+def ratio_solution(maps, masks):
+    inside, total = (maps * masks).flatten(1).sum(1), maps.flatten(1).sum(1)
+    return torch.where(masks.flatten(1).any(1), inside / total, torch.nan)
+
+
+def family_solution(table):
+    from robustmed_lite.corruptions import FAMILY_OF
+    corrupted = table[table["severity"] > 0]
+    return corrupted.groupby(["model", corrupted["corruption"].map(FAMILY_OF).rename("family")])[
+        "accuracy"].mean().unstack()
+
+
+def seeds_solution(sd, half_width):
+    from scipy import stats
+    n = 2
+    while stats.t.ppf(0.975, n - 1) * sd / n ** 0.5 > half_width:
+        n += 1
+    return n
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def adabn_solution(model, x_target):
+    model.eval()
+    for bn in _batchnorms(model):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        model(x_target)
+    return model.eval()
+
+
+def adabn_whole_model_in_train_mode(model, x_target):
+    for bn in _batchnorms(model):
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        model.train()(x_target)
+    return model
+
+
+def adabn_not_reset(model, x_target):
+    for bn in _batchnorms(model):
+        bn.train()
+    with torch.no_grad():
+        model(x_target)
+    return model.eval()
+
+
+def adabn_optimizer_step(model, x_target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = adabn_solution(model, x_target)(x_target)
+    (-(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()).backward()
+    optimizer.step()
+    return model
+
+
+def adabn_eval_mode_pass(model, x_target):
+    with torch.no_grad():
+        model.eval()(x_target)
+    return model
+
+
+@pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / width, "multiply by 255"),
+    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / (width / 2) * 255, "not W/2"),
+    ("nb03-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
+    ("nb03-select", select_solution, lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
+     "the test split must choose nothing"),
+    ("nb03-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
+    ("nb03-select", select_solution, lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
+     "keeps the first"),
+    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
+    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
+     "image 4 has an empty mask"),
+    ("nb05-family", family_solution, lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])[
+        "accuracy"].mean().unstack(), "the columns are corruptions"),
+    ("nb05-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
+    ("nb05-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
+    ("nb05-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
+    ("nb06-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
+     "1.96 is the normal quantile"),
+    ("nb06-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
+    ("nb07-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
+    ("nb07-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
+     "put only the BatchNorm layers in train mode"),
+    ("nb07-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
+    ("nb07-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
+    ("nb07-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
+])
+def test_second_chapter_checks(label, solution, mistake, hint, capsys):
+    assert check(label, solution), capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
+    assert not check(label, mistake)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize("label", ["nb00-noise", "nb03-select", "nb04-ratio", "nb05-family", "nb06-seeds",
+                                   "nb07-adabn"])
+def test_second_chapter_starters(label, capsys):
+    def starter(*args):
+        ...
+
+    assert not check(label, starter)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and "replace the `...`" in out and out.count("\n") == 1
