@@ -147,24 +147,28 @@ def restore(cfg: TrainConfig, folder: str | Path | None = None) -> bool:
     return True
 
 
-def _metrics(model, trainer) -> dict:
-    """Clean and PGD accuracy on the run's test split, PGD as the run validates (seeded)."""
+def test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's prepared test split (``build_data(cfg).test``), without building its training data."""
+    from .preprocess import prepare
+    from .trainer import raw_test_split
+
+    images, labels = raw_test_split(cfg)
+    return prepare(images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)[0], labels
+
+
+def measure(run_dir: str | Path, cfg: TrainConfig, test=None) -> dict:
+    """Clean and PGD accuracy of a run folder's selected checkpoint (``experiments.selected_checkpoint_name``)
+    on its test split, PGD as the run validates (``trainer.validation_attack``)."""
     from .evaluate import accuracy, adversarial_examples
-
-    x, y = trainer.data.test
-    adv = adversarial_examples(model, trainer.val_attack, x, y)
-    return {"test_clean": round(accuracy(model, x, y), 4), "test_pgd": round(accuracy(model, adv, y), 4),
-            "n_test": len(y)}
-
-
-def measure(run_dir: str | Path, trainer) -> dict:
-    """The recorded metrics of a run folder's selected checkpoint (``experiments.selected_checkpoint_name``)."""
     from .experiments import selected_checkpoint_name
-    from .trainer import model_from_checkpoint
+    from .trainer import model_from_checkpoint, validation_attack
 
-    name = selected_checkpoint_name(trainer.cfg.method)
+    name = selected_checkpoint_name(cfg.method)
     model, _ = model_from_checkpoint(Path(run_dir) / name, "cpu")
-    return {"checkpoint": name, **_metrics(model, trainer)}
+    x, y = test if test is not None else test_split(cfg)
+    adv = adversarial_examples(model, validation_attack(cfg), x, y)
+    return {"checkpoint": name, "test_clean": round(accuracy(model, x, y), 4),
+            "test_pgd": round(accuracy(model, adv, y), 4), "n_test": len(y)}
 
 
 def regenerate(methods=METHODS, out_dir: str | Path = SHIPPED_DIR, progress: bool = True) -> dict:
@@ -190,8 +194,8 @@ def regenerate(methods=METHODS, out_dir: str | Path = SHIPPED_DIR, progress: boo
             runs[name] = {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
                           "megabytes": round(file.stat().st_size / 2**20, 2),
                           "train_minutes": round((time.time() - began) / 60, 2),
-                          "float32": measure(trainer.run_dir, trainer),
-                          "float16": measure(restored.run_dir(), trainer)}
+                          "float32": measure(trainer.run_dir, trainer.cfg, trainer.data.test),
+                          "float16": measure(restored.run_dir(), trainer.cfg, trainer.data.test)}
     manifest = {"preset": PRESET, "seed": SEED, "command": REGENERATE, "tolerance": TOLERANCE,
                 "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minutes": round((time.time() - start) / 60, 2),
                 "environment": environment_info(), "runs": runs}
@@ -212,7 +216,7 @@ def check(retrain=(), progress: bool = False) -> list[str]:
     if not manifest_path().exists():
         return [f"{manifest_path()} does not exist. Fix: {REGENERATE}"]
     manifest = json.loads(manifest_path().read_text())
-    problems = []
+    problems, test = [], None
     with tempfile.TemporaryDirectory() as work:
         for method in METHODS:
             name = run_name(method)
@@ -229,11 +233,12 @@ def check(retrain=(), progress: bool = False) -> list[str]:
                 problems.append(f"{name}: its config differs from the current {PRESET!r} preset, so the notebooks "
                                 f"would train instead of restoring it. Fix: {REGENERATE}")
                 continue
-            trainer = train_or_load(method, PRESET, root=f"{work}/restored", seed=SEED, progress=False)
-            problems += _compare(f"{name} (shipped weights)", measure(cfg.run_dir(), trainer), entry["float16"])
+            test = test or test_split(cfg)  # the same for every method: the data settings are the preset's
+            problems += _compare(f"{name} (shipped weights)", measure(cfg.run_dir(), cfg, test), entry["float16"])
             if method in retrain:
                 trained = train_or_load(method, PRESET, root=f"{work}/trained", seed=SEED, progress=progress)
-                problems += _compare(f"{name} (trained again)", measure(trained.run_dir, trained), entry["float32"])
+                problems += _compare(f"{name} (trained again)", measure(trained.run_dir, trained.cfg, test),
+                                     entry["float32"])
     return problems
 
 

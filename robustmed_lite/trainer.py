@@ -136,6 +136,12 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
 
 
+def validation_attack(cfg: TrainConfig) -> PGD:
+    """The PGD a run validates with (and ``compare_methods`` tests with): eval_attack_steps at the training eps,
+    step eps/4, seeded with the run."""
+    return PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
+
+
 def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of a config *before* its preparation (crop, standardisation, lung region), at the size the
     preparation starts from (``preprocess.source_size``): what a scanner change acts on. ``prepare`` turns it into
@@ -240,7 +246,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
         make_noise = WEIGHT_NOISE[cfg.weight_noise]  # None for "none"
         self.weight_noise = make_noise(self.model, cfg) if make_noise is not None else None
-        self.val_attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
+        self.val_attack = validation_attack(cfg)
         self._val_robust_idx = None
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
