@@ -24,10 +24,11 @@ demo: setup
 test: pytest book
 
 pytest: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto  # one worker per core (pytest-xdist)
 
 book: setup
 	ROBUSTMED_PROFILE=$${ROBUSTMED_PROFILE:-fast} $(BIN)/jupyter-book build book --warningiserror --keep-going
+	$(BIN)/python book/check_offline.py book/_build/html
 
 bench: setup
 	$(BIN)/python benchmarks/phantom.py

@@ -235,6 +235,45 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+
+    checks = run_checks()
+    print(report(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def _data_fetch(args: argparse.Namespace) -> int:
+    from .fetch import UCSD_ARCHIVE_URL, check_counts, fetch
+
+    root = fetch(args.name, args.dest, url=args.url or UCSD_ARCHIVE_URL)
+    counts = check_counts(args.name, root)
+    held = ", ".join(f"{n} {cls}" for cls, n in counts.items())
+    print(f"{args.name}: {root} holds {held} (the published counts)")
+    print("Point the notebooks and commands at it (in a notebook: os.environ['ROBUSTMED_DATA'] = ...):")
+    print(f"export ROBUSTMED_DATA={root.parent}")
+    return 0
+
+
+def _bookruns(args: argparse.Namespace) -> int:
+    from . import bookruns
+
+    if args.action == "regenerate":
+        manifest = bookruns.regenerate(progress=not args.quiet)
+        for name, run in manifest["runs"].items():
+            print(f"{name}: {run['megabytes']} MB, trained in {run['train_minutes']} min; test clean "
+                  f"{run['float16']['test_clean']:.3f}, PGD {run['float16']['test_pgd']:.3f} (float16 weights)")
+        print(f"wrote {bookruns.manifest_path()}")
+        return 0
+    problems = bookruns.check(retrain=args.retrain, progress=not args.quiet)
+    for line in problems:
+        print(f"FAIL {line}")
+    retrained = f"; retrained: {', '.join(args.retrain)}" if args.retrain else ""
+    print(f"{len(bookruns.METHODS)} shipped runs checked{retrained}: "
+          f"{'all within tolerance' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .experiments import compare_methods
 
@@ -388,6 +427,30 @@ def _parser() -> argparse.ArgumentParser:
     diag.add_argument("--out", default=None, help="write the table as CSV")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(run=_diagnose)
+
+    doctor = sub.add_parser("doctor", parents=[common], help="is this machine ready for the notebooks? a short "
+                                                             "pass/fail report to paste")
+    doctor.set_defaults(run=_doctor)
+
+    book = sub.add_parser("bookruns", parents=[common], help="the fast-profile runs shipped for the notebooks: "
+                                                             "regenerate them, or check them against their record")
+    book.add_argument("action", choices=("regenerate", "check"))
+    book.add_argument("--retrain", nargs="*", default=[], metavar="METHOD",
+                      help="check: also train these methods again and compare (e.g. --retrain erm)")
+    book.add_argument("--quiet", action="store_true")
+    book.set_defaults(run=_bookruns)
+
+    data = sub.add_parser("data", help="get the real CT sets (data fetch sarscov2|ucsd --dest DIR)")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    fetch = data_sub.add_parser("fetch", parents=[common], help="download a real CT set, check its counts and say "
+                                                                "how to point ROBUSTMED_DATA at it")
+    fetch.add_argument("name", choices=("sarscov2", "ucsd"),
+                       help="sarscov2: the Soares set from Kaggle (needs Kaggle credentials); ucsd: UCSD COVID-CT "
+                            "from its GitHub repository, with the official split")
+    fetch.add_argument("--dest", default="~/robustmed-data", help="the data root: the set lands in "
+                                                                 "DEST/sarscov2 or DEST/ucsd_covidct")
+    fetch.add_argument("--url", default=None, help="another address of UCSD's archive (a mirror, or file://)")
+    fetch.set_defaults(run=_data_fetch)
 
     return parser
 

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from .attacks import APGD, FGSM, MIM, PGD, RFGSM, CWLinf
+from .bookruns import REGENERATE, restore
 from .common import format_eps, parse_eps
 from .config import DATA_KEYS, load_config
 from .adapt import adapt as adapt_model
@@ -105,9 +106,10 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", attacks=("fgsm", 
 
 
 def train_or_load(method: str, preset: str = "cpu-demo", root: str = "runs/book", seed: int = 0,
-                  overrides: dict | None = None, progress: bool = True) -> Trainer:
+                  overrides: dict | None = None, progress: bool = True, shipped: bool = False) -> Trainer:
     """Trains a method once and reuses the run afterwards (a finished run trains nothing, an interrupted one
-    resumes), so several notebooks and commands can share the same models.
+    resumes), so several notebooks and commands can share the same models. With ``shipped``, a run the package
+    ships with exactly this config (``bookruns``: the book's fast profile) is restored instead, and says so.
 
     Args:
         method: A method name of ``config.METHODS``.
@@ -116,10 +118,14 @@ def train_or_load(method: str, preset: str = "cpu-demo", root: str = "runs/book"
         seed: Training seed.
         overrides: Further config values.
         progress: Progress bars.
+        shipped: Restore a matching shipped run instead of training it (the notebooks' fast profile).
     """
     values = dict(overrides or {}, method=method, seed=seed, progress=progress,
                   out_dir=str(Path(root) / f"{method}-seed{seed}"))
     cfg = load_config(preset, values)
+    if shipped and restore(cfg):
+        print(f"{method}: restored the shipped {preset} run into {cfg.run_dir()} (float16 weights, trained by "
+              f"`{REGENERATE}`; SHIPPED = False trains it here)")
     trainer = Trainer(cfg, resume=(cfg.run_dir() / "last.pt").exists())
     trainer.fit()
     return trainer
@@ -156,7 +162,8 @@ class SelectedRun:
 
 
 def load_selected(methods, preset: str = "cpu-demo", root: str = "runs/book", seed: int = 0,
-                  overrides: dict | None = None, device=None, progress: bool = False) -> dict[str, SelectedRun]:
+                  overrides: dict | None = None, device=None, progress: bool = False,
+                  shipped: bool = False) -> dict[str, SelectedRun]:
     """Trains or reuses (``train_or_load``) one run per method and loads each run's selected checkpoint: what
     notebooks 03-05 do before they look at the models.
 
@@ -168,13 +175,15 @@ def load_selected(methods, preset: str = "cpu-demo", root: str = "runs/book", se
         overrides: Further config values (e.g. real data and its epochs).
         device: Where the models go (default: the CPU).
         progress: Progress bars while training.
+        shipped: Restore a matching shipped run instead of training it (``bookruns``).
 
     Returns:
         Method -> ``SelectedRun``, in the order given.
     """
     out = {}
     for method in methods:
-        trainer = train_or_load(method, preset, root=root, seed=seed, overrides=overrides, progress=progress)
+        trainer = train_or_load(method, preset, root=root, seed=seed, overrides=overrides, progress=progress,
+                                shipped=shipped)
         path = selected_checkpoint(trainer)
         model, cfg = model_from_checkpoint(path, device or "cpu")
         out[method] = SelectedRun(trainer, model, cfg, path, int(load_checkpoint(path, required=("epoch",))["epoch"]))

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,8 +123,15 @@ def environment_info() -> dict:
     return info
 
 
-def notebook_setup(verbose: bool = True):
+def notebook_setup(verbose: bool = True, fetch=()):
     """What every notebook needs first: the device, the profile and the real-data folder (or None).
+
+    Args:
+        verbose: Print one line with the three.
+        fetch: Real CT sets to download where they are missing, ``"ucsd"`` (public) and ``"sarscov2"`` (Kaggle
+            credentials), as ``python -m robustmed_lite data fetch`` does: into the data folder found, else into
+            ``ROBUSTMED_DATA`` or ``~/robustmed-data``, which ``ROBUSTMED_DATA`` then names. Every notebook's
+            setup cell offers it for Colab.
 
     Returns:
         ``(device, profile, data_dir)``; profile is 'fast' on a CPU and 'full' on a GPU unless
@@ -133,8 +141,17 @@ def notebook_setup(verbose: bool = True):
 
     device = get_device()
     profile = default_profile(device)
+    if fetch:
+        from . import fetch as fetching
+
+        env = os.environ.get("ROBUSTMED_DATA")
+        dest = Path(env).expanduser() if env else find_shared_data() or Path.home() / "robustmed-data"
+        for name in fetch:
+            fetching.fetch(name, dest)
+        os.environ["ROBUSTMED_DATA"] = str(dest)
     data_dir = find_shared_data()
     if verbose:
         name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-        print(f"device: {device} ({name}) | profile: {profile} | real CT: {data_dir or 'not found, phantom only'}")
+        found = data_dir or "not found, phantom only (FETCH = ['ucsd'] in the setup cell downloads UCSD COVID-CT)"
+        print(f"device: {device} ({name}) | profile: {profile} | real CT: {found}")
     return device, profile, data_dir

@@ -53,6 +53,8 @@ CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
 # What each use of a checkpoint reads from it.
 MODEL_KEYS = ("model", "config")
 RESUME_KEYS = ("model", "config", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best")
+# A finished run restored from a shipped one (``bookruns``) has no optimizer state: it can be loaded, not continued.
+RESTORED_KEYS = ("model", "config", "epoch", "history", "best")
 MIN_EVAL_PER_CLASS = 10  # fewer images of a class in a validation or test split give meaningless rates
 
 
@@ -132,6 +134,12 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     dataset = PriorDataset(*train, prior=cfg.prior, hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed,
                            prior_kwargs=prior_kwargs, sites=sites if cfg.site_balanced else None)
     return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
+
+
+def validation_attack(cfg: TrainConfig) -> PGD:
+    """The PGD a run validates with (and ``compare_methods`` tests with): eval_attack_steps at the training eps,
+    step eps/4, seeded with the run."""
+    return PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
 
 
 def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +246,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
         make_noise = WEIGHT_NOISE[cfg.weight_noise]  # None for "none"
         self.weight_noise = make_noise(self.model, cfg) if make_noise is not None else None
-        self.val_attack = PGD(cfg.eps, alpha=cfg.eps / 4, steps=cfg.eval_attack_steps, loss="ce", seed=cfg.seed)
+        self.val_attack = validation_attack(cfg)
         self._val_robust_idx = None
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
@@ -262,11 +270,17 @@ class Trainer:
                                   "or choose another --out_dir")
         if not resume:
             return None
-        state = load_checkpoint(self.run_dir / "last.pt", required=RESUME_KEYS)
+        state = load_checkpoint(self.run_dir / "last.pt", required=RESTORED_KEYS)
         changed = config_differences(state["config"], self.cfg)
         if changed:
             raise ValueError(f"{self.run_dir} holds a run with other settings ({', '.join(changed)}): resuming would "
                              "mix two configs; choose another --out_dir")
+        if not state.get("restored"):
+            load_checkpoint(self.run_dir / "last.pt", required=RESUME_KEYS)  # says which keys are missing
+        elif state["epoch"] < self.cfg.epochs:
+            raise CheckpointError(f"{self.run_dir / 'last.pt'} is a restored run without optimizer state, stopped "
+                                  f"at epoch {state['epoch']} of {self.cfg.epochs}: it cannot be continued. Fix: "
+                                  "train the run from scratch in another --out_dir")
         return state
 
     def _write_run_dir(self) -> None:
@@ -448,6 +462,9 @@ class Trainer:
 
     def _load_last(self, state: dict) -> None:
         _load_weights(self.model, state, self.run_dir / "last.pt")
+        self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        if state.get("restored"):  # finished: nothing to continue, so no optimizer state to load
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.weight_noise is not None and "weight_noise" in state:
@@ -455,7 +472,6 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if self.cuda and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:

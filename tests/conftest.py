@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from robustmed_lite.data import find_shared_data
 
-torch.set_num_threads(2)
+# Two threads, shared out among pytest-xdist's workers (`make test` runs one per core): more threads than cores
+# make every worker slower.
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-BOOK_TOC = Path(__file__).resolve().parents[1] / "book" / "_toc.yml"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+BOOK_TOC = ROOT / "book" / "_toc.yml"
+REPOSITORY = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["repository"]["url"]
 
 
 def test_there_are_notebooks():
@@ -18,10 +21,12 @@ def test_notebook_conventions(path):
     nb = nbformat.read(path, as_version=4)
     first = nb.cells[0]
     assert first.cell_type == "markdown" and "colab-badge.svg" in first.source
-    assert f"blob/main/notebooks/{path.name}" in first.source, "the Colab badge points at this notebook"
+    repo = REPOSITORY.removeprefix("https://github.com/")
+    badge = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{path.name}"
+    assert f"]({badge})" in first.source, f"the Colab badge opens this notebook in this repository: {badge}"
     setup = next(c for c in nb.cells if c.cell_type == "code")
     assert 'find_spec("robustmed_lite") is None' in setup.source, "setup installs the package only if missing"
-    assert "notebook_setup()" in setup.source, "setup reports the device and the profile"
+    assert "notebook_setup(fetch=FETCH)" in setup.source, "setup reports the device and the profile, offers the data"
     assert "PROFILE" in setup.source
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -29,3 +34,32 @@ def test_notebook_conventions(path):
     if any("ipywidgets" in c.source for c in nb.cells if c.cell_type == "code"):
         assert any("static" in c.source.lower() for c in nb.cells), "widgets need a static figure beside them"
     assert f"notebooks/{path.stem}" in BOOK_TOC.read_text(), "the notebook is in the book"
+
+
+CODE_COLUMNS = 88  # the rendered book shows this many columns of a code cell without a sideways scroll
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_code_wraps_at_88_columns(path):
+    nb = nbformat.read(path, as_version=4)
+    long = [f"cell {i}: {line[:60]}... ({len(line)})" for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+            for line in cell.source.splitlines() if len(line) > CODE_COLUMNS]
+    assert not long, f"{len(long)} code lines are wider than {CODE_COLUMNS} columns:\n" + "\n".join(long)
+
+
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def test_the_github_workflows_run_the_readme_commands():
+    test = yaml.safe_load((WORKFLOWS / "test.yml").read_text())
+    pages = yaml.safe_load((WORKFLOWS / "pages.yml").read_text())
+    on_test = test.get("on", test.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert {"push", "pull_request"} <= set(on_test)
+    assert [s["run"] for s in test["jobs"]["test"]["steps"] if "run" in s] == ["make test"]
+    assert "make test" in (ROOT / "README.md").read_text(), "the workflow runs the README's test command"
+    build = pages["jobs"]["build"]["steps"]
+    assert [s["run"] for s in build if "run" in s] == ["make book"]
+    upload = next(s for s in build if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "book/_build/html"
+    assert pages["permissions"] == {"contents": "read", "pages": "write", "id-token": "write"}
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in pages["jobs"]["deploy"]["steps"])

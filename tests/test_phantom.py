@@ -4,10 +4,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from robustmed_lite.bookruns import restore
+from robustmed_lite.config import load_config
 from robustmed_lite.evaluate import accuracy
-from robustmed_lite.models import create_model
 from robustmed_lite.phantom import SITES, make_phantom_dataset
-from robustmed_lite.trainer import fit_erm
+from robustmed_lite.trainer import model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +85,14 @@ def test_unknown_site_and_bad_size():
     assert set(SITES) >= {"A", "B", "C"}
 
 
-@pytest.mark.slow
-def test_class_signal_is_learnable_and_site_shift_is_real():
-    """A small CNN trained about a minute on site A: accurate on held-out A, >= 10 points worse on site B."""
-    torch.manual_seed(0)
-    train = make_phantom_dataset(2000, 64, "A", seed=0)
-    held_a, held_b = make_phantom_dataset(600, 64, "A", seed=1), make_phantom_dataset(600, 64, "B", seed=1)
-    model = create_model("small_cnn")
-    fit_erm(model, train.images, train.labels, epochs=20, progress=False)
+def test_class_signal_is_learnable_and_site_shift_is_real(tmp_path):
+    """The book's ERM run (tiny_visformer, 6 epochs on site A, well under a minute on 2 cores; shipped, and trained
+    again by tests/test_bookruns.py): accurate on site A's test split, >= 10 points worse on the same patients
+    seen by scanner site B."""
+    cfg = load_config("cpu-demo", {"method": "erm", "out_dir": str(tmp_path / "erm")})
+    assert restore(cfg), "the shipped ERM run matches the cpu-demo preset (tests/test_bookruns.py says why not)"
+    model, _ = model_from_checkpoint(cfg.run_dir() / "best_clean.pt")
+    held_a, held_b = make_phantom_dataset(600, 64, "A", seed=2), make_phantom_dataset(600, 64, "B", seed=2)
     acc_a = accuracy(model, held_a.images, held_a.labels)
     acc_b = accuracy(model, held_b.images, held_b.labels)
     assert acc_a > 0.85, f"class signal not learned: {acc_a:.3f} on held-out site A"

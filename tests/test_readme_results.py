@@ -15,9 +15,9 @@ INTERVAL = re.compile(r"([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]")
 PLUS_MINUS = re.compile(r"(\d\.\d{3}) ± (\d\.\d{3})")
 
 
-def _table_after(marker: str) -> list[list[str]]:
+def _table_after(marker: str, document: str = README) -> list[list[str]]:
     """The rows (cells) of the first Markdown table after ``marker``."""
-    text = README[README.index(marker):]
+    text = document[document.index(marker):]
     lines = text[text.index("\n|"):].strip().splitlines()
     rows = []
     for line in lines:
@@ -76,3 +76,28 @@ def test_the_reproduction_table_quotes_the_committed_summary():
             row = table.loc[(name, REPRODUCTION_ROWS[label])]
             assert (mean, half) == pytest.approx((round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)),
                                                  abs=5e-4), (label, name)
+
+
+def _seconds(text: str) -> int:
+    """'1 min 05 s' or '48 s' -> seconds."""
+    match = re.fullmatch(r"(?:(\d+) min )?(\d+) s", text.strip())
+    assert match, f"not a time: {text!r}"
+    return int(match.group(1) or 0) * 60 + int(match.group(2))
+
+
+def test_the_notebook_times_quote_the_benchmark():
+    """The README's per-notebook times are the ones benchmarks/notebooks.py recorded, for both data settings."""
+    import json
+
+    recorded = {data: {row["notebook"]: row["seconds"] for row in json.loads(
+        (ROOT / "benchmarks" / "results" / f"notebooks_cpu_{data}.json").read_text())["notebooks"]}
+        for data in ("phantom", "found")}
+    rows = _table_after("**How long each notebook takes.**")
+    assert [r[0].strip("`") for r in rows] == sorted(recorded["phantom"]), "one row per notebook, in book order"
+    for name, phantom, found in rows:
+        name = name.strip("`")
+        assert _seconds(phantom) == round(recorded["phantom"][name]), name
+        assert _seconds(found) == round(recorded["found"][name]), name
+    guide = _table_after("**How long the notebooks run.**", (ROOT / "book" / "workshop.md").read_text())
+    assert {r[0].strip("`"): _seconds(r[1]) for r in guide} == {
+        name: round(seconds) for name, seconds in recorded["phantom"].items()}, "the instructor guide's times"

@@ -153,12 +153,19 @@ def test_feedback_rules_stop_where_specified():
     iterates = [PGD(8 / 255, alpha=2 / 255, steps=k, loss="kl", random_start="normal", seed=5)(model, x, y)
                 for k in range(1, 9)]
     with torch.no_grad():  # iterate 0 is the start, x + 0.001 N(0,1): wrong there iff wrong on x (checked below)
-        wrong = torch.stack([model(x).argmax(1) != y] + [model(it).argmax(1) != y for it in iterates])
+        logits = torch.stack([model(x)] + [model(it) for it in iterates])
+    wrong = logits.argmax(2) != y
     assert wrong[0].any() and (~wrong[0] & wrong[1:].any(0)).any(), "the model exercises both cases"
+    # Left out, as having no defined answer here: a slice whose logits tie to rounding at some iterate
+    # (FeedbackPGD predicts on the samples still running, a smaller batch whose sums round differently), and one
+    # so near the boundary at x that the random start x + 0.001 N(0,1), which row 0 stands in for, may cross it.
+    margins = (logits[..., 1] - logits[..., 0]).abs()
+    tied = (margins < 1e-4).any(0) | (margins[0] < 0.05)
+    assert tied.sum() <= 3, f"{int(tied.sum())} of {len(y)} slices tie: the case no longer tests the rules"
     for rule in ("fat", "last_correct"):
         attack = FeedbackPGD(8 / 255, alpha=2 / 255, steps=8, loss="kl", rule=rule, seed=5)
         x_adv = attack(model, x, y)
-        for i in range(len(y)):
+        for i in (~tied).nonzero().flatten().tolist():
             k = int(attack.last_steps[i])
             first_wrong = int(wrong[:, i].float().argmax()) if wrong[:, i].any() else None
             if rule == "fat":

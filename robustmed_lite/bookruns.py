@@ -1,0 +1,247 @@
+"""The book's fast-profile runs, shipped with the package so that a notebook on a laptop starts from trained models.
+
+Notebooks 03, 04, 05 and 07 compare models trained with the ``cpu-demo`` preset on the phantom (``runs/book``).
+Training all four on a 2-core CPU takes longer than a workshop can wait for one notebook, so the package carries
+them: each run's checkpoints as float16 weights, its config and its per-epoch log (``bookruns/*.pt``), and what
+the restored weights measure on the phantom test split (``bookruns/manifest.json``).
+
+``experiments.train_or_load(..., shipped=True)`` (what the notebooks call while ``SHIPPED = True``) restores a
+shipped run when it is asked for exactly that config (same method, seed and every training setting) and the run
+folder is empty; it says so in one printed line. Any other config trains, as before, and so does every command
+(``demo``, ``reproduce``, ...), which never passes ``shipped``. A restored run cannot be continued (it carries no
+optimizer state); it can be evaluated and looked at like any finished run.
+
+Regenerate them (about 8 minutes on 2 cores), and check them against what was recorded::
+
+    python -m robustmed_lite bookruns regenerate
+    python -m robustmed_lite bookruns check                # the shipped weights give the recorded metrics
+    python -m robustmed_lite bookruns check --retrain erm  # training again gives them too (within TOLERANCE)
+
+Float16 weights change the logits in their fourth significant digit: the manifest records the metrics of the
+restored (float16) weights and of the float32 weights they came from, and both checks allow ``TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import TrainConfig, load_config
+from .runinfo import environment_info
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "bookruns"
+PRESET = "cpu-demo"
+METHODS = ("erm", "trades", "awp", "robustmed")
+SEED = 0
+# Accuracy on the 600-slice phantom test split, absolute: 0.02 is 12 slices. The same code on the same torch
+# reproduces the recorded numbers exactly; another BLAS or torch version moves a few slices.
+TOLERANCE = 0.02
+REGENERATE = "python -m robustmed_lite bookruns regenerate"
+_CHECKPOINT_NAMES = ("last.pt", "best_clean.pt", "best_robust.pt")
+
+
+def run_name(method: str, seed: int = SEED) -> str:
+    return f"{method}-seed{seed}"
+
+
+def _half(weights: dict) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def _full(weights: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def pack_run(run_dir: str | Path, out: str | Path) -> dict:
+    """Packs a finished run folder into one file: float16 weights of its three checkpoints (one copy per epoch:
+    the best checkpoints are often the last one), its config and its per-epoch log.
+
+    Returns:
+        The packed record (as written).
+    """
+    from .trainer import load_checkpoint
+
+    run_dir = Path(run_dir)
+    states = {name: load_checkpoint(run_dir / name, required=("model", "config", "epoch", "history", "best"))
+              for name in _CHECKPOINT_NAMES}
+    last = states["last.pt"]
+    if last["epoch"] < last["config"]["epochs"]:
+        raise ValueError(f"{run_dir} stopped at epoch {last['epoch']} of {last['config']['epochs']}: only a finished "
+                         "run can be shipped. Fix: resume it first")
+    record = {"config": last["config"], "history": last["history"], "best": last["best"],
+              "epochs": {name: int(s["epoch"]) for name, s in states.items()},
+              "weights": {int(s["epoch"]): _half(s["model"]) for s in states.values()}}
+    torch.save(record, out)
+    return record
+
+
+def manifest_path(folder: str | Path | None = None) -> Path:
+    return Path(folder or SHIPPED_DIR) / "manifest.json"
+
+
+def is_restored(run_dir: str | Path) -> bool:
+    """Whether a run folder was restored from a shipped run rather than trained on this machine."""
+    env = Path(run_dir) / "env.json"
+    return env.exists() and "restored_from" in json.loads(env.read_text())
+
+
+def find_shipped(cfg: TrainConfig, folder: str | Path | None = None) -> Path | None:
+    """The shipped file (in ``folder``, default ``SHIPPED_DIR``) whose config is ``cfg`` up to where it is
+    written and how it is watched, or None."""
+    from .trainer import config_differences, load_checkpoint
+
+    manifest = manifest_path(folder)
+    if not manifest.exists():
+        return None
+    entry = json.loads(manifest.read_text())["runs"].get(run_name(cfg.method, cfg.seed))
+    if entry is None:
+        return None
+    path = manifest.parent / entry["file"]
+    saved = load_checkpoint(path, required=("config",))["config"]
+    return path if not config_differences(saved, cfg) else None
+
+
+def unpack_run(path: str | Path, cfg: TrainConfig, record_note: dict) -> None:
+    """Writes a packed run into ``cfg.run_dir()``: the three checkpoints in float32, config.yaml, env.json
+    (``record_note``: where it came from and what trained it) and the per-epoch log. The last checkpoint is marked
+    ``restored`` and carries no optimizer state."""
+    from .trainer import _append_log, load_checkpoint
+
+    record = load_checkpoint(path, required=("config", "history", "best", "epochs", "weights"))
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = cfg.to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / "env.json").write_text(json.dumps({"seed": cfg.seed, **record_note}, indent=2))
+    for name, epoch in record["epochs"].items():
+        state = {"model": _full(record["weights"][epoch]), "config": config, "epoch": epoch,
+                 "history": record["history"][:epoch], "best": record["best"]}
+        if name == "last.pt":
+            state["restored"] = True  # no optimizer state: finished, not resumable
+        torch.save(state, run_dir / name)
+    for row in record["history"]:
+        _append_log(run_dir, row)
+
+
+def restore(cfg: TrainConfig, folder: str | Path | None = None) -> bool:
+    """Writes the shipped run matching ``cfg`` into ``cfg.run_dir()``, unless that folder already holds a
+    checkpoint (see ``unpack_run``).
+
+    Returns:
+        True if a shipped run matched and was written; False otherwise (nothing is written).
+    """
+    if not cfg._resolved:
+        cfg.resolve()
+    path = find_shipped(cfg, folder)
+    if path is None or any((cfg.run_dir() / name).exists() for name in _CHECKPOINT_NAMES):
+        return False
+    manifest = json.loads(manifest_path(folder).read_text())
+    unpack_run(path, cfg, {"restored_from": f"robustmed_lite/bookruns/{path.name}", "regenerate": REGENERATE,
+                           "trained": manifest["generated"], "environment": manifest["environment"]})
+    return True
+
+
+def test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's prepared test split (``build_data(cfg).test``), without building its training data."""
+    from .preprocess import prepare
+    from .trainer import raw_test_split
+
+    images, labels = raw_test_split(cfg)
+    return prepare(images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)[0], labels
+
+
+def measure(run_dir: str | Path, cfg: TrainConfig, test=None) -> dict:
+    """Clean and PGD accuracy of a run folder's selected checkpoint (``experiments.selected_checkpoint_name``)
+    on its test split, PGD as the run validates (``trainer.validation_attack``)."""
+    from .evaluate import accuracy, adversarial_examples
+    from .experiments import selected_checkpoint_name
+    from .trainer import model_from_checkpoint, validation_attack
+
+    name = selected_checkpoint_name(cfg.method)
+    model, _ = model_from_checkpoint(Path(run_dir) / name, "cpu")
+    x, y = test if test is not None else test_split(cfg)
+    adv = adversarial_examples(model, validation_attack(cfg), x, y)
+    return {"checkpoint": name, "test_clean": round(accuracy(model, x, y), 4),
+            "test_pgd": round(accuracy(model, adv, y), 4), "n_test": len(y)}
+
+
+def regenerate(methods=METHODS, out_dir: str | Path = SHIPPED_DIR, progress: bool = True) -> dict:
+    """Trains every shipped run from scratch, packs it and records what its restored weights measure.
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    from .experiments import train_or_load
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, start = {}, time.time()
+    with tempfile.TemporaryDirectory() as work:
+        for method in methods:
+            began = time.time()
+            trainer = train_or_load(method, PRESET, root=f"{work}/trained", seed=SEED, progress=progress)
+            name = run_name(method)
+            file = out_dir / f"{name}.pt"
+            pack_run(trainer.run_dir, file)
+            restored = load_config(PRESET, {"method": method, "seed": SEED, "out_dir": f"{work}/restored/{name}"})
+            unpack_run(file, restored, {"packed_from": str(trainer.run_dir)})
+            runs[name] = {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                          "megabytes": round(file.stat().st_size / 2**20, 2),
+                          "train_minutes": round((time.time() - began) / 60, 2),
+                          "float32": measure(trainer.run_dir, trainer.cfg, trainer.data.test),
+                          "float16": measure(restored.run_dir(), trainer.cfg, trainer.data.test)}
+    manifest = {"preset": PRESET, "seed": SEED, "command": REGENERATE, "tolerance": TOLERANCE,
+                "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minutes": round((time.time() - start) / 60, 2),
+                "environment": environment_info(), "runs": runs}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def check(retrain=(), progress: bool = False) -> list[str]:
+    """Compares the shipped runs with their manifest: each file's hash, its config against the current preset
+    (a stale run would silently stop being used), the metrics of its restored weights, and, for the methods in
+    ``retrain``, those of a run trained again from scratch.
+
+    Returns:
+        One line per problem (empty when everything agrees within ``TOLERANCE``).
+    """
+    from .experiments import train_or_load
+
+    if not manifest_path().exists():
+        return [f"{manifest_path()} does not exist. Fix: {REGENERATE}"]
+    manifest = json.loads(manifest_path().read_text())
+    problems, test = [], None
+    with tempfile.TemporaryDirectory() as work:
+        for method in METHODS:
+            name = run_name(method)
+            entry = manifest["runs"].get(name)
+            if entry is None:
+                problems.append(f"{name}: not in {manifest_path()}. Fix: {REGENERATE}")
+                continue
+            file = manifest_path().parent / entry["file"]
+            if hashlib.sha256(file.read_bytes()).hexdigest() != entry["sha256"]:
+                problems.append(f"{name}: {file} does not match the hash in the manifest. Fix: {REGENERATE}")
+                continue
+            cfg = load_config(PRESET, {"method": method, "seed": SEED, "out_dir": f"{work}/restored/{name}"})
+            if not restore(cfg):
+                problems.append(f"{name}: its config differs from the current {PRESET!r} preset, so the notebooks "
+                                f"would train instead of restoring it. Fix: {REGENERATE}")
+                continue
+            test = test or test_split(cfg)  # the same for every method: the data settings are the preset's
+            problems += _compare(f"{name} (shipped weights)", measure(cfg.run_dir(), cfg, test), entry["float16"])
+            if method in retrain:
+                trained = train_or_load(method, PRESET, root=f"{work}/trained", seed=SEED, progress=progress)
+                problems += _compare(f"{name} (trained again)", measure(trained.run_dir, trained.cfg, test),
+                                     entry["float32"])
+    return problems
+
+
+def _compare(what: str, measured: dict, recorded: dict) -> list[str]:
+    return [f"{what}: {key} {measured[key]:.4f}, recorded {recorded[key]:.4f} (tolerance {TOLERANCE})"
+            for key in ("test_clean", "test_pgd") if abs(measured[key] - recorded[key]) > TOLERANCE]

@@ -1,0 +1,285 @@
+"""The workshop checks: a right answer passes, and every wrong one gets a line that says what to fix, never a
+traceback."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustmed_lite.attacks import PGD
+from robustmed_lite.common import eval_mode
+from robustmed_lite.components import LOSSES, register_loss
+from robustmed_lite.objectives import trades_loss
+from robustmed_lite.workshop import EXERCISES, NOT_YET, RIGHT, check
+
+
+def fgsm_solution(model, x, y, eps):
+    with eval_mode(model):
+        x = x.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def fgsm_starter(model, x, y, eps):
+    """One signed gradient step."""
+    ...
+
+
+def fgsm_train_mode(model, x, y, eps):
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def fgsm_descends(model, x, y, eps):
+    with eval_mode(model):
+        x = x.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x - eps * grad.sign()).clamp(0, 1).detach()
+
+
+def fgsm_unclamped(model, x, y, eps):
+    with eval_mode(model):
+        x = x.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).detach()
+
+
+def fgsm_crashes(model, x, y, eps):
+    return x + eps * torch.sign(undefined_gradient)  # noqa: F821 - the mistake under test
+
+
+@pytest.mark.parametrize("answer, verdict, hint", [
+    (fgsm_solution, RIGHT, "one signed step"),
+    (fgsm_starter, NOT_YET, "replace the `...`"),
+    (..., NOT_YET, "replace the `...`"),
+    (fgsm_train_mode, NOT_YET, "eval mode"),
+    (fgsm_descends, NOT_YET, "goes down the loss"),
+    (fgsm_unclamped, NOT_YET, "clamp it"),
+    (fgsm_crashes, NOT_YET, "NameError: name 'undefined_gradient' is not defined (line"),
+], ids=["solution", "starter", "ellipsis", "train-mode", "descends", "unclamped", "crashes"])
+def test_fgsm_check(answer, verdict, hint, capsys):
+    assert check("nb02-fgsm", answer) is (verdict == RIGHT)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{verdict}: ") and hint in out and out.count("\n") == 1
+
+
+def test_masking_check(capsys):
+    assert not check("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10))  # cross-entropy sees no gradient
+    assert "accuracy under your attack is 1.00" in capsys.readouterr().out
+    assert check("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10, loss="margin"))
+    assert capsys.readouterr().out.startswith(f"{RIGHT}: accuracy 1.00 -> 0.00")
+    assert not check("nb02-masking", lambda model, x, y: (x + 0.5).clamp(0, 1))
+    assert "within eps = 8/255" in capsys.readouterr().out
+
+
+def test_defence_check(capsys):
+    assert not check("nb03-defence", "not_registered")
+    assert "@register_loss('not_registered', needs_attack=True)" in capsys.readouterr().out
+
+    @register_loss("_workshop_trades", needs_attack=True)
+    def solution(model, batch, cfg):
+        return trades_loss(model(batch.x).float(), model(batch.x_adv).float(), batch.y, cfg.beta)
+
+    @register_loss("_workshop_detached", needs_attack=True)
+    def detached(model, batch, cfg):
+        with torch.no_grad():
+            return F.cross_entropy(model(batch.x).float(), batch.y)
+
+    try:
+        assert check("nb03-defence", "_workshop_trades")
+        assert "the Trainer took a step with '_workshop_trades'" in capsys.readouterr().out
+        assert not check("nb03-defence", "_workshop_detached")
+        assert "carries no gradient" in capsys.readouterr().out
+    finally:
+        LOSSES.unregister("_workshop_trades")
+        LOSSES.unregister("_workshop_detached")
+
+
+def test_an_unknown_label_lists_the_exercises(capsys):
+    assert not check("nb99-nothing", fgsm_solution)
+    out = capsys.readouterr().out
+    assert all(label in out for label in EXERCISES)
+
+
+# ------------------------------------------------------------------------- the other chapters' checks
+def window_solution(hu, width, level):
+    return ((hu - (level - width / 2)) / width).clamp(0, 1)
+
+
+def box_solution(x, r):
+    import numpy as np
+    padded = torch.from_numpy(np.pad(x.numpy(), [(0, 0), (0, 0), (r, r), (r, r)], mode="symmetric"))
+    return F.avg_pool2d(padded, 2 * r + 1, stride=1)
+
+
+def guided_solution(I, p, r, eps):
+    from robustmed_lite.prior import box_filter
+    mean_I, mean_p = box_filter(I, r), box_filter(p, r)
+    a = (box_filter(I * p, r) - mean_I * mean_p) / (box_filter(I * I, r) - mean_I ** 2 + eps)
+    b = mean_p - a * mean_I
+    return box_filter(a, r) * I + box_filter(b, r)
+
+
+def pointing_solution(maps, masks):
+    peak = maps.flatten(1).argmax(1)
+    return masks.flatten(1)[torch.arange(len(peak)), peak].float()
+
+
+def mce_solution(errors, reference):
+    return sum(sum(errors[c]) / sum(reference[c]) for c in errors) / len(errors)
+
+
+def interval_solution(a, b):
+    from scipy import stats
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std() / len(d) ** 0.5
+    return d.mean().item(), (d.mean() - half).item(), (d.mean() + half).item()
+
+
+def ece_solution(probs, labels):
+    import numpy as np
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, 16)[1:-1], right=True), 0, 14)
+    return sum((which == b).mean() * abs(correct[which == b].mean() - confidence[which == b].mean())
+               for b in range(15) if (which == b).any())
+
+
+@pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb00-window", window_solution, lambda hu, w, l: (hu - (l - w / 2)) / w, "clip"),
+    ("nb00-window", window_solution, lambda hu, w, l: ((hu - l) / w).clamp(0, 1), "should put L - W/2"),
+    ("nb01-box", box_solution, lambda x, r: F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1),
+     "the borders are not"),
+    ("nb01-guided", guided_solution, lambda I, p, r, eps: p, "Check a = cov(I, p)"),
+    ("nb04-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
+    ("nb05-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
+     "ratio of the total errors"),
+    ("nb06-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
+    ("nb07-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
+])
+def test_chapter_checks(label, solution, mistake, hint, capsys):
+    assert check(label, solution), capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
+    assert not check(label, mistake)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and hint in out, out
+
+
+# ---------------------------------------------------------------- the second exercise of chapters 00, 03-07
+def noise_solution(noise_hu, width):
+    return noise_hu / width * 255
+
+
+def select_solution(history):
+    return int(history.loc[history["val_robust"].idxmax(), "epoch"])
+
+
+def ratio_solution(maps, masks):
+    inside, total = (maps * masks).flatten(1).sum(1), maps.flatten(1).sum(1)
+    return torch.where(masks.flatten(1).any(1), inside / total, torch.nan)
+
+
+def family_solution(table):
+    from robustmed_lite.corruptions import FAMILY_OF
+    corrupted = table[table["severity"] > 0]
+    return corrupted.groupby(["model", corrupted["corruption"].map(FAMILY_OF).rename("family")])[
+        "accuracy"].mean().unstack()
+
+
+def seeds_solution(sd, half_width):
+    from scipy import stats
+    n = 2
+    while stats.t.ppf(0.975, n - 1) * sd / n ** 0.5 > half_width:
+        n += 1
+    return n
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def adabn_solution(model, x_target):
+    model.eval()
+    for bn in _batchnorms(model):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        model(x_target)
+    return model.eval()
+
+
+def adabn_whole_model_in_train_mode(model, x_target):
+    for bn in _batchnorms(model):
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        model.train()(x_target)
+    return model
+
+
+def adabn_not_reset(model, x_target):
+    for bn in _batchnorms(model):
+        bn.train()
+    with torch.no_grad():
+        model(x_target)
+    return model.eval()
+
+
+def adabn_optimizer_step(model, x_target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = adabn_solution(model, x_target)(x_target)
+    (-(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()).backward()
+    optimizer.step()
+    return model
+
+
+def adabn_eval_mode_pass(model, x_target):
+    with torch.no_grad():
+        model.eval()(x_target)
+    return model
+
+
+@pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / width, "multiply by 255"),
+    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / (width / 2) * 255, "not W/2"),
+    ("nb03-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
+    ("nb03-select", select_solution, lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
+     "the test split must choose nothing"),
+    ("nb03-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
+    ("nb03-select", select_solution, lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
+     "keeps the first"),
+    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
+    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
+     "image 4 has an empty mask"),
+    ("nb05-family", family_solution, lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])[
+        "accuracy"].mean().unstack(), "the columns are corruptions"),
+    ("nb05-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
+    ("nb05-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
+    ("nb05-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
+    ("nb06-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
+     "1.96 is the normal quantile"),
+    ("nb06-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
+    ("nb07-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
+    ("nb07-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
+     "put only the BatchNorm layers in train mode"),
+    ("nb07-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
+    ("nb07-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
+    ("nb07-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
+])
+def test_second_chapter_checks(label, solution, mistake, hint, capsys):
+    assert check(label, solution), capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
+    assert not check(label, mistake)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize("label", ["nb00-noise", "nb03-select", "nb04-ratio", "nb05-family", "nb06-seeds",
+                                   "nb07-adabn"])
+def test_second_chapter_starters(label, capsys):
+    def starter(*args):
+        ...
+
+    assert not check(label, starter)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{NOT_YET}: ") and "replace the `...`" in out and out.count("\n") == 1
