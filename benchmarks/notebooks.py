@@ -9,7 +9,8 @@ workshop laptop; ``--data found`` lets the notebooks find it as they would (``RO
 otherwise idle machine.
 
 Usage: python benchmarks/notebooks.py [--data phantom|found] [--notebooks 00 02] [--timeout 1200]
-Writes benchmarks/results/notebooks_<cpu|gpu>_<data>.json.
+Writes benchmarks/results/notebooks_<cpu|gpu>_<data>.json; with --notebooks, only those rows of it are replaced
+(each row says when it was recorded).
 """
 
 import argparse
@@ -69,12 +70,17 @@ def main() -> int:
         paths = [p for p in paths if p.name[:2] in args.notebooks]
     rows = []
     for path in tqdm(paths, desc="notebooks", unit="nb"):
-        rows.append(run_notebook(path, args.timeout, args.data))
+        rows.append(dict(run_notebook(path, args.timeout, args.data), recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
         slowest = sorted(rows[-1]["cells"], key=lambda c: -c["seconds"])[:3]
         print(f"{path.name}: {rows[-1]['seconds']:.0f} s; slowest cells: "
               + ", ".join(f"{c['cell']} ({c['seconds']:.0f} s)" for c in slowest), flush=True)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     out = ROOT / "benchmarks" / "results" / f"notebooks_{device}_{args.data}.json"
+    if args.notebooks and out.exists():  # a re-measured notebook replaces its own row; the others stay
+        measured, before = {row["notebook"] for row in rows}, json.loads(out.read_text())
+        kept = [dict(r, recorded=r.get("recorded", before["recorded"])) for r in before["notebooks"]
+                if r["notebook"] not in measured]
+        rows = sorted(kept + rows, key=lambda r: r["notebook"])
     record = {"command": " ".join(["python benchmarks/notebooks.py", *sys.argv[1:]]), "data": args.data,
               "profile": os.environ["ROBUSTMED_PROFILE"],
               "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment_info(), "notebooks": rows}

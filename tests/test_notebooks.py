@@ -63,3 +63,56 @@ def test_the_github_workflows_run_the_readme_commands():
     assert upload["with"]["path"] == "book/_build/html"
     assert pages["permissions"] == {"contents": "read", "pages": "write", "id-token": "write"}
     assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in pages["jobs"]["deploy"]["steps"])
+
+
+def _load_launch_paths():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_paths", ROOT / "book" / "_ext" / "launch_paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _git_files() -> dict[str, str]:
+    """Path -> git mode of every tracked file (120000: a symlink)."""
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return {line.split("\t", 1)[1]: line.split()[0] for line in out.splitlines()}
+
+
+def test_every_launch_and_badge_url_opens_a_real_file_in_git():
+    """The book's launch button (as sphinx-book-theme builds it, then _ext/launch_paths.py) and every notebook's
+    Colab badge name a file that git tracks and that is not a symlink (Colab cannot open one)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    launch_paths, files = _load_launch_paths(), _git_files()
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    assert "launch_paths" in config["sphinx"]["local_extensions"], "the book loads the rewrite"
+    repo, branch = REPOSITORY.removeprefix("https://github.com/"), config["repository"]["branch"]
+    colab = config["launch_buttons"]["colab_url"]
+    for path in NOTEBOOKS:
+        in_book = f"{config['repository']['path_to_book']}/notebooks/{path.name}"  # the theme's path_rel_repo
+        for url in (f"{colab}/github/{repo}/blob/{branch}/{in_book}",
+                    f"https://github.com/{repo}/blob/{branch}/{in_book}"):
+            fixed = launch_paths.real_url(url, repo)
+            target = fixed.split(f"/blob/{branch}/", 1)[1]
+            assert files.get(target) not in (None, "120000"), f"{url} -> {fixed}: not a regular file in git"
+        badge = nbformat.read(path, as_version=4).cells[0].source
+        target = badge.split(f"/blob/{branch}/", 1)[1].split(")", 1)[0]
+        assert files.get(target) not in (None, "120000"), f"{path.name}'s badge opens {target}"
+
+
+def test_the_launch_rewrite_touches_only_this_repositorys_files():
+    launch_paths = _load_launch_paths()
+    repo = "org/name"
+    buttons = [{"type": "group", "buttons": [
+        {"url": "https://colab.research.google.com/github/org/name/blob/main/book/notebooks/x.ipynb"},
+        {"url": "https://github.com/org/name/edit/main/book/intro.md?plain=1"},
+        {"url": "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"}]}]
+    launch_paths._rewrite(buttons, repo)
+    urls = [b["url"] for b in buttons[0]["buttons"]]
+    assert urls == ["https://colab.research.google.com/github/org/name/blob/main/notebooks/x.ipynb",
+                    "https://github.com/org/name/edit/main/book/intro.md?plain=1",
+                    "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"]
