@@ -1,6 +1,6 @@
 # One-command entry points. `make demo` sets up .venv and runs the main job on the embedded phantom;
-# `make test` sets up the same, then runs the whole test suite and builds the book (which executes every
-# notebook once, in the fast profile), side by side. CI runs `make test`.
+# `make test` sets up the same and runs the whole test suite, then builds the book (which executes every
+# notebook once, in the fast profile). CI runs `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PIP_ARGS ?=
@@ -21,10 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints-ci.txt
 demo: setup
 	$(BIN)/python -m robustmed_lite demo
 
-# The tests and the book build run side by side: each alone leaves a core idle part of the time (kernel
-# starts, Sphinx's single-threaded reading and writing), and together they keep both cores busy.
-test: setup
-	$(MAKE) -j2 --no-print-directory pytest book
+test: pytest book
 
 pytest: setup
 	$(BIN)/python -m pytest -n auto  # one worker per core (pytest-xdist)
