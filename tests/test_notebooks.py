@@ -116,3 +116,12 @@ def test_the_launch_rewrite_touches_only_this_repositorys_files():
     assert urls == ["https://colab.research.google.com/github/org/name/blob/main/notebooks/x.ipynb",
                     "https://github.com/org/name/edit/main/book/intro.md?plain=1",
                     "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"]
+
+
+def test_the_glossary_defines_the_terms_the_chapters_use():
+    glossary = (ROOT / "book" / "glossary.md").read_text()
+    terms = [line for line in glossary.split("```{glossary}", 1)[1].splitlines() if line and not line[0].isspace()]
+    for needed in ("Hounsfield unit (HU)", "Window and level", "Ground-glass opacity (GGO)", "PGD", "TRADES", "AWP",
+                   "FAT", "mCE", "Pointing game", "AdaBN"):
+        assert needed in terms, f"the glossary lacks {needed!r}"
+    assert "file: glossary" in BOOK_TOC.read_text(), "the glossary is in the book"
