@@ -34,6 +34,7 @@ import yaml
 
 from .config import TrainConfig, load_config
 from .runinfo import environment_info
+from .trainer import CHECKPOINTS
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "bookruns"
 PRESET = "cpu-demo"
@@ -43,7 +44,6 @@ SEED = 0
 # reproduces the recorded numbers exactly; another BLAS or torch version moves a few slices.
 TOLERANCE = 0.02
 REGENERATE = "python -m robustmed_lite bookruns regenerate"
-_CHECKPOINT_NAMES = ("last.pt", "best_clean.pt", "best_robust.pt")
 
 
 def run_name(method: str, seed: int = SEED) -> str:
@@ -69,7 +69,7 @@ def pack_run(run_dir: str | Path, out: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     states = {name: load_checkpoint(run_dir / name, required=("model", "config", "epoch", "history", "best"))
-              for name in _CHECKPOINT_NAMES}
+              for name in CHECKPOINTS}
     last = states["last.pt"]
     if last["epoch"] < last["config"]["epochs"]:
         raise ValueError(f"{run_dir} stopped at epoch {last['epoch']} of {last['config']['epochs']}: only a finished "
@@ -139,7 +139,7 @@ def restore(cfg: TrainConfig, folder: str | Path | None = None) -> bool:
     if not cfg._resolved:
         cfg.resolve()
     path = find_shipped(cfg, folder)
-    if path is None or any((cfg.run_dir() / name).exists() for name in _CHECKPOINT_NAMES):
+    if path is None or any((cfg.run_dir() / name).exists() for name in CHECKPOINTS):
         return False
     manifest = json.loads(manifest_path(folder).read_text())
     unpack_run(path, cfg, {"restored_from": f"robustmed_lite/bookruns/{path.name}", "regenerate": REGENERATE,
