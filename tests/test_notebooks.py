@@ -1,5 +1,8 @@
 """Every notebook follows the book's conventions. (They execute once per CI, in the book build.)"""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -125,3 +128,43 @@ def test_the_glossary_defines_the_terms_the_chapters_use():
                    "FAT", "mCE", "Pointing game", "AdaBN"):
         assert needed in terms, f"the glossary lacks {needed!r}"
     assert "file: glossary" in BOOK_TOC.read_text(), "the glossary is in the book"
+
+
+def test_make_book_executes_every_chapter_of_the_table_of_contents_longest_first():
+    sys.path.insert(0, str(ROOT / "book"))
+    import execute_notebooks
+
+    toc = [line.split("file: ")[1].strip() for line in (ROOT / "book" / "_toc.yml").read_text().splitlines()
+           if "file: notebooks/" in line]
+    found = execute_notebooks.book_notebooks()
+    assert [f"notebooks/{path.stem}" for path in found] == toc and all(path.exists() for path in found)
+    ordered = execute_notebooks.longest_first(found)
+    assert sorted(ordered) == sorted(found)
+    times = {r["notebook"]: r["seconds"] for r in json.loads(execute_notebooks.TIMES.read_text())["notebooks"]}
+    assert [times.get(p.name, float("inf")) for p in ordered] == sorted(
+        (times.get(p.name, float("inf")) for p in ordered), reverse=True)
+
+
+def test_uv_gets_the_indexes_and_constraints_pip_is_configured_with():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pip_config_for_uv as tool
+
+    assert tool.uv_arguments([]) == []
+    settings = [("find-links", "/opt/wheels"), ("extra-index-url", "file:///a/simple"),
+                ("extra-index-url", "file:///b/simple"), ("constraint", "/etc/c.txt")]
+    assert tool.uv_arguments(settings) == [
+        "--find-links", "/opt/wheels", "--extra-index-url", "file:///a/simple", "--extra-index-url",
+        "file:///b/simple", "--constraint", "/etc/c.txt", "--index-strategy", "unsafe-best-match"]
+    assert tool.uv_arguments([("find-links", "/opt/wheels")]) == ["--find-links", "/opt/wheels"]
+
+
+def test_pip_config_lines_are_read_as_pip_prints_them(monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pip_config_for_uv as tool
+
+    listing = ("global.cert='/etc/ssl/certs/ca.crt'\n:env:.find-links='/opt/wheels'\n"
+               "global.extra-index-url='file:///a/simple file:///b/simple'\nglobal.find-links='/opt/wheels'\n")
+    monkeypatch.setattr(tool.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing, stderr=""))
+    assert tool.pip_settings() == [("find-links", "/opt/wheels"), ("extra-index-url", "file:///a/simple"),
+                                   ("extra-index-url", "file:///b/simple")]
