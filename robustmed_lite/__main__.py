@@ -265,11 +265,10 @@ def _bookruns(args: argparse.Namespace) -> int:
                   f"{run['float16']['test_clean']:.3f}, PGD {run['float16']['test_pgd']:.3f} (float16 weights)")
         print(f"wrote {bookruns.manifest_path()}")
         return 0
-    problems = bookruns.check(retrain=args.retrain, retrain_epochs=args.epochs, progress=not args.quiet)
+    problems = bookruns.check(retrain=args.retrain, progress=not args.quiet)
     for line in problems:
         print(f"FAIL {line}")
-    epochs = f" ({args.epochs} epochs against the shipped log)" if args.epochs else ""
-    retrained = f"; retrained: {', '.join(args.retrain)}{epochs}" if args.retrain else ""
+    retrained = f"; retrained: {', '.join(args.retrain)}" if args.retrain else ""
     print(f"{len(bookruns.METHODS)} shipped runs checked{retrained}: "
           f"{'all within tolerance' if not problems else f'{len(problems)} problems'}")
     return 1 if problems else 0
@@ -438,9 +437,6 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("action", choices=("regenerate", "check"))
     book.add_argument("--retrain", nargs="*", default=[], metavar="METHOD",
                       help="check: also train these methods again and compare (e.g. --retrain erm)")
-    book.add_argument("--epochs", type=int, default=None, metavar="K",
-                      help="check --retrain: train only the first K epochs and compare their validation log "
-                           "(default: the whole run, compared on test)")
     book.add_argument("--quiet", action="store_true")
     book.set_defaults(run=_bookruns)
 

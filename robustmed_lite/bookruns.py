@@ -16,7 +16,6 @@ Regenerate them (about 8 minutes on 2 cores), and check them against what was re
     python -m robustmed_lite bookruns regenerate
     python -m robustmed_lite bookruns check                # the shipped weights give the recorded metrics
     python -m robustmed_lite bookruns check --retrain erm  # training again gives them too (within TOLERANCE)
-    python -m robustmed_lite bookruns check --retrain erm --epochs 2  # its first two epochs' validation log
 
 Float16 weights change the logits in their fourth significant digit: the manifest records the metrics of the
 restored (float16) weights and of the float32 weights they came from, and both checks allow ``TOLERANCE``.
@@ -204,22 +203,20 @@ def regenerate(methods=METHODS, out_dir: str | Path = SHIPPED_DIR, progress: boo
     return manifest
 
 
-def check(retrain=(), retrain_epochs: int | None = None, methods=METHODS, progress: bool = False) -> list[str]:
+def check(retrain=(), methods=METHODS, progress: bool = False) -> list[str]:
     """Compares the shipped runs with their manifest: each file's hash, its config against the current preset
     (a stale run would silently stop being used), the metrics of its restored weights, and, for the methods in
     ``retrain``, a run trained again from scratch.
 
     Args:
-        retrain: Methods to train again.
-        retrain_epochs: Train only this many epochs and compare each epoch's validation accuracies (clean and
-            PGD) with the shipped run's log; None trains the whole run and compares its test metrics.
+        retrain: Methods to train again from scratch; their test metrics are compared with the float32 record.
         methods: The shipped runs to check.
         progress: Progress bars while retraining.
 
     Returns:
         One line per problem (empty when everything agrees within ``TOLERANCE``).
     """
-    from .trainer import Trainer, load_checkpoint
+    from .experiments import train_or_load
 
     if not manifest_path().exists():
         return [f"{manifest_path()} does not exist. Fix: {REGENERATE}"]
@@ -244,23 +241,12 @@ def check(retrain=(), retrain_epochs: int | None = None, methods=METHODS, progre
             test = test or test_split(cfg)  # the same for every method: the data settings are the preset's
             problems += _compare(f"{name} (shipped weights)", measure(cfg.run_dir(), cfg, test), entry["float16"])
             if method in retrain:
-                values = {"method": method, "seed": SEED, "progress": progress, "out_dir": f"{work}/trained/{name}"}
-                trainer = Trainer(load_config(PRESET, values))
-                trainer.fit(stop_after=retrain_epochs)
-                if retrain_epochs is None:
-                    problems += _compare(f"{name} (trained again)", measure(trainer.run_dir, trainer.cfg, test),
-                                         entry["float32"])
-                    continue
-                shipped_log = load_checkpoint(file, required=("history",))["history"]
-                if len(trainer.history) < retrain_epochs or len(shipped_log) < retrain_epochs:
-                    problems.append(f"{name}: {retrain_epochs} epochs asked, {len(trainer.history)} trained and "
-                                    f"{len(shipped_log)} in the shipped log; nothing to compare beyond that")
-                for trained_row, shipped_row in zip(trainer.history, shipped_log):
-                    problems += _compare(f"{name} (trained again), epoch {trained_row['epoch']}", trained_row,
-                                         shipped_row, keys=("val_clean", "val_robust"))
+                trained = train_or_load(method, PRESET, root=f"{work}/trained", seed=SEED, progress=progress)
+                problems += _compare(f"{name} (trained again)", measure(trained.run_dir, trained.cfg, test),
+                                     entry["float32"])
     return problems
 
 
-def _compare(what: str, measured: dict, recorded: dict, keys=("test_clean", "test_pgd")) -> list[str]:
+def _compare(what: str, measured: dict, recorded: dict) -> list[str]:
     return [f"{what}: {key} {measured[key]:.4f}, recorded {recorded[key]:.4f} (tolerance {TOLERANCE})"
-            for key in keys if abs(measured[key] - recorded[key]) > TOLERANCE]
+            for key in ("test_clean", "test_pgd") if abs(measured[key] - recorded[key]) > TOLERANCE]

@@ -111,16 +111,14 @@ def test_shipped_runs_match_the_preset_and_their_recorded_metrics():
 
 @pytest.mark.slow
 def test_shipped_erm_is_reproduced_by_training_it_again():
-    # Its first two epochs, against the shipped per-epoch validation log (the whole run: `bookruns check --retrain
-    # erm`, 2 minutes on one core; the schedule is the full run's, so the first epochs are the same epochs).
-    assert bookruns.check(retrain=["erm"], retrain_epochs=2, methods=["erm"]) == []
+    # The whole run: an epoch-by-epoch comparison of its first epochs was tried and drifts by more than the
+    # tolerance with another thread count (early epochs sit near chance and amplify rounding); the end does not.
+    # Only ERM's shipped weights are measured here (all four are, in the test above).
+    assert bookruns.check(retrain=["erm"], methods=["erm"]) == []
 
 
-def test_a_log_that_drifts_by_more_than_the_tolerance_is_reported():
-    shipped = {"epoch": 1, "val_clean": 0.80, "val_robust": 0.40}
-    within = {"epoch": 1, "val_clean": 0.81, "val_robust": 0.39}
-    drifted = {"epoch": 1, "val_clean": 0.80, "val_robust": 0.43}
-    keys = ("val_clean", "val_robust")
-    assert bookruns._compare("erm", within, shipped, keys=keys) == []
-    assert bookruns._compare("erm", drifted, shipped, keys=keys) == [
-        "erm: val_robust 0.4300, recorded 0.4000 (tolerance 0.02)"]
+def test_a_drift_beyond_the_tolerance_is_reported():
+    recorded = {"test_clean": 0.80, "test_pgd": 0.40}
+    assert bookruns._compare("erm", {"test_clean": 0.81, "test_pgd": 0.39}, recorded) == []
+    assert bookruns._compare("erm", {"test_clean": 0.80, "test_pgd": 0.43}, recorded) == [
+        "erm: test_pgd 0.4300, recorded 0.4000 (tolerance 0.02)"]
