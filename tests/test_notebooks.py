@@ -1,6 +1,9 @@
 """Every notebook follows the book's conventions. (They execute once per CI, in the book build.)"""
 
+import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +131,117 @@ def test_the_glossary_defines_the_terms_the_chapters_use():
                    "FAT", "mCE", "Pointing game", "AdaBN"):
         assert needed in terms, f"the glossary lacks {needed!r}"
     assert "file: glossary" in BOOK_TOC.read_text(), "the glossary is in the book"
+
+
+BOOK = ROOT / "book"
+PITFALLS = BOOK / "pitfalls.md"
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a markdown link
+
+
+def _toc_documents() -> list[str]:
+    """The book's documents in reading order, as the table of contents names them (e.g. notebooks/00_tour)."""
+    toc = yaml.safe_load(BOOK_TOC.read_text())
+    return [toc["root"]] + [entry["file"] for entry in toc["chapters"]]
+
+
+TOC_NOTEBOOKS = [ROOT / f"{doc}.ipynb" for doc in _toc_documents() if doc.startswith("notebooks/")]
+
+
+def _relative_links(text: str, folder: Path) -> list[tuple[str, str | None]]:
+    """(link, the book document it names or None) for every relative link in markdown text, as the book resolves
+    it: relative to the page's own folder inside book/, without following the book/notebooks symlink."""
+    found = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL, or a place on the same page
+        path = os.path.normpath(folder / target.split("#", 1)[0])
+        document = os.path.relpath(path, BOOK) if os.path.exists(path) else None
+        found.append((target, document and os.path.splitext(document)[0]))
+    return found
+
+
+def _bullets(text: str) -> int:
+    return len(re.findall(r"^[*-] ", text, flags=re.MULTILINE))
+
+
+def test_every_chapter_of_the_book_is_a_notebook_the_front_matter_tests_read():
+    assert len(TOC_NOTEBOOKS) >= 8 and all(path.exists() for path in TOC_NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_chapter_opens_with_objectives_and_prerequisites_and_ends_with_takeaways(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = nb.cells
+    front = [c.source for c in cells[:6] if c.cell_type == "markdown" and "**You will be able to:**" in c.source]
+    assert len(front) == 1, "one 'You will be able to' block among the first six cells"
+    assert "**Know first:**" in front[0], "the opening block says what to know first"
+    goals, know = front[0].split("**You will be able to:**", 1)[1].split("**Know first:**", 1)
+    assert 3 <= _bullets(goals) <= 4, "three or four objectives"
+    assert know.strip(), "the prerequisites are stated"
+    chapters = [f"notebooks/{p.stem}" for p in TOC_NOTEBOOKS]
+    for target, document in _relative_links(know, BOOK / "notebooks"):
+        if target.endswith(".ipynb"):
+            assert document in chapters, f"{target} is not a chapter of the book"
+            assert chapters.index(document) < chapters.index(f"notebooks/{path.stem}"), (
+                f"'Know first' links {target}, which is not an earlier chapter")
+    markdown = [i for i, c in enumerate(cells) if c.cell_type == "markdown"]
+    takeaways = [i for i in markdown if cells[i].source.startswith("## Takeaways\n")]
+    assert len(takeaways) == 1, "one '## Takeaways' cell"
+    last = takeaways[0]
+    assert last == markdown[-1] or last >= len(cells) - 3, "the takeaways close the chapter"
+    assert 3 <= _bullets(cells[last].source) <= 5, "three to five takeaways"
+    measured = re.findall(r"\b0\.\d+|\d+(?:\.\d+)? ?%", cells[last].source)
+    assert not measured, f"takeaways quote measured values, which belong beside the outputs: {measured}"
+
+
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_relative_link_of_a_chapter_opens_a_page_of_the_book(path):
+    documents = _toc_documents()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "markdown":
+            for target, document in _relative_links(cell.source, BOOK / "notebooks"):
+                assert document in documents, f"{target} is not a page of the book"
+
+
+def test_the_pitfalls_page_is_in_the_book_and_each_pitfall_links_the_chapter_that_shows_it():
+    assert "pitfalls" in _toc_documents(), "the pitfalls page is in the book"
+    text = PITFALLS.read_text()
+    chapters = {f"notebooks/{p.stem}" for p in TOC_NOTEBOOKS}
+    for target, document in _relative_links(text, BOOK):
+        assert document in _toc_documents(), f"pitfalls.md links {target}, which is not a page of the book"
+    pitfalls = re.split(r"^### ", text, flags=re.MULTILINE)[1:]
+    assert 10 <= len(pitfalls) <= 16, f"{len(pitfalls)} pitfalls"
+    for pitfall in pitfalls:
+        title = pitfall.splitlines()[0]
+        for part in ("**The mistake.**", "**Why it misleads.**", "**How this book avoids it.**", "**Shown in**"):
+            assert part in pitfall, f"pitfall {title!r} lacks {part}"
+        shown = pitfall.split("**Shown in**", 1)[1]
+        linked = [document for _, document in _relative_links(shown, BOOK)]
+        assert linked and set(linked) <= chapters, f"pitfall {title!r} links the chapter that shows it"
+
+
+def test_the_tour_explains_hounsfield_units_and_windows_before_the_site_table():
+    from robustmed_lite.phantom import SITES, Site
+
+    cells = nbformat.read(ROOT / "notebooks" / "00_tour.ipynb", as_version=4).cells
+    table = next(i for i, c in enumerate(cells) if c.cell_type == "code" and "SITES.values()" in c.source)
+    primer = cells[table - 1]
+    assert primer.cell_type == "markdown", "the primer comes right before the site table"
+    for words in ("Hounsfield", "window", "-1000", "noise", "kernel", "mediastinal"):
+        assert words in primer.source, f"the primer explains {words!r}"
+    for field in dataclasses.fields(Site):
+        if field.name != "name":
+            assert f"`{field.name}`" in primer.source, f"the primer explains the column {field.name!r}"
+    # The primer's reading of the sites, checked against the sites themselves.
+    a, b, c = SITES["A"], SITES["B"], SITES["C"]
+    reference = f"site A is the reference: a standard lung window (level {a.level:g}, width {a.width:g})"
+    assert reference in " ".join(primer.source.split()), "site A's window as the primer quotes it"
+    assert b.noise_hu > a.noise_hu > c.noise_hu, "B: much more noise, C: little noise"
+    assert b.kernel < 0 < a.kernel < c.kernel, "B: a sharp kernel, A: slightly smoothing, C: smooth"
+    assert b.width < a.width < c.width, "B: a narrower window, C: a wider one"
+    assert b.gamma < a.gamma == 1 < c.gamma, "B: a brighter display, C: a darker one"
+    assert b.fov < 2**0.5 < min(a.fov, c.fov), "B: a tighter field of view"
+    assert max(c.zoom) < min(a.zoom), "C: a small patient in a large field of view"
 
 
 def test_make_book_executes_every_chapter_of_the_table_of_contents_longest_first():
