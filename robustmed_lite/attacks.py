@@ -102,7 +102,13 @@ def _margin(logits, y, target, per_sample=True):
     return other - true if per_sample else (other - true).sum()
 
 
-LOSSES: dict[str, Callable] = {"ce": _cross_entropy, "kl": _kl, "margin": _margin}
+def _targeted_cross_entropy(logits, y, target, per_sample=True):
+    # here y holds the target class: ascending this descends the cross-entropy towards it
+    return -_cross_entropy(logits, y, target, per_sample)
+
+
+LOSSES: dict[str, Callable] = {"ce": _cross_entropy, "kl": _kl, "margin": _margin,
+                               "targeted_ce": _targeted_cross_entropy}
 
 
 class _Problem:
@@ -411,6 +417,59 @@ class RFGSM(Attack):
 
     def _settings(self) -> dict:
         return {"random step": format_eps(self.alpha)}
+
+
+class RandomNoise(Attack):
+    """A control, not an attack: each pixel moves by +eps or -eps at random (a corner of the L-inf ball: the
+    largest random change of that norm), then back into [0, 1]. Beside an attack of the same eps it shows what
+    the attack's *direction* adds to its size.
+
+    Args:
+        eps: Radius (L-inf, pixel scale).
+        seed: Seed of the signs.
+    """
+
+    name = "random noise"
+
+    def __init__(self, eps: float | str = 8 / 255, seed: int | None = 0):
+        super().__init__(eps, seed=seed)
+
+    def _attack(self, problem, gen):
+        x = problem.x
+        signs = (2 * torch.randint(0, 2, x.shape, generator=gen, device=x.device) - 1).to(x.dtype)
+        return problem.project_(x + self.eps * signs)
+
+
+class TargetedPGD(PGD):
+    """PGD that pushes every image towards one class (descends the cross-entropy of ``target_class``) instead of
+    away from its own. Images already labelled ``target_class`` are returned unchanged: success is measured on
+    the others (the share now predicted as the target).
+
+    Args:
+        eps: Radius (L-inf, pixel scale).
+        target_class: The class the attack aims for (1 = COVID).
+        alpha: Step size; default eps/4.
+        steps: Iterations.
+        seed: Seed of the random start.
+    """
+
+    name = "targeted PGD"
+
+    def __init__(self, eps: float | str = 8 / 255, target_class: int = 1, alpha: float | str | None = None,
+                 steps: int = 10, seed: int | None = None):
+        super().__init__(eps, alpha=alpha, steps=steps, loss="targeted_ce", seed=seed)
+        self.target_class = int(target_class)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = _check_inputs(x, y)
+        x_adv = x.detach().clone()
+        others = y != self.target_class
+        if others.any():
+            x_adv[others] = super().__call__(model, x[others], torch.full_like(y[others], self.target_class))
+        return x_adv
+
+    def _settings(self) -> dict:
+        return {"target class": self.target_class, **super()._settings()}
 
 
 class MIM(Attack):

@@ -99,6 +99,26 @@ def _get(model: nn.Module, name) -> nn.Module:
     raise ValueError(f"the model has no module {name!r}; modules include {names[:12]}...")
 
 
+def feature_grid(model: nn.Module, layer, x: torch.Tensor) -> tuple[int, int]:
+    """Height and width of ``layer``'s output for images like ``x``: the grid a Grad-CAM or attention map of that
+    layer is computed on before it is upsampled to the image (a Visformer's stage 3 at 64 px: 2 x 2, which can
+    only say which quadrant holds the mass).
+
+    Args:
+        model: The model.
+        layer: A module or its name (``"stage3"``).
+        x: One or more images (N, C, H, W) in [0, 1]; only their shape matters.
+    """
+    shapes = []
+    handle = _get(model, layer).register_forward_hook(lambda module, inputs, out: shapes.append(out.shape[-2:]))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x[:1].to(model_device(model)))
+    finally:
+        handle.remove()
+    return tuple(shapes[0])
+
+
 def _gradcam_layer(model: nn.Module, layer) -> nn.Module:
     if layer is not None:
         return _get(model, layer)

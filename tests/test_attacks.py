@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from robustmed_lite.attacks import (APGD, FGSM, MIM, PGD, RFGSM, CWLinf, FeedbackPGD, apgd_checkpoints, eval_mode,
+from robustmed_lite.attacks import (APGD, FGSM, MIM, PGD, RFGSM, CWLinf, FeedbackPGD, RandomNoise, TargetedPGD,
+                                    apgd_checkpoints, eval_mode,
                                     format_eps, parse_eps)
 from robustmed_lite.models import create_model
 from robustmed_lite.phantom import make_phantom_dataset
@@ -25,6 +26,8 @@ ATTACKS = {
     "feedback_fat": lambda eps: FeedbackPGD(eps, steps=5, rule="fat", tau=1, seed=1),
     "feedback_last_correct": lambda eps: FeedbackPGD(eps, steps=5, rule="last_correct", seed=1),
     "feedback_none": lambda eps: FeedbackPGD(eps, steps=5, rule=None, loss="ce", seed=1),
+    "targeted_pgd": lambda eps: TargetedPGD(eps, target_class=1, steps=5, seed=1),
+    "random_noise": lambda eps: RandomNoise(eps, seed=1),
 }
 
 
@@ -238,6 +241,29 @@ def test_apgd_and_pgd_find_the_corner_of_a_linear_model():
     best = (x + EPS * direction).clamp(0, 1)
     for attack in (APGD(EPS, steps=10, seed=0), PGD(EPS, steps=10, seed=0)):
         assert torch.allclose(attack(lin, x, y), best, atol=1e-6), attack.describe()
+
+
+def test_targeted_pgd_aims_every_other_image_at_the_target_and_leaves_the_target_class_alone():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x = torch.rand(6, 1, 4, 4) * 0.8 + 0.1
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    x_adv = TargetedPGD(EPS, target_class=1, steps=10, seed=0)(lin, x, y)
+    toward_1 = (lin[1].weight[1] - lin[1].weight[0]).sign().view(1, 1, 4, 4)
+    assert torch.allclose(x_adv[:3], (x[:3] + EPS * toward_1).clamp(0, 1), atol=1e-6)
+    assert torch.equal(x_adv[3:], x[3:])
+    with torch.no_grad():
+        assert (lin(x_adv[:3]).softmax(1)[:, 1] > lin(x[:3]).softmax(1)[:, 1]).all()
+    assert "target class 1" in TargetedPGD(EPS).describe()
+
+
+def test_random_noise_moves_every_pixel_by_eps_in_a_random_direction():
+    x = torch.full((4, 1, 16, 16), 0.5)
+    noise = RandomNoise("4/255", seed=0)(nn.Identity(), x, torch.zeros(4, dtype=torch.long))
+    assert torch.allclose((noise - x).abs(), torch.full_like(x, 4 / 255))
+    assert 0.4 < ((noise - x) > 0).float().mean() < 0.6
+    edge = RandomNoise("4/255", seed=0)(nn.Identity(), torch.ones(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert edge.max() <= 1 and edge.min() >= 1 - 4 / 255 - 1e-6
 
 
 # ------------------------------------------------------------------------------ consistency on a trained model

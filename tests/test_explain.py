@@ -283,3 +283,13 @@ def test_figures(models, images):
     plot_noise_magnitudes(attention_noise_magnitudes(models["vit"], noise))
     plt.close("all")
     assert isinstance(attention_summary(attention_ratios(maps, masks)), pd.DataFrame)
+
+
+def test_feature_grid_is_the_size_a_stage_map_has_before_upsampling(models):
+    visformer = models["tiny_visformer"].train()
+    x = torch.rand(2, 1, 64, 64)
+    assert explain.feature_grid(visformer, "stage3", x) == (2, 2)  # 64 px / stride 32
+    assert explain.feature_grid(visformer, "stage2", x) == (4, 4)
+    at_224 = create_model("tiny_visformer", img_size=224)
+    assert explain.feature_grid(at_224, "stage3", torch.rand(1, 1, 224, 224)) == (7, 7)  # the full profile's
+    assert visformer.training  # the mode is restored
