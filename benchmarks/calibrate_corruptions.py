@@ -2,7 +2,7 @@
 
 For every corruption and severity: the accuracy of the book's ERM model (cpu-demo preset, phantom site A, 64 px,
 trained or reused under notebooks/runs/book, where the notebooks keep it) on the phantom validation split (never
-the test split, which notebook 05 reports on), the mean absolute change to the image, and the lung-mask Dice of
+the test split, which notebook 06 reports on), the mean absolute change to the image, and the lung-mask Dice of
 the corrupted slice against the ground truth (a proxy for "the anatomy is still there"; Otsu's threshold per
 slice, so that an intensity shift alone does not erase the mask). With ../shared/data present, the change and the
 Dice against the clean slice's own mask are also measured on real CT.
@@ -36,7 +36,7 @@ def main():
     torch.set_flush_denormal(True)
     trainer = train_or_load("erm", "cpu-demo", root=args.runs, progress=False)
     model, _ = model_from_checkpoint(selected_checkpoint(trainer))
-    # Calibrated on the validation split: the test split is what notebook 05 reports on.
+    # Calibrated on the validation split: the test split is what notebook 06 reports on.
     x, y = (t[:args.n] for t in trainer.data.val)
     cfg = trainer.cfg
     val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)  # build_data's validation split

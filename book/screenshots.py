@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PAGES = ("notebooks/02_adversarial_attacks.html", "notebooks/03_weight_perturbation.html", "workshop.html")
+PAGES = ("notebooks/02_adversarial_attacks.html", "notebooks/04_weight_perturbation.html", "workshop.html")
 NO_NETWORK = ["--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9"]
 
 

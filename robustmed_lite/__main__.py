@@ -259,7 +259,7 @@ def _bookruns(args: argparse.Namespace) -> int:
     from . import bookruns
 
     if args.action == "regenerate":
-        manifest = bookruns.regenerate(progress=not args.quiet)
+        manifest = bookruns.regenerate(args.runs or tuple(bookruns.RUNS), progress=not args.quiet)
         for name, run in manifest["runs"].items():
             print(f"{name}: {run['megabytes']} MB, trained in {run['train_minutes']} min; test clean "
                   f"{run['float16']['test_clean']:.3f}, PGD {run['float16']['test_pgd']:.3f} (float16 weights)")
@@ -269,7 +269,7 @@ def _bookruns(args: argparse.Namespace) -> int:
     for line in problems:
         print(f"FAIL {line}")
     retrained = f"; retrained: {', '.join(args.retrain)}" if args.retrain else ""
-    print(f"{len(bookruns.METHODS)} shipped runs checked{retrained}: "
+    print(f"{len(bookruns.RUNS)} shipped runs checked{retrained}: "
           f"{'all within tolerance' if not problems else f'{len(problems)} problems'}")
     return 1 if problems else 0
 
@@ -432,11 +432,15 @@ def _parser() -> argparse.ArgumentParser:
                                                              "pass/fail report to paste")
     doctor.set_defaults(run=_doctor)
 
+    from .bookruns import RUNS as SHIPPED_RUNS
+
     book = sub.add_parser("bookruns", parents=[common], help="the fast-profile runs shipped for the notebooks: "
                                                              "regenerate them, or check them against their record")
     book.add_argument("action", choices=("regenerate", "check"))
-    book.add_argument("--retrain", nargs="*", default=[], metavar="METHOD",
-                      help="check: also train these methods again and compare (e.g. --retrain erm)")
+    book.add_argument("--retrain", nargs="*", default=[], metavar="RUN",
+                      help="check: also train these shipped runs again and compare (e.g. --retrain erm-seed0)")
+    book.add_argument("--runs", nargs="*", default=[], metavar="RUN", choices=tuple(SHIPPED_RUNS),
+                      help="regenerate: only these shipped runs (default: all); the manifest keeps the others")
     book.add_argument("--quiet", action="store_true")
     book.set_defaults(run=_bookruns)
 

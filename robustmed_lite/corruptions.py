@@ -20,7 +20,7 @@ The sinogram corruptions add only what the corruption changes, ``FBP(corrupted s
 the image, so a noise-free round trip's own small blur does not count as corruption.
 
 Calibration. The parameters in ``SEVERITIES`` were set with ``benchmarks/calibrate_corruptions.py`` on the book's
-clean ERM model (phantom site A, 64 px), on the **validation** split (the test split is what notebook 05 reports).
+clean ERM model (phantom site A, 64 px), on the **validation** split (the test split is what notebook 06 reports).
 The aims: severity 5 clearly hurts that model, severities 1-4 grade the harm rather than jumping to chance, and
 the slice stays readable. Measured (``benchmarks/results/corruptions_calibration.json``, n = 256, clean accuracy
 0.94): severity 5 lowers accuracy by 10 to 43 points (JPEG the least, 9.8; of the ImageNet-C types added for
@@ -29,7 +29,7 @@ to the irregular pixel grid of a non-integer resize from severity 1 on: a findin
 is). Readability cannot be measured without radiologists; the proxy is that the lungs stay segmentable: an Otsu
 lung mask of the severity-5 slice has a Dice of at least 0.80 against the phantom's ground truth (median 0.89).
 On real CT (Soares, against the clean slice's own Otsu mask) severity 5 keeps a Dice of 0.56 to 1.0, except zoom
-blur (0.43), whose smeared copies move the lung border itself; the gallery in notebook 05 shows every severity
+blur (0.43), whose smeared copies move the lung border itself; the gallery in notebook 06 shows every severity
 by eye. Starting from ImageNet-C's values, intensity corruptions were made milder (a CT window saturates fast:
 ImageNet-C's brightness of +0.5 leaves a white image; so were fog's amount, 0.15-0.7 here against 1.5-3, snow's
 brightening and the weight of frost) and the CT-physics ones were scaled so that a severity looks the same at

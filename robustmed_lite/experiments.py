@@ -165,7 +165,7 @@ def load_selected(methods, preset: str = "cpu-demo", root: str = "runs/book", se
                   overrides: dict | None = None, device=None, progress: bool = False,
                   shipped: bool = False) -> dict[str, SelectedRun]:
     """Trains or reuses (``train_or_load``) one run per method and loads each run's selected checkpoint: what
-    notebooks 03-05 do before they look at the models.
+    notebooks 04-06 do before they look at the models.
 
     Args:
         methods: Method names.

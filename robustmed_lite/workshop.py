@@ -206,14 +206,69 @@ def _check_masking(attack) -> str:
     return f"accuracy {clean:.2f} -> {robust:.2f}: the model was never robust, its gradients were hidden"
 
 
-@exercise("nb03-defence", "a defence registered with register_loss and trained by the Trainer")
+# ------------------------------------------------------------------------------------- chapter 03 (training)
+@exercise("nb03-trades", "the TRADES loss: CE on the clean logits plus beta times KL(p(x) || p(x')), averaged")
+def _check_trades(trades) -> str:
+    from .objectives import kl_per_sample, trades_loss
+
+    gen = torch.Generator().manual_seed(3)
+    nat, adv = (torch.randn(16, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    y, beta = torch.randint(0, 2, (16,), generator=gen), 3.0
+    got = trades(nat.clone(), adv.clone(), y.clone(), beta)
+    if not isinstance(got, torch.Tensor) or got.dim() != 0:
+        raise NotYet(f"return one number, a 0-d tensor (the loss averaged over the batch), got "
+                     f"{getattr(got, 'shape', type(got).__name__)!r}")
+    expected, got = trades_loss(nat, adv, y, beta), got.double()
+    if torch.allclose(got, expected):
+        return f"TRADES loss {expected.item():.4f}: the clean fit plus beta times the change of the prediction"
+    ce, kl = F.cross_entropy(nat, y), kl_per_sample(nat, adv)
+    mistakes = [
+        (ce + beta * kl_per_sample(adv, nat).mean(), "the KL is the other way round: KL(p(x) || p(x')) weighs the "
+         "disagreement by the clean prediction p(x)"),
+        (F.cross_entropy(adv, y) + beta * kl.mean(), "the cross-entropy belongs to the clean logits, CE(f(x), y); "
+         "the attacked slice enters only through the KL"),
+        (ce + beta * kl.sum(), "that sums the KL over the batch: average it, as the cross-entropy is"),
+        (ce + kl.mean(), "beta is missing: multiply the KL by beta"),
+        (ce + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="mean"),
+         "F.kl_div with reduction='mean' divides by every element (N x 2), not by N: use 'batchmean'"),
+    ]
+    for value, hint in mistakes:
+        if torch.allclose(got, value):
+            raise NotYet(hint)
+    raise NotYet(f"expected {expected.item():.4f}, got {got.item():.4f}: CE(logits_nat, y) plus beta times the "
+                 "batch mean of KL(softmax(logits_nat) || softmax(logits_adv))")
+
+
+@exercise("nb03-project", "the projection onto the L-inf ball around x, within the pixel range [0, 1]")
+def _check_project(project) -> str:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(4, 1, 8, 8, generator=gen)
+    x[0], x[1] = 0.0, 1.0  # a black and a white slice, where the ball leaves [0, 1]
+    x_adv = x + 0.2 * (2 * torch.rand(x.shape, generator=gen) - 1)
+    eps = 4 / 255
+    ball = torch.min(torch.max(x_adv, x - eps), x + eps)
+    got = project(x_adv.clone(), x.clone(), eps)
+    if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+        raise NotYet(f"return a tensor shaped like x_adv {tuple(x.shape)}, got "
+                     f"{getattr(got, 'shape', type(got).__name__)!r}")
+    if torch.allclose(got, ball.clamp(0, 1), atol=1e-7):
+        return "every pixel within eps of x and inside [0, 1]: the feasible set PGD steps in"
+    if torch.allclose(got, ball, atol=1e-7):
+        raise NotYet("inside the ball, but not inside [0, 1]: clamp to [0, 1] as well (slice 0 is black, 1 white)")
+    if torch.allclose(got, x_adv.clamp(0, 1), atol=1e-7):
+        raise NotYet("clamped to [0, 1] only: also keep every pixel within eps of x")
+    raise NotYet("clamp each pixel to [max(x - eps, 0), min(x + eps, 1)]")
+
+
+# ---------------------------------------------------------------------------------- chapter 04 (weights)
+@exercise("nb04-defence", "a defence registered with register_loss and trained by the Trainer")
 def _check_defence(name) -> str:
     from .components import LOSSES, Batch
     from .config import load_config
     from .trainer import Trainer
 
     if not isinstance(name, str):
-        raise NotYet("pass the name you registered the loss under, e.g. check('nb03-defence', 'my_defence')")
+        raise NotYet("pass the name you registered the loss under, e.g. check('nb04-defence', 'my_defence')")
     if name not in LOSSES:
         raise NotYet(f"no loss {name!r} is registered: decorate your function with @register_loss({name!r}, "
                      "needs_attack=True) and run that cell")
@@ -251,7 +306,7 @@ def _history_case():
                          "test_robust": [0.31, 0.37, 0.40, 0.44, 0.45, 0.46, 0.49, 0.42]})
 
 
-@exercise("nb03-select", "the checkpoint a robust run keeps: the first epoch with the best validation PGD accuracy")
+@exercise("nb04-select", "the checkpoint a robust run keeps: the first epoch with the best validation PGD accuracy")
 def _check_select(select_epoch) -> str:
     history = _history_case()
     got = select_epoch(history.copy())
@@ -275,7 +330,7 @@ def _check_select(select_epoch) -> str:
                                         "largest val_robust (the first one on ties) and return its epoch"))
 
 
-# ------------------------------------------------------------------------------ chapters 00, 01, 04-07
+# ------------------------------------------------------------------------------ chapters 00, 01, 05-08
 def _compare(got, expected, what: str, atol: float = 1e-5):
     got = torch.as_tensor(got, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
@@ -369,7 +424,7 @@ def _check_guided(guided) -> str:
     return "q follows the guide's edges where var(I) >> eps and is smooth where var(I) << eps"
 
 
-@exercise("nb04-pointing", "the pointing game: does each map's maximum fall inside the lesion mask?")
+@exercise("nb05-pointing", "the pointing game: does each map's maximum fall inside the lesion mask?")
 def _check_pointing(hits) -> str:
     from .explain import pointing_game
 
@@ -387,7 +442,7 @@ def _check_pointing(hits) -> str:
     return f"{int(expected.sum())} of {len(expected)} maps point inside: the score counts peaks, not mass"
 
 
-@exercise("nb04-ratio", "the lung-attention ratio: the share of each map's mass inside its mask")
+@exercise("nb05-ratio", "the lung-attention ratio: the share of each map's mass inside its mask")
 def _check_ratio(lung_ratio) -> str:
     from .explain import mass_ratio
 
@@ -420,7 +475,7 @@ def _check_ratio(lung_ratio) -> str:
                  "per map, the sum of the map inside the mask divided by the map's sum")
 
 
-@exercise("nb05-mce", "the mean corruption error against a reference model (Hendrycks and Dietterich 2019)")
+@exercise("nb06-mce", "the mean corruption error against a reference model (Hendrycks and Dietterich 2019)")
 def _check_mce(mce) -> str:
     errors = {"noise": [0.10, 0.20, 0.40], "blur": [0.05, 0.10, 0.20], "window": [0.30, 0.50, 0.60]}
     reference = {"noise": [0.20, 0.30, 0.50], "blur": [0.05, 0.05, 0.10], "window": [0.20, 0.30, 0.40]}
@@ -452,7 +507,7 @@ def _corruption_case():
     return pd.DataFrame(rows)
 
 
-@exercise("nb05-family", "the mean corruption accuracy per model and corruption family")
+@exercise("nb06-family", "the mean corruption accuracy per model and corruption family")
 def _check_family(family_means) -> str:
     import pandas as pd
 
@@ -502,7 +557,7 @@ def _check_family(family_means) -> str:
                  "and every severity 1-5, leaving the clean rows (severity 0) out")
 
 
-@exercise("nb06-interval", "a paired 95% t-interval of the per-seed differences")
+@exercise("nb07-interval", "a paired 95% t-interval of the per-seed differences")
 def _check_interval(paired_interval) -> str:
     from .stats import t_interval
 
@@ -530,7 +585,7 @@ def _seeds_for(sd: float, half_width: float, quantile: Callable) -> int:
     return n
 
 
-@exercise("nb06-seeds", "how many seeds a 95% t-interval of a given half-width needs")
+@exercise("nb07-seeds", "how many seeds a 95% t-interval of a given half-width needs")
 def _check_seeds(seeds_needed) -> str:
     from scipy import stats
 
@@ -560,7 +615,7 @@ def _check_seeds(seeds_needed) -> str:
             "the 3.4-point gain the paper claims")
 
 
-@exercise("nb07-ece", "the expected calibration error with 15 equal-width bins")
+@exercise("nb08-ece", "the expected calibration error with 15 equal-width bins")
 def _check_ece(ece) -> str:
     from .shortcuts import expected_calibration_error
 
@@ -593,7 +648,7 @@ def _adabn_case():
     return model.eval(), 0.3 + 0.5 * torch.rand(32, 1, 12, 12, generator=gen)
 
 
-@exercise("nb07-adabn", "AdaBN: BatchNorm statistics re-estimated on the target images, no weight changed")
+@exercise("nb08-adabn", "AdaBN: BatchNorm statistics re-estimated on the target images, no weight changed")
 def _check_adabn(adabn) -> str:
     from .adapt import adabn as reference_adabn
 

@@ -104,7 +104,7 @@ def test_shipped_runs_match_the_preset_and_their_recorded_metrics():
     """What the notebooks rely on: every shipped run is used by the current cpu-demo preset, its file is the one
     recorded, and its restored weights give the recorded test metrics (within bookruns.TOLERANCE)."""
     manifest = json.loads(bookruns.manifest_path().read_text())
-    assert set(manifest["runs"]) == {bookruns.run_name(m) for m in bookruns.METHODS}
+    assert set(manifest["runs"]) == set(bookruns.RUNS)
     assert all(run["megabytes"] < 5 for run in manifest["runs"].values())
     assert bookruns.check() == []
 
@@ -114,7 +114,7 @@ def test_shipped_erm_is_reproduced_by_training_it_again():
     # The whole run: an epoch-by-epoch comparison of its first epochs was tried and drifts by more than the
     # tolerance with another thread count (early epochs sit near chance and amplify rounding); the end does not.
     # Only ERM's shipped weights are measured here (all four are, in the test above).
-    assert bookruns.check(retrain=["erm"], methods=["erm"]) == []
+    assert bookruns.check(retrain=["erm-seed0"], names=["erm-seed0"]) == []
 
 
 def test_a_drift_beyond_the_tolerance_is_reported():

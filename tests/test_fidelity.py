@@ -432,7 +432,7 @@ def test_random_direction_has_the_given_per_layer_sizes():
         assert torch.isclose(d[n].norm(), sizes[n].norm(), rtol=1e-5)
     assert all(torch.equal(d[n], random_direction(sizes, seed=4)[n]) for n in names)
     assert any(not torch.equal(d[n], random_direction(sizes, seed=5)[n]) for n in names)
-    # What notebooks 03 and 04 computed inline: one generator, layer by layer.
+    # What notebooks 04 and 05 computed inline: one generator, layer by layer.
     gen = torch.Generator().manual_seed(0)
     inline = {n: s.norm() / r.norm() * r for n, s in sizes.items() for r in [torch.randn(s.shape, generator=gen)]}
     ours = random_direction(sizes, generator=torch.Generator().manual_seed(0))

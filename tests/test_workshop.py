@@ -73,7 +73,7 @@ def test_masking_check(capsys):
 
 
 def test_defence_check(capsys):
-    assert not check("nb03-defence", "not_registered")
+    assert not check("nb04-defence", "not_registered")
     assert "@register_loss('not_registered', needs_attack=True)" in capsys.readouterr().out
 
     @register_loss("_workshop_trades", needs_attack=True)
@@ -86,9 +86,9 @@ def test_defence_check(capsys):
             return F.cross_entropy(model(batch.x).float(), batch.y)
 
     try:
-        assert check("nb03-defence", "_workshop_trades")
+        assert check("nb04-defence", "_workshop_trades")
         assert "the Trainer took a step with '_workshop_trades'" in capsys.readouterr().out
-        assert not check("nb03-defence", "_workshop_detached")
+        assert not check("nb04-defence", "_workshop_detached")
         assert "carries no gradient" in capsys.readouterr().out
     finally:
         LOSSES.unregister("_workshop_trades")
@@ -144,17 +144,36 @@ def ece_solution(probs, labels):
                for b in range(15) if (which == b).any())
 
 
+def trades_solution(logits_nat, logits_adv, y, beta):
+    log_p, log_q = F.log_softmax(logits_nat, 1), F.log_softmax(logits_adv, 1)
+    return F.cross_entropy(logits_nat, y) + beta * (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def trades_reversed_kl(logits_nat, logits_adv, y, beta):
+    return trades_solution(logits_nat, logits_adv, y, 0.0) + beta * F.kl_div(
+        F.log_softmax(logits_nat, 1), F.softmax(logits_adv, 1), reduction="batchmean")
+
+
+def project_solution(x_adv, x, eps):
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
 @pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb03-trades", trades_solution, trades_reversed_kl, "the other way round"),
+    ("nb03-trades", trades_solution, lambda n, a, y, b: F.cross_entropy(n, y, reduction="none"), "0-d tensor"),
+    ("nb03-project", project_solution, lambda x_adv, x, eps: x_adv.clamp(0, 1), "clamped to [0, 1] only"),
+    ("nb03-project", project_solution, lambda x_adv, x, eps: torch.min(torch.max(x_adv, x - eps), x + eps),
+     "not inside [0, 1]"),
     ("nb00-window", window_solution, lambda hu, w, l: (hu - (l - w / 2)) / w, "clip"),
     ("nb00-window", window_solution, lambda hu, w, l: ((hu - l) / w).clamp(0, 1), "should put L - W/2"),
     ("nb01-box", box_solution, lambda x, r: F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1),
      "the borders are not"),
     ("nb01-guided", guided_solution, lambda I, p, r, eps: p, "Check a = cov(I, p)"),
-    ("nb04-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
-    ("nb05-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
+    ("nb05-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
+    ("nb06-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
      "ratio of the total errors"),
-    ("nb06-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
-    ("nb07-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
+    ("nb07-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
+    ("nb08-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
 ])
 def test_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
@@ -242,29 +261,29 @@ def adabn_eval_mode_pass(model, x_target):
 @pytest.mark.parametrize("label, solution, mistake, hint", [
     ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / width, "multiply by 255"),
     ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / (width / 2) * 255, "not W/2"),
-    ("nb03-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
-    ("nb03-select", select_solution, lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
+    ("nb04-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
+    ("nb04-select", select_solution, lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
      "the test split must choose nothing"),
-    ("nb03-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
-    ("nb03-select", select_solution, lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
+    ("nb04-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
+    ("nb04-select", select_solution, lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
      "keeps the first"),
-    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
-    ("nb04-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
+    ("nb05-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
+    ("nb05-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
      "image 4 has an empty mask"),
-    ("nb05-family", family_solution, lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])[
+    ("nb06-family", family_solution, lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])[
         "accuracy"].mean().unstack(), "the columns are corruptions"),
-    ("nb05-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
-    ("nb05-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
-    ("nb05-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
-    ("nb06-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
+    ("nb06-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
+    ("nb06-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
+    ("nb06-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
+    ("nb07-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
      "1.96 is the normal quantile"),
-    ("nb06-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
-    ("nb07-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
-    ("nb07-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
+    ("nb07-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
+    ("nb08-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
+    ("nb08-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
      "put only the BatchNorm layers in train mode"),
-    ("nb07-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
-    ("nb07-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
-    ("nb07-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
+    ("nb08-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
+    ("nb08-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
+    ("nb08-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
 ])
 def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
@@ -274,8 +293,8 @@ def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
 
 
-@pytest.mark.parametrize("label", ["nb00-noise", "nb03-select", "nb04-ratio", "nb05-family", "nb06-seeds",
-                                   "nb07-adabn"])
+@pytest.mark.parametrize("label", ["nb00-noise", "nb04-select", "nb05-ratio", "nb06-family", "nb07-seeds",
+                                   "nb08-adabn"])
 def test_second_chapter_starters(label, capsys):
     def starter(*args):
         ...
