@@ -2,9 +2,9 @@
 
 Each notebook runs in a fresh kernel in its own empty temporary folder (as on a fresh laptop or Colab runtime:
 nothing is shared between notebooks but the package and the decode cache), with one torch thread, one notebook
-per core (jupyter-cache's pool), longest first (the times of ``benchmarks/results/notebooks_cpu_found.json``). On two cores this takes
-13% less time than one notebook after another with two threads each (measured on notebooks 02 and 03: 194 s
-instead of 223 s): a notebook spends much of its time in single-threaded Python. The book build
+per core (jupyter-cache's pool), longest first (the times of ``benchmarks/results/notebooks_cpu_found.json``).
+On two cores this takes 13% less time than one notebook after another with two threads each (measured on
+notebooks 02 and 03: 194 s instead of 223 s): a notebook spends much of its time in single-threaded Python. The book build
 (``execute_notebooks: cache``) then renders these outputs; it would execute any notebook missing from the cache.
 
 Usage: python book/execute_notebooks.py [--timeout 1200]

@@ -49,7 +49,6 @@ RUNS = {
     "trades-beta1-seed0": ("trades", {"beta": 1.0}),
     "trades-beta6-seed0": ("trades", {"beta": 6.0}),
 }
-METHODS = ("erm", "trades", "awp", "robustmed")  # the compared runs, with the preset's settings
 # Accuracy on the 600-slice phantom test split, absolute: 0.02 is 12 slices. The same code on the same torch
 # reproduces the recorded numbers exactly; another BLAS or torch version moves a few slices.
 TOLERANCE = 0.02
@@ -186,6 +185,17 @@ def run_config(name: str, out_dir: str | Path) -> TrainConfig:
     return load_config(PRESET, {**overrides, "method": method, "seed": SEED, "out_dir": str(out_dir)})
 
 
+def train_run(name: str, out_dir: str | Path, progress: bool = False):
+    """Trains shipped run ``name`` from scratch into ``out_dir``; returns its finished ``Trainer``."""
+    from .trainer import Trainer
+
+    cfg = run_config(name, out_dir)
+    cfg.progress = progress
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
 def regenerate(names=tuple(RUNS), out_dir: str | Path = SHIPPED_DIR, progress: bool = True) -> dict:
     """Trains shipped runs from scratch, packs them and records what their restored weights measure.
 
@@ -198,18 +208,14 @@ def regenerate(names=tuple(RUNS), out_dir: str | Path = SHIPPED_DIR, progress: b
     Returns:
         The manifest written to ``out_dir/manifest.json``.
     """
-    from .trainer import Trainer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, start = {}, time.time()
     with tempfile.TemporaryDirectory() as work:
         for name in names:
             began = time.time()
-            cfg = run_config(name, f"{work}/trained/{name}")
-            cfg.progress = progress
-            trainer = Trainer(cfg)
-            trainer.fit()
+            trainer = train_run(name, f"{work}/trained/{name}", progress)
+            cfg = trainer.cfg
             file = out_dir / f"{name}.pt"
             pack_run(trainer.run_dir, file)
             restored = run_config(name, f"{work}/restored/{name}")
@@ -246,8 +252,6 @@ def check(retrain=(), names=tuple(RUNS), progress: bool = False) -> list[str]:
     Returns:
         One line per problem (empty when everything agrees within ``TOLERANCE``).
     """
-    from .trainer import Trainer
-
     if not manifest_path().exists():
         return [f"{manifest_path()} does not exist. Fix: {REGENERATE}"]
     manifest = json.loads(manifest_path().read_text())
@@ -271,9 +275,7 @@ def check(retrain=(), names=tuple(RUNS), progress: bool = False) -> list[str]:
             test = tests[split] = tests.get(split) or test_split(cfg)
             problems += _compare(f"{name} (shipped weights)", measure(cfg.run_dir(), cfg, test), entry["float16"])
             if name in retrain:
-                trainer = Trainer(run_config(name, f"{work}/trained/{name}"))
-                trainer.cfg.progress = progress
-                trainer.fit()
+                trainer = train_run(name, f"{work}/trained/{name}", progress)
                 problems += _compare(f"{name} (trained again)", measure(trainer.run_dir, trainer.cfg, test),
                                      entry["float32"])
     return problems
