@@ -190,12 +190,14 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fidelity(args: argparse.Namespace) -> int:
+def _paired_study(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
     from .fidelity import run_fidelity
     from .runplan import parse_seeds
 
-    result = run_fidelity(args.profile, data=args.data, seeds=parse_seeds(args.seeds), out=args.out, runs=args.runs,
-                          jobs=args.jobs, progress=not args.quiet)
+    run = {"fidelity": run_fidelity, "ablation": run_ablation}[args.study]
+    result = run(args.profile, data=args.data, seeds=parse_seeds(args.seeds), out=args.out, runs=args.runs,
+                 jobs=args.jobs, progress=not args.quiet)
     print(result["effects"].round(4).to_string(index=False))
     return 0
 
@@ -405,17 +407,22 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("--quiet", action="store_true")
     sites.set_defaults(run=_sites)
 
-    fid = sub.add_parser("fidelity", parents=[common], help="CAP's code against the former defaults, the "
-                                                         "abstract's readings, AWP against TRADES (paired, seeds)")
-    fid.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
-    fid.add_argument("--data", default=None, help="training set (default: sarscov2 beside the shared data; "
-                                                  "'phantom' for the phantom)")
-    fid.add_argument("--seeds", default="0,1,2")
-    fid.add_argument("--out", default=None, help="results folder (default results/fidelity/<profile>[-phantom])")
-    fid.add_argument("--runs", default=None, help="run directories (default runs/fidelity/<profile>[-phantom])")
-    fid.add_argument("--jobs", type=int, default=None)
-    fid.add_argument("--quiet", action="store_true")
-    fid.set_defaults(run=_fidelity)
+    studies = (("fidelity", "CAP's code against the former defaults, the abstract's readings, AWP against "
+                "TRADES (paired, seeds)"),
+               ("ablation", "robustmed with one part switched off at a time (prior, feedback, weight "
+                "noise, loss; paired, seeds)"))
+    for name, help_text in studies:  # the paired studies share their options and their run folders
+        study = sub.add_parser(name, parents=[common], help=help_text)
+        study.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
+        study.add_argument("--data", default=None, help="training set (default: sarscov2 beside the shared data; "
+                                                        "'phantom' for the phantom)")
+        study.add_argument("--seeds", default="0,1,2")
+        study.add_argument("--out", default=None, help=f"results folder (default results/{name}/<profile>[-phantom])")
+        study.add_argument("--runs", default=None, help="run directories, shared by the studies (default "
+                                                        "runs/fidelity/<profile>[-phantom])")
+        study.add_argument("--jobs", type=int, default=None)
+        study.add_argument("--quiet", action="store_true")
+        study.set_defaults(run=_paired_study, study=name)
 
     diag = sub.add_parser("diagnose", parents=[common], help="is the model looking at the disease? per-site "
                                                              "predictions, calibration and saliency outside the lungs")

@@ -1,6 +1,6 @@
 """The book's fast-profile runs, shipped with the package so that a notebook on a laptop starts from trained models.
 
-Notebooks 04, 05, 06 and 08 compare models trained with the ``cpu-demo`` preset on the phantom (``runs/book``).
+Notebooks 04, 05, 06 and 09 compare models trained with the ``cpu-demo`` preset on the phantom (``runs/book``).
 Training all four on a 2-core CPU takes longer than a workshop can wait for one notebook, so the package carries
 them: each run's checkpoints as float16 weights, its config and its per-epoch log (``bookruns/*.pt``), and what
 the restored weights measure on the phantom test split (``bookruns/manifest.json``).
@@ -39,7 +39,7 @@ from .trainer import CHECKPOINTS
 SHIPPED_DIR = Path(__file__).resolve().parent / "bookruns"
 PRESET = "cpu-demo"
 SEED = 0
-# Every shipped run: name -> (method, settings that differ from the preset). Chapters 04-06 and 08 compare the first
+# Every shipped run: name -> (method, settings that differ from the preset). Chapters 04-06 and 09 compare the first
 # four; chapter 03 sweeps TRADES' beta (3.0, the preset's, is trades-seed0).
 RUNS = {
     "erm-seed0": ("erm", {}),

@@ -110,6 +110,37 @@ def clinical_metrics(labels, probs) -> dict[str, float]:
             "sensitivity": float(sens), "specificity": float(spec), "f1": float(f1)}
 
 
+def threshold_sweep(labels, p_covid, thresholds=None) -> pd.DataFrame:
+    """Sensitivity and specificity of the rule "COVID when p(COVID) > t" for each threshold t. At t = 0.5 the rule
+    is the argmax prediction that ``clinical_metrics`` scores.
+
+    Args:
+        labels: (N,) true classes, 1 = COVID.
+        p_covid: (N,) predicted probabilities of COVID.
+        thresholds: Default 0, 0.01, ..., 1.
+
+    Returns:
+        One row per threshold: threshold, sensitivity, specificity, balanced_accuracy.
+
+    Raises:
+        ValueError: A class is missing from ``labels`` (sensitivity or specificity would be undefined), or the two
+            arrays differ in length.
+    """
+    labels, p_covid = np.asarray(labels).ravel(), np.asarray(p_covid, dtype=np.float64).ravel()
+    if len(labels) != len(p_covid):
+        raise ValueError(f"{len(labels)} labels but {len(p_covid)} probabilities: pass one probability per label")
+    covid, non_covid = labels == POSITIVE_CLASS, labels != POSITIVE_CLASS
+    if not covid.any() or not non_covid.any():
+        raise ValueError(f"the labels hold {int(covid.sum())} COVID and {int(non_covid.sum())} non-COVID slices: "
+                         "sensitivity and specificity need both classes. Fix: sweep a split with both")
+    thresholds = np.linspace(0, 1, 101) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    positive = p_covid[None, :] > thresholds[:, None]
+    sensitivity = positive[:, covid].mean(1)
+    specificity = (~positive[:, non_covid]).mean(1)
+    return pd.DataFrame({"threshold": thresholds, "sensitivity": sensitivity, "specificity": specificity,
+                         "balanced_accuracy": (sensitivity + specificity) / 2})
+
+
 def class_counts(labels) -> tuple[int, int]:
     """(COVID, non-COVID) counts of binary labels."""
     labels = np.asarray(labels).reshape(-1)

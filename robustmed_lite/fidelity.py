@@ -63,11 +63,12 @@ def comparisons() -> list[tuple[str, str, str]]:
 METRICS = ("clean_accuracy", "pgd10_train_eps", "pgd10_8_255", "ensemble_train_eps")
 
 
-def summarise_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
-    """The paired effects of ``comparisons`` on ``METRICS`` (rows whose runs are missing are left out)."""
+def summarise_effects(runs: pd.DataFrame, pairs, metrics=METRICS) -> pd.DataFrame:
+    """Paired per-seed effects, row minus reference, of each ``(group, row, reference)`` of ``pairs`` on each of
+    ``metrics`` (pairs whose runs are missing are left out)."""
     rows = []
-    for group, row, reference in comparisons():
-        for metric in METRICS:
+    for group, row, reference in pairs:
+        for metric in metrics:
             gain = paired_gain(runs, row, reference, metric)
             if gain:
                 rows.append({"group": group, "row": row, "reference": reference, "metric": metric, **gain})
@@ -75,8 +76,14 @@ def summarise_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
                                        "gain_ci_high", "n_pairs"])
 
 
-def _markdown(effects: pd.DataFrame, title: str) -> str:
-    lines = [f"# Fidelity to CAP: {title}", "",
+def summarise_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paired effects of ``comparisons`` on ``METRICS``."""
+    return summarise_effects(runs, comparisons())
+
+
+def effects_markdown(effects: pd.DataFrame, heading: str) -> str:
+    """A Markdown page of ``effects``: one line per (group, row, reference), one column per metric."""
+    lines = [f"# {heading}", "",
              "Paired per-seed differences (row minus reference), mean [95% t-interval], in-domain test split.", ""]
     if effects.empty:
         return "\n".join(lines + ["(no finished pairs)"]) + "\n"
@@ -107,20 +114,35 @@ def run_fidelity(profile: str = "cpu", data: str | None = None, seeds=(0, 1, 2),
         progress: Progress bars.
         command: The command line to record.
     """
-    prof = PROFILES[profile]
-    suffix = "-phantom" if data == "phantom" else ""
-    out = Path(out or f"results/fidelity/{prof.name}{suffix}")
-    runs = Path(runs or f"runs/fidelity/{prof.name}{suffix}")
-    epochs = load_config(prof.preset, dict(prof.train)).epochs
+    epochs = load_config(PROFILES[profile].preset, dict(PROFILES[profile].train)).epochs
     rows, methods = variants(epochs), "trades,awp,cap,robustmed"
     if data == "phantom":
         rows, methods = {k: v for k, v in rows.items() if k in PHANTOM_ROWS}, PHANTOM_METHODS
+    return run_paired_study("fidelity", "Fidelity to CAP", comparisons(), METRICS, profile=profile, data=data,
+                            methods=methods, rows=rows, seeds=seeds, out=out, runs=runs, jobs=jobs, progress=progress,
+                            command=command)
+
+
+def run_paired_study(study: str, heading: str, pairs, metrics, *, profile: str, data: str | None, methods: str,
+                     rows: dict[str, dict], seeds, out, runs, jobs, progress: bool, command) -> dict[str, pd.DataFrame]:
+    """Trains a study's methods and extra rows as reproduction runs (their folders, reuse and resumption) and
+    writes the paired effects of ``pairs`` on ``metrics`` (``effects.csv``, ``table.md``) to
+    ``results/<study>/<profile>[-phantom]`` (or ``out``); every run's row and the table of means go to its
+    ``all_runs``. Run folders default to ``runs/fidelity/<profile>[-phantom]``, which the studies share.
+
+    Returns:
+        ``{"effects", "runs", "table"}``.
+    """
+    prof = PROFILES[profile]
+    suffix = "-phantom" if data == "phantom" else ""
+    out = Path(out or f"results/{study}/{prof.name}{suffix}")
+    runs = Path(runs or f"runs/fidelity/{prof.name}{suffix}")
     result = reproduce(profile=prof, data=data, methods=methods, seeds=seeds, out=out / "all_runs", runs=runs,
                        jobs=jobs, variants=rows, progress=progress, command=command)
-    effects = summarise_fidelity(result["runs"])
+    effects = summarise_effects(result["runs"], pairs, metrics)
     out.mkdir(parents=True, exist_ok=True)
     effects.to_csv(out / "effects.csv", index=False)
     title = "the phantom" if data == "phantom" else Path(str(data or "sarscov2")).name
-    (out / "table.md").write_text(_markdown(effects, f"{title}, {prof.name} profile, seeds "
-                                                      f"{','.join(map(str, seeds))}"))
-    return {"effects": effects, "runs": result["runs"]}
+    (out / "table.md").write_text(effects_markdown(
+        effects, f"{heading}: {title}, {prof.name} profile, seeds {','.join(map(str, seeds))}"))
+    return {"effects": effects, "runs": result["runs"], "table": result["table"]}

@@ -465,6 +465,64 @@ def plot_shift_bars(table, metric: str = "accuracy", ax=None):
     return fig
 
 
+def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5, figsize_per: float = 3.2):
+    """Sensitivity (solid) and specificity (dashed) against the decision threshold, one panel per model, one
+    colour per domain (``evaluate.threshold_sweep`` tables), with the values at ``threshold`` marked.
+
+    Args:
+        sweeps: ``{model: {domain: sweep table}}``.
+        threshold: The threshold to mark (the argmax rule is 0.5).
+        figsize_per: Width of a panel in inches.
+
+    Returns:
+        The matplotlib figure.
+    """
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(figsize_per * len(sweeps), 3.0), sharey=True, squeeze=False,
+                             layout="constrained")
+    for ax, (model, by_domain) in zip(axes[0], sweeps.items()):
+        for colour, (domain, table) in enumerate(by_domain.items()):
+            t = table["threshold"].to_numpy()
+            at = int(np.abs(t - threshold).argmin())
+            for column, style in (("sensitivity", "-"), ("specificity", "--")):
+                values = table[column].to_numpy()
+                ax.plot(t, values, style, color=f"C{colour}", lw=1.2, label=f"{domain}: {column}")
+                ax.plot(t[at], values[at], "o", color=f"C{colour}", ms=4)
+        ax.axvline(threshold, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{model}, threshold {threshold:.2f}", fontsize=9)
+        ax.set_xlabel("threshold on p(COVID)", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("sensitivity / specificity", fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=7)
+    return fig
+
+
+def plot_corruption_predictions(image, label: int, corrupted: dict, p_covid: dict, figsize_per: float = 2.0):
+    """A slice under corruptions, each panel titled with every model's p(COVID) (a tick where the prediction is
+    right at the 0.5 threshold).
+
+    Args:
+        image: The clean slice, (1, H, W) or (H, W).
+        label: Its true class (1 = COVID).
+        corrupted: ``{panel title: corrupted slice}``, in panel order.
+        p_covid: ``{model: {panel title or "clean": p(COVID)}}``.
+        figsize_per: Width of a panel in inches.
+
+    Returns:
+        The matplotlib figure.
+    """
+    panels = {"clean": image, **corrupted}
+    fig, axes = plt.subplots(1, len(panels), figsize=(figsize_per * len(panels), figsize_per + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, (title, panel) in zip(axes[0], panels.items()):
+        ax.imshow(_numpy(panel).squeeze(), cmap="gray", vmin=0, vmax=1)
+        ax.set_axis_off()
+        lines = [f"{model}: {probs[title]:.2f} {'✓' if (probs[title] > 0.5) == bool(label) else '✗'}"
+                 for model, probs in p_covid.items()]
+        ax.set_title(f"{title}\n" + "\n".join(lines), fontsize=7)
+    fig.suptitle(f"p(COVID) per model; the slice is {CLASS_NAMES[label]}", fontsize=9)
+    return fig
+
+
 # ------------------------------------------------------------------------------------ where the models look
 def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_masks=None, row_labels=None,
                        alpha: float = 0.55, cmap: str = "inferno", figsize_per: float = 1.7, title=None):

@@ -121,8 +121,9 @@ def find_results(profile: str = "cpu", study: str = "reproduction", names=None, 
 
     Args:
         profile: ``cpu``, ``gpu`` or ``paper``.
-        study: ``reproduction`` or ``sites``.
-        names: Files to download (default: the reproduction's ``SCHEMA`` files and ``table.md``).
+        study: ``reproduction``, ``sites``, ``ablation`` or ``fidelity``.
+        names: Files to download, relative to the study's folder (default: the reproduction's ``SCHEMA`` files and
+            ``table.md``); the first one decides whether the checkout has the results.
         download: Fall back to the download.
 
     Raises:
@@ -143,6 +144,7 @@ def find_results(profile: str = "cpu", study: str = "reproduction", names=None, 
         try:
             for name in names:  # a timeout: offline, a blocked connection must fail, not hang the notebook
                 with urllib.request.urlopen(f"{RESULTS_URL}/{study}/{profile}/{name}", timeout=30) as response:
+                    (dest / name).parent.mkdir(parents=True, exist_ok=True)
                     (dest / name).write_bytes(response.read())
             return dest
         except OSError as err:

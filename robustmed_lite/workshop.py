@@ -206,6 +206,13 @@ def _check_masking(attack) -> str:
     return f"accuracy {clean:.2f} -> {robust:.2f}: the model was never robust, its gradients were hidden"
 
 
+def _name_the_mistake(got: torch.Tensor, mistakes) -> None:
+    """Raises NotYet with the hint of the first ``(value, hint)`` whose value the answer equals."""
+    for value, hint in mistakes:
+        if torch.allclose(got, value):
+            raise NotYet(hint)
+
+
 # ------------------------------------------------------------------------------------- chapter 03 (training)
 @exercise("nb03-trades", "the TRADES loss: CE on the clean logits plus beta times KL(p(x) || p(x')), averaged")
 def _check_trades(trades) -> str:
@@ -232,9 +239,7 @@ def _check_trades(trades) -> str:
         (ce + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="mean"),
          "F.kl_div with reduction='mean' divides by every element (N x 2), not by N: use 'batchmean'"),
     ]
-    for value, hint in mistakes:
-        if torch.allclose(got, value):
-            raise NotYet(hint)
+    _name_the_mistake(got, mistakes)
     raise NotYet(f"expected {expected.item():.4f}, got {got.item():.4f}: CE(logits_nat, y) plus beta times the "
                  "batch mean of KL(softmax(logits_nat) || softmax(logits_adv))")
 
@@ -330,7 +335,77 @@ def _check_select(select_epoch) -> str:
                                         "largest val_robust (the first one on ties) and return its epoch"))
 
 
-# ------------------------------------------------------------------------------ chapters 00, 01, 05-08
+# --------------------------------------------------------------------------- chapter 07 (the method put together)
+@exercise("nb07-loss", "the method's loss: ||p(x) - y~||^2 + beta ||p(x') - p(x)||^2 with the soft target y~")
+def _check_method_loss(method_loss) -> str:
+    from .objectives import kl_per_sample, soft_target, square_kl_loss
+
+    gen = torch.Generator().manual_seed(7)
+    nat, adv, aug = (torch.randn(16, 2, generator=gen, dtype=torch.float64) for _ in range(3))
+    y, beta, smooth = torch.randint(0, 2, (16,), generator=gen), 3.0, 0.3
+    got = method_loss(nat.clone(), adv.clone(), aug.clone(), y.clone(), beta, smooth)
+    if not isinstance(got, torch.Tensor) or got.dim() != 0:
+        raise NotYet(f"return one number, a 0-d tensor (the loss averaged over the batch), got "
+                     f"{getattr(got, 'shape', type(got).__name__)!r}")
+    expected, got = square_kl_loss(nat, adv, aug, y, beta, smooth), got.double()
+    if torch.allclose(got, expected):
+        return (f"loss {expected.item():.4f}: the fit to the soft target plus beta times the squared change of the "
+                "prediction under attack")
+    p_nat, p_adv, p_aug = (t.softmax(1) for t in (nat, adv, aug))
+    onehot = F.one_hot(y, 2).double()
+    target = soft_target(aug, y, smooth)
+
+    def square(a, b):
+        return ((a - b) ** 2).sum(1).mean()
+
+    mistakes = [
+        (square(p_nat, onehot) + beta * square(p_adv, p_nat), "the target is the plain one-hot label: mix in the "
+         "prior view's prediction, y~ = smooth * softmax(logits_aug) + (1 - smooth) * onehot(y)"),
+        (square(p_nat, (1 - smooth) * p_aug + smooth * onehot) + beta * square(p_adv, p_nat),
+         "the weights of the mix are swapped: smooth goes with the prior view's prediction, 1 - smooth with the label"),
+        (square(nat, target) + beta * square(adv, nat), "that compares logits: the square loss is on probabilities, "
+         "softmax(logits) first"),
+        (square(p_nat, target) + beta * kl_per_sample(nat, adv).mean(), "the second term is the squared "
+         "difference of the two probability vectors, not a KL (the KL drives the attack that made x')"),
+        (((p_nat - target) ** 2).sum() + beta * ((p_adv - p_nat) ** 2).sum(), "that sums over the batch: average "
+         "each term over the slices"),
+        (((p_nat - target) ** 2).mean() + beta * ((p_adv - p_nat) ** 2).mean(), "that averages over the two classes "
+         "as well: sum the squares over the classes, then average over the slices"),
+        (square(p_nat, target) + square(p_adv, p_nat), "beta is missing: multiply the second term by beta"),
+    ]
+    _name_the_mistake(got, mistakes)
+    raise NotYet(f"expected {expected.item():.4f}, got {got.item():.4f}: the batch mean of the squared distance "
+                 "from softmax(logits_nat) to y~, plus beta times that of softmax(logits_adv) to softmax(logits_nat)")
+
+
+@exercise("nb07-rescale", "a layer's weight noise: the proxy's step rescaled to the layer's own norm")
+def _check_rescale(rescale) -> str:
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    dw = 1e-3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    got = rescale(dw.clone(), w.clone())
+    if not isinstance(got, torch.Tensor) or got.shape != w.shape:
+        raise NotYet(f"return a tensor shaped like the weight {tuple(w.shape)}, got "
+                     f"{getattr(got, 'shape', type(got).__name__)!r}")
+    got = got.double()
+    expected = w.norm() / dw.norm() * dw
+    if torch.allclose(got, expected):
+        return "||d|| = ||w||: gamma = 5e-3 then moves every layer by 0.5% of its own size, in the proxy's direction"
+    mistakes = [
+        (dw, "that is the proxy's step itself: rescale it so that its norm is the weight's, ||w|| / ||dw|| * dw"),
+        (dw / dw.norm(), "unit norm: multiply by the weight's norm ||w||, so that every layer moves in proportion "
+         "to its own size"),
+        (dw.norm() / w.norm() * dw, "the ratio is upside down: ||w|| / ||dw||"),
+        (w.norm() * dw, "divide by ||dw|| as well: the step's own size must cancel"),
+        (w / dw * dw, "that divides element by element: use the norms of the whole tensors (torch.linalg.norm or "
+         ".norm())"),
+        (-expected, "the sign is flipped: the noise goes where the proxy stepped, proxy minus model"),
+    ]
+    _name_the_mistake(got, mistakes)
+    raise NotYet("expected dw scaled by ||w|| / ||dw|| (Frobenius norms of the whole tensors)")
+
+
+# ------------------------------------------------------------------------------ chapters 00, 01, 05-09
 def _compare(got, expected, what: str, atol: float = 1e-5):
     got = torch.as_tensor(got, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
@@ -557,7 +632,7 @@ def _check_family(family_means) -> str:
                  "and every severity 1-5, leaving the clean rows (severity 0) out")
 
 
-@exercise("nb07-interval", "a paired 95% t-interval of the per-seed differences")
+@exercise("nb08-interval", "a paired 95% t-interval of the per-seed differences")
 def _check_interval(paired_interval) -> str:
     from .stats import t_interval
 
@@ -585,7 +660,7 @@ def _seeds_for(sd: float, half_width: float, quantile: Callable) -> int:
     return n
 
 
-@exercise("nb07-seeds", "how many seeds a 95% t-interval of a given half-width needs")
+@exercise("nb08-seeds", "how many seeds a 95% t-interval of a given half-width needs")
 def _check_seeds(seeds_needed) -> str:
     from scipy import stats
 
@@ -615,7 +690,7 @@ def _check_seeds(seeds_needed) -> str:
             "the 3.4-point gain the paper claims")
 
 
-@exercise("nb08-ece", "the expected calibration error with 15 equal-width bins")
+@exercise("nb09-ece", "the expected calibration error with 15 equal-width bins")
 def _check_ece(ece) -> str:
     from .shortcuts import expected_calibration_error
 
@@ -648,7 +723,7 @@ def _adabn_case():
     return model.eval(), 0.3 + 0.5 * torch.rand(32, 1, 12, 12, generator=gen)
 
 
-@exercise("nb08-adabn", "AdaBN: BatchNorm statistics re-estimated on the target images, no weight changed")
+@exercise("nb09-adabn", "AdaBN: BatchNorm statistics re-estimated on the target images, no weight changed")
 def _check_adabn(adabn) -> str:
     from .adapt import adabn as reference_adabn
 

@@ -216,3 +216,32 @@ def test_bad_calls_are_clear_errors(toy):
         evaluate(Threshold(), (toy[0][:0], toy[1][:0]), progress=False)
     with pytest.raises(ValueError, match="images but"):
         evaluate(Threshold(), (toy[0], toy[1][:3]), progress=False)
+
+
+def test_threshold_sweep_counts_sensitivity_and_specificity_at_each_threshold():
+    from robustmed_lite.evaluate import clinical_metrics, threshold_sweep
+
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p_covid = np.array([0.9, 0.7, 0.45, 0.2, 0.6, 0.3, 0.1, 0.5])
+    table = threshold_sweep(labels, p_covid, thresholds=[0.0, 0.4, 0.5, 1.0]).set_index("threshold")
+    assert table.loc[0.0, "sensitivity"] == 1.0 and table.loc[0.0, "specificity"] == 0.0
+    assert table.loc[0.4, "sensitivity"] == 0.75 and table.loc[0.4, "specificity"] == 0.5
+    # p = 0.5 exactly is not COVID at 0.5, as argmax breaks the tie towards class 0
+    assert table.loc[0.5, "sensitivity"] == 0.5 and table.loc[0.5, "specificity"] == 0.75
+    assert table.loc[1.0, "sensitivity"] == 0.0 and table.loc[1.0, "specificity"] == 1.0
+    probs = np.stack([1 - p_covid, p_covid], 1)
+    metrics = clinical_metrics(labels, probs)
+    assert (table.loc[0.5, "sensitivity"], table.loc[0.5, "specificity"]) == (metrics["sensitivity"],
+                                                                              metrics["specificity"])
+    assert len(threshold_sweep(labels, p_covid)) == 101
+
+
+@pytest.mark.parametrize("labels, probs, message", [
+    ([1, 1, 1], [0.2, 0.5, 0.9], "0 non-COVID"),
+    ([0, 1], [0.2, 0.5, 0.9], "2 labels but 3 probabilities"),
+])
+def test_threshold_sweep_refuses_what_it_cannot_score(labels, probs, message):
+    from robustmed_lite.evaluate import threshold_sweep
+
+    with pytest.raises(ValueError, match=message):
+        threshold_sweep(labels, probs)

@@ -505,7 +505,7 @@ def test_fidelity_rows_share_the_plain_clean_run(tmp_path):
 
 
 def test_summarise_fidelity_pairs_rows_by_seed():
-    from robustmed_lite.fidelity import comparisons, summarise_fidelity, _markdown
+    from robustmed_lite.fidelity import comparisons, effects_markdown, summarise_fidelity
 
     rows = []
     for seed in (0, 1, 2):
@@ -520,7 +520,7 @@ def test_summarise_fidelity_pairs_rows_by_seed():
     assert cap["gain_mean"] == pytest.approx(0.04) and cap["gain_ci_low"] < 0.04 < cap["gain_ci_high"]
     robust = effects[(effects["row"] == "cap") & (effects["metric"] == "pgd10_train_eps")].iloc[0]
     assert robust["gain_mean"] == pytest.approx(-0.04)
-    assert "+0.040" in _markdown(effects, "test") and "(n=3)" in _markdown(effects, "test")
+    assert "+0.040" in effects_markdown(effects, "test") and "(n=3)" in effects_markdown(effects, "test")
     assert summarise_fidelity(runs[runs["name"] != "trades"]).query("reference == 'trades'").empty
 
 
@@ -559,7 +559,7 @@ def test_the_phantom_study_trains_only_the_rows_of_its_questions(monkeypatch, tm
 
     def fake_reproduce(**kwargs):
         calls.update(kwargs)
-        return {"runs": pd.DataFrame(columns=["name", "seed"])}
+        return {"runs": pd.DataFrame(columns=["name", "seed"]), "table": pd.DataFrame()}
 
     monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
     fidelity.run_fidelity("cpu", data="phantom", out=tmp_path / "phantom", runs=tmp_path / "runs")

@@ -48,3 +48,34 @@ def test_interactive_figure_redraws_the_image_when_a_slider_moves():
     slider.value = 3
     assert seen == [1, 3] and image.value != first
     assert not plt.get_fignums()  # every drawn figure is closed, none shows up twice
+
+
+def test_the_threshold_figure_marks_the_values_at_the_chosen_threshold():
+    from robustmed_lite.evaluate import threshold_sweep
+    from robustmed_lite.figures import plot_threshold_sweep
+
+    labels = np.array([1, 1, 0, 0])
+    sweeps = {"erm": {"A": threshold_sweep(labels, [0.9, 0.6, 0.4, 0.1]),
+                      "B": threshold_sweep(labels, [0.9, 0.3, 0.7, 0.1])}}
+    fig = plot_threshold_sweep(sweeps, threshold=0.5)
+    ax = fig.axes[0]
+    markers = [line.get_xydata()[0] for line in ax.lines if line.get_marker() == "o"]
+    # site A: sensitivity 1, specificity 1 at 0.5; site B: 0.5 and 0.5
+    assert sorted(tuple(np.round(m, 2)) for m in markers) == [(0.5, 0.5), (0.5, 0.5), (0.5, 1.0), (0.5, 1.0)]
+    assert "threshold 0.50" in ax.get_title()
+    plt.close(fig)
+
+
+def test_the_corruption_figure_titles_each_panel_with_every_models_prediction():
+    import torch
+
+    from robustmed_lite.figures import plot_corruption_predictions
+
+    image = torch.rand(1, 16, 16)
+    fig = plot_corruption_predictions(image, 1, {"low_dose, 3": image * 0.5},
+                                      {"erm": {"clean": 0.8, "low_dose, 3": 0.3},
+                                       "trades": {"clean": 0.6, "low_dose, 3": 0.7}})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "clean\nerm: 0.80 ✓\ntrades: 0.60 ✓"
+    assert titles[1] == "low_dose, 3\nerm: 0.30 ✗\ntrades: 0.70 ✓"
+    plt.close(fig)

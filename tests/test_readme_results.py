@@ -59,6 +59,30 @@ def test_the_fidelity_tables_quote_the_committed_effects(results, marker, labels
             assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
 
 
+ABLATION_ROWS = {"without the prediction feedback (`cap`)": "cap", "without the lung-prior view": "robustmed-prior",
+                 "without the proxy attention noise": "robustmed-weight_noise",
+                 "TRADES' loss instead of the square loss": "robustmed-square_loss"}
+ABLATION_METRICS = ("clean_accuracy", "pgd10_train_eps", "ensemble_train_eps", "ood_mean_accuracy", "corruption_all")
+
+
+def test_the_ablation_table_quotes_the_committed_effects():
+    results = ROOT / "results" / "ablation" / "cpu-phantom"
+    effects = pd.read_csv(results / "effects.csv").set_index(["row", "metric"])
+    rows = _table_after("**The committed measurement** (`results/ablation/cpu-phantom/table.md`")
+    assert [r[0] for r in rows] == list(ABLATION_ROWS)
+    for label, *cells in rows:
+        for cell, metric in zip(cells, ABLATION_METRICS, strict=True):
+            quoted = [float(v) for v in INTERVAL.search(cell).groups()]
+            measured = effects.loc[(ABLATION_ROWS[label], metric), ["gain_mean", "gain_ci_low", "gain_ci_high"]]
+            assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
+    # the paragraph after it: the full method's mean ensemble accuracy and the range of the others
+    runs = pd.read_csv(results / "all_runs" / "runs.csv")
+    ensemble = runs.groupby("name")["ensemble_train_eps"].mean().drop("erm").round(3)
+    others = ensemble.drop("robustmed")
+    assert ensemble.idxmin() == "robustmed"
+    assert f"({ensemble['robustmed']:.3f}, against {others.min():.3f}-{others.max():.3f})" in README
+
+
 REPRODUCTION_ROWS = {"natural accuracy": "clean_accuracy", "ensemble @ 4/255": "ensemble_train_eps",
                      "ensemble @ 8/255": "ensemble_8_255", "corruptions, CAP's 15 types": "corruption_cap15",
                      "corruptions, CT physics": "corruption_ct",

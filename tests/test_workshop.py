@@ -158,7 +158,33 @@ def project_solution(x_adv, x, eps):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
+def method_loss_solution(logits_nat, logits_adv, logits_aug, y, beta, smooth):
+    p_nat, p_adv = F.softmax(logits_nat, 1), F.softmax(logits_adv, 1)
+    target = smooth * F.softmax(logits_aug, 1) + (1 - smooth) * F.one_hot(y, 2).to(p_nat.dtype)
+    return ((p_nat - target) ** 2).sum(1).mean() + beta * ((p_adv - p_nat) ** 2).sum(1).mean()
+
+
+def method_loss_onehot_target(logits_nat, logits_adv, logits_aug, y, beta, smooth):
+    return method_loss_solution(logits_nat, logits_adv, logits_aug, y, beta, 0.0)
+
+
+def method_loss_on_logits(logits_nat, logits_adv, logits_aug, y, beta, smooth):
+    target = smooth * F.softmax(logits_aug, 1) + (1 - smooth) * F.one_hot(y, 2).to(logits_nat.dtype)
+    return ((logits_nat - target) ** 2).sum(1).mean() + beta * ((logits_adv - logits_nat) ** 2).sum(1).mean()
+
+
+def rescale_solution(dw, w):
+    return w.norm() / dw.norm() * dw
+
+
 @pytest.mark.parametrize("label, solution, mistake, hint", [
+    ("nb07-loss", method_loss_solution, method_loss_onehot_target, "plain one-hot label"),
+    ("nb07-loss", method_loss_solution, method_loss_on_logits, "compares logits"),
+    ("nb07-loss", method_loss_solution, lambda n, a, g, y, b, s: method_loss_solution(n, a, g, y, 1.0, s),
+     "beta is missing"),
+    ("nb07-rescale", rescale_solution, lambda dw, w: dw, "the proxy's step itself"),
+    ("nb07-rescale", rescale_solution, lambda dw, w: dw.norm() / w.norm() * dw, "upside down"),
+    ("nb07-rescale", rescale_solution, lambda dw, w: dw / dw.norm(), "unit norm"),
     ("nb03-trades", trades_solution, trades_reversed_kl, "the other way round"),
     ("nb03-trades", trades_solution, lambda n, a, y, b: F.cross_entropy(n, y, reduction="none"), "0-d tensor"),
     ("nb03-project", project_solution, lambda x_adv, x, eps: x_adv.clamp(0, 1), "clamped to [0, 1] only"),
@@ -172,8 +198,8 @@ def project_solution(x_adv, x, eps):
     ("nb05-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
     ("nb06-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
      "ratio of the total errors"),
-    ("nb07-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
-    ("nb08-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
+    ("nb08-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
+    ("nb09-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
 ])
 def test_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
@@ -183,7 +209,7 @@ def test_chapter_checks(label, solution, mistake, hint, capsys):
     assert out.startswith(f"{NOT_YET}: ") and hint in out, out
 
 
-# ---------------------------------------------------------------- the second exercise of chapters 00, 03-07
+# ---------------------------------------------------------------- the second exercise of chapters 00, 03-08
 def noise_solution(noise_hu, width):
     return noise_hu / width * 255
 
@@ -275,15 +301,15 @@ def adabn_eval_mode_pass(model, x_target):
     ("nb06-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
     ("nb06-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
     ("nb06-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
-    ("nb07-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
+    ("nb08-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
      "1.96 is the normal quantile"),
-    ("nb07-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
-    ("nb08-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
-    ("nb08-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
+    ("nb08-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
+    ("nb09-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
+    ("nb09-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
      "put only the BatchNorm layers in train mode"),
-    ("nb08-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
-    ("nb08-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
-    ("nb08-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
+    ("nb09-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
+    ("nb09-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
+    ("nb09-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
 ])
 def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
@@ -293,8 +319,8 @@ def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
 
 
-@pytest.mark.parametrize("label", ["nb00-noise", "nb04-select", "nb05-ratio", "nb06-family", "nb07-seeds",
-                                   "nb08-adabn"])
+@pytest.mark.parametrize("label", ["nb00-noise", "nb04-select", "nb05-ratio", "nb06-family", "nb08-seeds",
+                                   "nb09-adabn"])
 def test_second_chapter_starters(label, capsys):
     def starter(*args):
         ...
