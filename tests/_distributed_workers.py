@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from robustmed_lite import distributed, trainer as trainer_module
+from robustmed_lite import distributed
+from robustmed_lite import trainer as trainer_module
 from robustmed_lite.config import load_config
 from robustmed_lite.trainer import Trainer
 

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from _distributed_workers import all_runs, launch
 from filelock import FileLock
 
 from robustmed_lite import distributed
 from robustmed_lite.config import load_config
 from robustmed_lite.dataset import PriorDataset
 from robustmed_lite.trainer import Trainer, load_checkpoint
-
-from _distributed_workers import all_runs, launch
 
 pytestmark = pytest.mark.distributed
 
@@ -144,7 +143,7 @@ def test_torchrun_resumes_a_run_bitwise(runs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "robustmed_lite", "train", "--config", "cpu-demo", "--resume", "--out_dir", str(split)]
     command += [arg for key, value in ROBUSTMED.items() for arg in (f"--{key}", str(value))]
-    result = subprocess.run(command, env=env, cwd=runs, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, cwd=runs, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1, result.stdout  # printed by rank 0 only
     full = load_checkpoint(runs / "robustmed-full" / "last.pt")
