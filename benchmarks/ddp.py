@@ -56,10 +56,11 @@ def _measure(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     parameters = sum(p.numel() for p in trainer.model.parameters())
+    proxy = sum(p.numel() for p in getattr(trainer.weight_noise, "stepped", []))
     distributed.teardown()
     return {"method": args.method, "setting": f"ranks={ranks}" if args.launched else "plain", "ranks": ranks,
             "threads_per_process": args.threads, "seconds_per_step": sorted(times)[len(times) // 2],
-            "all_seconds": times, "parameters": parameters}
+            "all_seconds": times, "parameters": parameters, "proxy_parameters": proxy}
 
 
 def _run(args, method: str, ranks: int | None) -> dict:
@@ -82,7 +83,8 @@ def _run(args, method: str, ranks: int | None) -> dict:
 
 def allreduce_estimate(parameters: int, ranks: int) -> dict:
     """Bytes each rank sends (and receives) per step in a ring all-reduce of float32 gradients: 2 (N - 1) / N
-    times the gradient's size. An estimate on paper, not a measurement."""
+    times the gradients' size (the model's, plus the proxy's perturbed weights for weight noise). An estimate on
+    paper, not a measurement."""
     size = parameters * 4
     return {"ranks": ranks, "gradient_mb": round(size / 1e6, 1),
             "ring_traffic_mb_per_rank": round(size * 2 * (ranks - 1) / ranks / 1e6, 1)}
@@ -125,7 +127,8 @@ def main():
     out.write_text(json.dumps({
         "benchmark": "ddp", "model": args.model, "size": args.size, "global_batch": args.batch,
         "attack_steps": args.attack_steps, "threads": args.threads, "results": rows,
-        "allreduce_estimate": [allreduce_estimate(rows[0]["parameters"], n) for n in (2, 4, 8)],
+        "allreduce_estimate": {row["method"]: [allreduce_estimate(row["parameters"] + row["proxy_parameters"], n)
+                                               for n in (2, 4, 8)] for row in rows if row["setting"] == "plain"},
         "environment": environment_info()}, indent=2))
     print(f"saved {out}")
 
