@@ -16,6 +16,11 @@ of its images, a stratified sample); the best clean and best robust checkpoints 
 test split. The last checkpoint holds the optimizer, scheduler and RNG states and the weight-noise proxy's
 optimizer state (CAP's AdamW moments), so a resumed run is bitwise the uninterrupted one on a CPU. The run
 directory records the config, the seed, the library versions and a per-epoch log.
+
+Launched by ``torchrun``, one run is shared by the launched processes (``distributed``): each rank trains on its
+share of every global batch, DistributedDataParallel averages the gradients, the weight noise's proxy steps on
+the averaged gradients (the same noise on every rank), validation adds up the ranks' counts, and rank 0 alone
+writes the run directory.
 """
 
 from __future__ import annotations
@@ -475,13 +480,11 @@ class Trainer:
             bar = tqdm(batches, total=self.steps_per_epoch, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
                        leave=False, **progress_options(cfg.progress and main))
             for batch_index, (x, x_aug, y, *_) in enumerate(bar):
-                if self.distributed:
-                    # A seed of its own for each rank's batch (acquisition augmentation, prior samples).
-                    global_batch = min(cfg.batch_size, len(self.data.train) - batch_index * cfg.batch_size)
-                    stats = self.train_step(x, x_aug, y, epoch, attack, batch_index * self.ranks + self.rank,
-                                            global_batch)
-                else:
-                    stats = self.train_step(x, x_aug, y, epoch, attack, batch_index)
+                # Each rank's batch seeds its acquisition augmentation and prior samples apart (in one process
+                # the index is the batch's).
+                global_batch = min(cfg.batch_size, len(self.data.train) - batch_index * cfg.batch_size)
+                stats = self.train_step(x, x_aug, y, epoch, attack, batch_index * self.ranks + self.rank,
+                                        global_batch)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * len(y)
                 count += len(y)

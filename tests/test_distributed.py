@@ -18,6 +18,7 @@ from _distributed_workers import all_runs, launch
 from filelock import FileLock
 
 from robustmed_lite import distributed
+from robustmed_lite.components import WEIGHT_NOISE, register_weight_noise
 from robustmed_lite.config import load_config
 from robustmed_lite.dataset import PriorDataset
 from robustmed_lite.trainer import Trainer, load_checkpoint
@@ -176,11 +177,16 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--batch_size a multiple of 3"):
         distributed.per_rank_batch(32, 3)
     assert not distributed.launched() and distributed.world_size() == 1 and distributed.is_main()
+    register_weight_noise("unsynced", lambda model, cfg: object())  # a noise that cannot average its gradients
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
         cfg = load_config("cpu-demo", dict(SMALL, sync_batchnorm=True, device="cpu", out_dir=str(tmp_path / "r")))
         with pytest.raises(ValueError, match="sync_batchnorm false"):
             Trainer(cfg)
+        cfg = load_config("cpu-demo", dict(SMALL, weight_noise="unsynced", out_dir=str(tmp_path / "r")))
+        with pytest.raises(ValueError, match="no gradient_sync attribute"):
+            Trainer(cfg)
     finally:
         dist.destroy_process_group()
+        WEIGHT_NOISE.unregister("unsynced")
     assert not (tmp_path / "r").exists()
