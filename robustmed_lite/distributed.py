@@ -65,10 +65,17 @@ def is_main() -> bool:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """The device of this rank: a launched run on CUDA uses GPU ``LOCAL_RANK`` (one process per GPU)."""
+    """The device of this rank: a launched run on CUDA uses GPU ``LOCAL_RANK`` (one process per GPU).
+
+    Raises:
+        ValueError: More processes on this node than GPUs.
+    """
     if device.type != "cuda" or not launched():
         return device
-    index = int(os.environ["LOCAL_RANK"])
+    index, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if index >= gpus:
+        raise ValueError(f"process {index} of this node has no GPU of its own: the node has {gpus}. Fix: pass "
+                         f"torchrun --nproc_per_node {gpus} (one process per GPU), or --device cpu")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
