@@ -172,7 +172,7 @@ def test_sharded_batches_make_up_the_global_batches():
     assert len(list(data.batches(10, epoch=1, rank=0, ranks=2))) == 2
 
 
-def test_bad_distributed_settings_are_clear_errors(tmp_path):
+def test_bad_distributed_settings_are_clear_errors(tmp_path, monkeypatch):
     assert distributed.per_rank_batch(32, 4) == 8
     with pytest.raises(ValueError, match="--batch_size a multiple of 3"):
         distributed.per_rank_batch(32, 3)
@@ -190,3 +190,9 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path):
         dist.destroy_process_group()
         WEIGHT_NOISE.unregister("unsynced")
     assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--nproc_per_node 1"):
+        distributed.local_device(torch.device("cuda"))
