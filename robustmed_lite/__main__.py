@@ -7,6 +7,7 @@ Examples::
     python -m robustmed_lite train --config cpu-demo --method trades --epochs 3
     python -m robustmed_lite train --config colab --method robustmed --data /content/sarscov2 --ood_data /content/ucsd
     python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
+    torchrun --nproc_per_node 4 -m robustmed_lite train --config paper --method robustmed --data DIR  # one run, 4 GPUs
     python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
     python -m robustmed_lite evaluate --ood --checkpoint runs/erm-*/best_clean.pt runs/robustmed-*/best_robust.pt
     python -m robustmed_lite reproduce --profile cpu --data ../shared/data/sarscov2 \
@@ -72,6 +73,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .config import load_config
     from .trainer import Trainer
 
@@ -80,10 +82,14 @@ def _train(args: argparse.Namespace) -> int:
         warnings.warn("CAP's protocol starts robust training from a clean model trained on the same data: train "
                       "--method erm first and pass --init_from <its run>/best_clean.pt (reproduce --profile paper "
                       "does both stages)", stacklevel=1)
-    trainer = Trainer(cfg, resume=args.resume)
-    trainer.fit()
-    print(f"run directory: {trainer.run_dir} (config.yaml, env.json, log.csv, last.pt, best_clean.pt, "
-          "best_robust.pt)")
+    try:  # under torchrun the Trainer joins the launched processes' group; leave it however training ends
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.fit()
+        if distributed.is_main():
+            print(f"run directory: {trainer.run_dir} (config.yaml, env.json, log.csv, last.pt, best_clean.pt, "
+                  "best_robust.pt)")
+    finally:
+        distributed.teardown()
     return 0
 
 

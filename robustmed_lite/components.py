@@ -20,7 +20,8 @@ weight noise       ``@register_weight_noise(name)``    ``make(model, cfg) -> noi
                                                        -> direction``, ``perturb(direction, gamma)``,
                                                        ``restore()``, ``applied(direction, gamma)``,
                                                        ``state_dict()``, ``load_state_dict(state)`` (as
-                                                       ``perturbation.WeightPerturbation``)
+                                                       ``perturbation.WeightPerturbation``); a
+                                                       ``gradient_sync`` attribute to train under torchrun
 loss               ``@register_loss(name)``            ``loss(model, batch, cfg) -> scalar tensor``; the model
                                                        is in train mode and, with weight noise, perturbed
 prior view         ``@register_prior_view(name)``      ``view(x, dark, radius, eps, s, backend) -> x_aug``: the

@@ -197,6 +197,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA
+    # Under torchrun on GPUs: BatchNorm normalises with the statistics of the global batch (SyncBatchNorm), not
+    # each rank's share. No effect in one process; refused on CPUs (PyTorch's SyncBatchNorm is GPU-only)
+    sync_batchnorm: bool = False
     out_dir: str = "runs/{method}-{model}-{img_size}px-seed{seed}"
     init_from: str | None = None  # warm start: weights of a checkpoint (CAP starts from a clean model)
     progress: bool = True
@@ -285,6 +288,7 @@ ADDED_FIELDS = {
     "weight_feedback_share": (None, lambda c: not c.weight_feedback),
     "weight_feedback_halvings": (None, lambda c: not c.weight_feedback),
     "prior_samples": (0.0, lambda c: False),
+    "sync_batchnorm": (False, lambda c: False),
 }
 
 

@@ -122,15 +122,27 @@ class PriorDataset(Dataset):
         order = torch.cat(parts)
         return order[torch.randperm(len(order), generator=gen)][:len(self)]
 
+    def batch_count(self, batch_size: int, ranks: int = 1) -> int:
+        """The number of (global) batches ``batches`` yields per epoch without ``drop_last``."""
+        full, tail = divmod(len(self), batch_size)
+        return full + int(tail > 0 and tail >= ranks)
+
     def batches(self, batch_size: int, epoch: int | None = None, shuffle: bool = True,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                drop_last: bool = False, rank: int = 0, ranks: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
         """Whole batches, gathered and flipped as tensors (much faster than a per-item DataLoader).
 
+        With ``ranks > 1`` each global batch is shared out as ``DistributedSampler`` shares an epoch: rank r
+        takes positions r, r + ranks, ... of it. The global batches, their order and their flips are then the
+        same for any number of ranks (and the same as in one process), and the rank batches of a step together
+        are that step's global batch. A last batch smaller than ``ranks`` would leave a rank empty and is dropped.
+
         Args:
-            batch_size: Batch size.
+            batch_size: Batch size (the global one, when sharded).
             epoch: Epoch of the order and flips (default: the one set by ``set_epoch``).
             shuffle: Shuffle the order (seeded by ``(seed, epoch)``).
             drop_last: Drop a last, smaller batch.
+            rank: This process's share (0 .. ranks - 1).
+            ranks: Processes sharing each batch.
         """
         epoch = self.epoch if epoch is None else epoch
         h, v = self._flips(epoch)
@@ -142,4 +154,8 @@ class PriorDataset(Dataset):
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
+            if ranks > 1:
+                if len(idx) < ranks:
+                    return
+                idx = idx[rank::ranks]
             yield self._take(idx, h[idx], v[idx])

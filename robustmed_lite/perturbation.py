@@ -123,6 +123,11 @@ class WeightPerturbation:
         proxy_lr: Learning rate of the proxy's step (it cancels in the rescaling; see the module docstring).
         optimizer: 'sgd' (stateless, AWP's) or 'adamw' (moments kept across batches, CAP's).
         weight_decay: The AdamW proxy's weight decay (CAP: 1e-4); the SGD proxy has none.
+
+    Attributes:
+        gradient_sync: None, or a function that the proxy's gradients (a list of parameters) go through before
+            its step. A distributed trainer sets ``distributed.average_gradients``: the proxy then steps on the
+            global batch, and its noise and AdamW moments are the same on every rank.
     """
 
     def __init__(self, model: nn.Module, kind: str, gamma: float, beta: float, proxy_lr: float = 0.01,
@@ -135,15 +140,16 @@ class WeightPerturbation:
         self.proxy = copy.deepcopy(model)
         # Only the perturbed weights' step matters, so only they take gradients: the proxy's backward pass then
         # skips every other weight gradient, and (for attention noise) every layer below the first attention block.
-        stepped = []
+        self.stepped = []
         for name, p in self.proxy.named_parameters():
             p.requires_grad_(name in self.names)
             if name in self.names:
-                stepped.append(p)
+                self.stepped.append(p)
         if optimizer == "adamw":
-            self.proxy_optim = torch.optim.AdamW(stepped, lr=proxy_lr, weight_decay=weight_decay)
+            self.proxy_optim = torch.optim.AdamW(self.stepped, lr=proxy_lr, weight_decay=weight_decay)
         else:
-            self.proxy_optim = torch.optim.SGD(stepped, lr=proxy_lr, momentum=0.0, weight_decay=0.0)
+            self.proxy_optim = torch.optim.SGD(self.stepped, lr=proxy_lr, momentum=0.0, weight_decay=0.0)
+        self.gradient_sync = None
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -179,6 +185,8 @@ class WeightPerturbation:
         loss = self.proxy_loss(x, x_other, y)
         self.proxy_optim.zero_grad(set_to_none=True)
         loss.backward()
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.stepped)
         self.proxy_optim.step()
         if not self.stateful:
             self.proxy_optim.state.clear()

@@ -16,6 +16,11 @@ of its images, a stratified sample); the best clean and best robust checkpoints 
 test split. The last checkpoint holds the optimizer, scheduler and RNG states and the weight-noise proxy's
 optimizer state (CAP's AdamW moments), so a resumed run is bitwise the uninterrupted one on a CPU. The run
 directory records the config, the seed, the library versions and a per-epoch log.
+
+Launched by ``torchrun``, one run is shared by the launched processes (``distributed``): each rank trains on its
+share of every global batch, DistributedDataParallel averages the gradients, the weight noise's proxy steps on
+the averaged gradients (the same noise on every rank), validation adds up the ranks' counts, and rank 0 alone
+writes the run directory.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .attacks import PGD
 from .augment import acquisition_augment
 from .common import CLASS_NAMES, eval_mode, model_device
@@ -42,7 +48,7 @@ from .components import ATTACKS, LOSSES, WEIGHT_NOISE, Batch
 from .config import ADDED_FIELDS, TrainConfig
 from .data import SPLITS, DataError, load_images, stratified_subset
 from .dataset import PriorDataset
-from .evaluate import accuracy
+from .evaluate import predict_logits
 from .models import create_model
 from .phantom import make_phantom_dataset
 from .preprocess import domain_label, load_domain, prepare, resolve_spec, source_size
@@ -56,6 +62,9 @@ RESUME_KEYS = ("model", "config", "optimizer", "scheduler", "rng_cpu", "epoch", 
 # A finished run restored from a shipped one (``bookruns``) has no optimizer state: it can be loaded, not continued.
 RESTORED_KEYS = ("model", "config", "epoch", "history", "best")
 MIN_EVAL_PER_CLASS = 10  # fewer images of a class in a validation or test split give meaningless rates
+# Validation predicts in blocks of VAL_BLOCK images and attacks in chunks of VAL_ATTACK_CHUNK; a distributed run
+# shares the blocks out whole, so that every rank computes exactly what one process computes for them.
+VAL_BLOCK, VAL_ATTACK_CHUNK = 256, 128
 
 
 class CheckpointError(ValueError):
@@ -226,8 +235,15 @@ class Trainer:
             cfg.resolve()
         self.cfg = cfg
         seed_everything(cfg.seed, cfg.deterministic)
-        self.device = get_device(cfg.device)
+        self.device = distributed.local_device(get_device(cfg.device))
         self.cuda = self.device.type == "cuda"
+        # Under torchrun the run is shared by the launched processes (see ``distributed``); otherwise one process.
+        self.distributed = distributed.init_from_env(self.device)
+        self.rank, self.ranks = distributed.rank(), distributed.world_size()
+        if self.distributed:
+            distributed.per_rank_batch(cfg.batch_size, self.ranks)
+            if cfg.sync_batchnorm:
+                distributed.check_sync_batchnorm(self.device)
         self.run_dir = cfg.run_dir()
         # Everything that can fail is checked before the run directory is made, so that a failed start (a bad
         # model name, unusable data, a checkpoint that does not fit) leaves no half-made run behind.
@@ -238,22 +254,33 @@ class Trainer:
         self.model = create_model(cfg.model, num_classes=2, img_size=cfg.img_size, pretrained=cfg.pretrained)
         if cfg.init_from:
             _load_weights(self.model, load_checkpoint(cfg.init_from, required=("model",)), cfg.init_from)
+        if self.distributed and cfg.sync_batchnorm:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if self.cuda and cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
-        self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
+        self.steps_per_epoch = self.data.train.batch_count(cfg.batch_size, self.ranks)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
         make_noise = WEIGHT_NOISE[cfg.weight_noise]  # None for "none"
         self.weight_noise = make_noise(self.model, cfg) if make_noise is not None else None
+        if self.distributed and self.weight_noise is not None:
+            if not hasattr(self.weight_noise, "gradient_sync"):
+                raise ValueError(f"weight noise {cfg.weight_noise!r} has no gradient_sync attribute, so its noise "
+                                 "could differ between ranks. Fix: give it one (as perturbation.WeightPerturbation "
+                                 "has) or train in one process")
+            self.weight_noise.gradient_sync = distributed.average_gradients  # the proxy steps on the global batch
         self.val_attack = validation_attack(cfg)
         self._val_robust_idx = None
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
         if resume:
             self._load_last(last)
-        else:
+        elif distributed.is_main():
             self._write_run_dir()
+        # One DDP forward per step runs the whole loss; the attacks and the proxy call the plain model.
+        self.ddp_loss = distributed.wrap_loss(self.model, LOSSES[cfg.loss], cfg) if self.distributed else None
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------------ setup
     def _check_run_dir(self, resume: bool) -> dict | None:
@@ -309,10 +336,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- step
     def train_step(self, x: torch.Tensor, x_aug: torch.Tensor, y: torch.Tensor, epoch: int, attack=None,
-                   batch_index: int = 0) -> dict:
-        """One optimizer step on a batch; returns the loss and attack statistics."""
+                   batch_index: int = 0, global_batch: int | None = None) -> dict:
+        """One optimizer step on a batch; returns the loss and attack statistics.
+
+        Args:
+            batch_index: Seeds the batch's acquisition augmentation and prior samples.
+            global_batch: In a distributed run, the images of this step over all ranks (default: this rank's
+                times the ranks): a rank's loss is weighted by its share, so that the averaged gradient is the
+                global batch's also when an epoch's last batch does not split evenly.
+        """
         cfg, model = self.cfg, self.model
         stats = {}
+        share = self.ranks * len(y) / global_batch if self.distributed and global_batch else 1.0
         if cfg.acq_aug > 0:  # a mild scanner change for some slices, and their prior view made afresh
             seed = (cfg.seed * 1_000_003 + epoch) * 100_003 + batch_index
             x, changed = acquisition_augment(x, cfg.acq_aug, cfg.acq_aug_severity, seed)
@@ -334,9 +369,9 @@ class Trainer:
             if noise is not None:
                 stats.update(self._perturb_weights(noise, batch))
             model.train()
-            loss = LOSSES[cfg.loss](model, batch, cfg)
+            loss = LOSSES[cfg.loss](model, batch, cfg) if self.ddp_loss is None else self.ddp_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if share == 1.0 else loss * share).backward()
         self.optimizer.step()
         if noise is not None:
             noise.restore()
@@ -382,49 +417,83 @@ class Trainer:
 
     @torch.no_grad()
     def _error_share(self, batch: Batch) -> float:
+        """The share of the clean batch the model gets wrong (of the global batch in a distributed run, so that
+        every rank halves gamma alike)."""
         with eval_mode(self.model):
-            return (self.model(batch.x).argmax(1) != batch.y).float().mean().item()
+            wrong = self.model(batch.x).argmax(1) != batch.y
+        if not self.distributed:
+            return wrong.float().mean().item()
+        errors, n = distributed.sum_over_ranks([wrong.sum().item(), len(wrong)])
+        return errors / n
 
     # ------------------------------------------------------------------------------------------- validation
     def validate(self) -> dict:
         """Clean accuracy on the validation split and PGD accuracy on ``eval_n`` of its images, a stratified
-        sample drawn once with seed 0 (the first images of a folder layout are all of one class)."""
+        sample drawn once with seed 0 (the first images of a folder layout are all of one class).
+
+        In a distributed run the ranks share the blocks of ``VAL_BLOCK`` images round robin and add up their
+        counts. A block's predictions and attack (seeded per chunk of ``VAL_ATTACK_CHUNK``) are the same on any
+        rank, so the result is exactly that of one process evaluating the same model."""
         x, y = self.data.val
         if self._val_robust_idx is None:
             self._val_robust_idx = torch.from_numpy(stratified_subset(y.numpy(), self.cfg.eval_n, seed=0))
         xr, yr = x[self._val_robust_idx], y[self._val_robust_idx]
+        clean = robust = 0
         with self._autocast():
-            clean = accuracy(self.model, x, y)
-            adv = torch.cat([self.val_attack(self.model, self._to_device(xr[i:i + 128]), yr[i:i + 128].to(self.device))
-                             for i in range(0, len(yr), 128)])
-            robust = accuracy(self.model, adv, yr)
-        return {"val_clean": clean, "val_robust": robust, "val_robust_n": len(yr)}
+            for i in self._my_blocks(len(y)):
+                clean += self._correct(x[i:i + VAL_BLOCK], y[i:i + VAL_BLOCK])
+            for i in self._my_blocks(len(yr)):
+                xb, yb = xr[i:i + VAL_BLOCK], yr[i:i + VAL_BLOCK]
+                adv = torch.cat([self.val_attack(self.model, self._to_device(xb[j:j + VAL_ATTACK_CHUNK]),
+                                                 yb[j:j + VAL_ATTACK_CHUNK].to(self.device))
+                                 for j in range(0, len(yb), VAL_ATTACK_CHUNK)])
+                robust += self._correct(adv, yb)
+        clean, robust = distributed.sum_over_ranks([clean, robust])
+        return {"val_clean": _share(clean, len(y)), "val_robust": _share(robust, len(yr)), "val_robust_n": len(yr)}
+
+    def _my_blocks(self, n: int) -> range:
+        """Start indices of this rank's validation blocks."""
+        return range(self.rank * VAL_BLOCK, n, self.ranks * VAL_BLOCK)
+
+    def _correct(self, images: torch.Tensor, labels: torch.Tensor) -> int:
+        return int((predict_logits(self.model, images, VAL_BLOCK).argmax(1) == labels.cpu()).sum())
 
     # -------------------------------------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Trains the remaining epochs (or up to epoch ``stop_after``, as an interrupted run would stop);
         returns the per-epoch log."""
         cfg = self.cfg
+        main = distributed.is_main()
         last = min(cfg.epochs, stop_after or cfg.epochs)
-        if 0 < self.start_epoch < last:
+        if 0 < self.start_epoch < last and main:
             with open(self.run_dir / "resumed.jsonl", "a") as f:
                 f.write(json.dumps({"from_epoch": self.start_epoch, **_run_record(cfg)}) + "\n")
-        if self.start_epoch > 0:
+        if self.start_epoch > 0 and main:
             _repair_log(self.run_dir, self.history)
         for epoch in range(self.start_epoch, last):
             start = time.perf_counter()
+            if self.distributed:  # each rank its own attack random starts, independent of where a run resumed
+                torch.manual_seed(distributed.epoch_seed(cfg.seed, epoch, self.rank))
             attack = self.sample_attack(epoch)
             totals, count = {}, 0
-            batches = self.data.train.batches(cfg.batch_size, epoch=epoch)
+            batches = self.data.train.batches(cfg.batch_size, epoch=epoch, rank=self.rank, ranks=self.ranks)
             bar = tqdm(batches, total=self.steps_per_epoch, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
-                       leave=False, **progress_options(cfg.progress))
+                       leave=False, **progress_options(cfg.progress and main))
             for batch_index, (x, x_aug, y, *_) in enumerate(bar):
-                stats = self.train_step(x, x_aug, y, epoch, attack, batch_index)
+                # Each rank's batch seeds its acquisition augmentation and prior samples apart (in one process
+                # the index is the batch's).
+                global_batch = min(cfg.batch_size, len(self.data.train) - batch_index * cfg.batch_size)
+                stats = self.train_step(x, x_aug, y, epoch, attack, batch_index * self.ranks + self.rank,
+                                        global_batch)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * len(y)
                 count += len(y)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
             train_time = time.perf_counter() - start
+            if self.distributed:  # the epoch's means over all ranks' images; rank 0's buffers for validation
+                *sums, count = distributed.sum_over_ranks([*totals.values(), count])
+                totals, count = dict(zip(totals, sums)), int(count)
+                distributed.broadcast_buffers(self.model)
             row = {"epoch": epoch + 1, **{f"train_{k}": v / count for k, v in totals.items()},
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "sample_attack_steps": attack.steps if attack is not None else 0,
@@ -434,7 +503,7 @@ class Trainer:
                        train_images_per_s=count / train_time)
             self.history.append(row)
             self._save_epoch(row)
-            if cfg.progress:
+            if cfg.progress and main:
                 tqdm.write(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val clean "
                            f"{row['val_clean']:.3f}, val PGD-{cfg.eval_attack_steps} {row['val_robust']:.3f}, "
                            f"{row['epoch_seconds']:.0f} s")
@@ -446,6 +515,15 @@ class Trainer:
                 "history": self.history, "best": dict(self.best)}
 
     def _save_epoch(self, row: dict) -> None:
+        """Updates the best scores and writes the epoch's checkpoints and log row. In a distributed run only rank
+        0 writes, and every rank waits until the files are complete."""
+        if distributed.is_main():
+            self._write_epoch(row)
+        else:
+            self.best = {key: max(self.best[key], row[f"val_{key}"]) for key in self.best}
+        distributed.barrier()
+
+    def _write_epoch(self, row: dict) -> None:
         epoch = row["epoch"]
         for key, metric in (("clean", "val_clean"), ("robust", "val_robust")):
             if row[metric] > self.best[key]:
@@ -505,7 +583,14 @@ PATH_KEYS = ("data", "ood_data", "extra_data", "init_from")
 
 
 def _run_record(cfg: TrainConfig) -> dict:
-    return {"seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment_info()}
+    # The world size is recorded here, not in the config: a run may resume on another number of ranks.
+    return {"seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": distributed.world_size(),
+            "environment": environment_info()}
+
+
+def _share(count: float, n: int) -> float:
+    """count / n rounded to float32, as ``evaluate.accuracy``'s mean of 0/1 values is."""
+    return (torch.tensor(float(count)) / n).item()
 
 
 def _atomic_save(obj, path: Path) -> None:
