@@ -48,6 +48,10 @@ RUNS = {
     "robustmed-seed0": ("robustmed", {}),
     "trades-beta1-seed0": ("trades", {"beta": 1.0}),
     "trades-beta6-seed0": ("trades", {"beta": 6.0}),
+    # Chapter 03's robust overfitting: PGD-AT on 128 slices, the rate a tenth after epoch 20 (Rice et al.), long
+    # enough that validation PGD accuracy peaks and falls while the training loss keeps falling.
+    "pgd_at-overfit-seed0": ("pgd_at", {"n_train": 128, "n_val": 256, "eval_n": 256, "batch_size": 32, "epochs": 80,
+                                        "attack_warmup_epochs": 5, "schedule": "step", "lr_step_epoch": 20}),
 }
 # Accuracy on the 600-slice phantom test split, absolute: 0.02 is 12 slices. The same code on the same torch
 # reproduces the recorded numbers exactly; another BLAS or torch version moves a few slices.

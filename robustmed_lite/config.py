@@ -91,7 +91,7 @@ class _Choices(Mapping):
         "optimizer": ("adamw", "sgd"),
         "intensity": INTENSITY_MODES,
         "lung_region": LUNG_REGIONS,
-        "schedule": ("cosine", "constant"),
+        "schedule": ("cosine", "constant", "step"),
     }
     _registries = {"attack": ATTACKS, "feedback": FEEDBACK, "weight_noise": WEIGHT_NOISE, "loss": LOSSES,
                    "prior_view": PRIOR_VIEWS}
@@ -150,6 +150,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     cosine_period: int = 0  # epochs of one cosine half-wave; 0: the whole run. Longer runs climb back up (CAP)
+    lr_step_epoch: int = 0  # schedule "step": the rate drops tenfold after this many epochs (Rice et al.'s decay)
     # sample perturbation (eps on the [0,1] pixel scale; strings like "8/255" are accepted)
     eps: float | str = 8 / 255
     step_size: float | str = 2 / 255
@@ -239,6 +240,9 @@ class TrainConfig:
                              f"and {self.acq_aug_severity}")
         if self.extra_data is not None and self.data == "phantom":
             raise ValueError("extra_data pools another real site into training: train on real data (--data)")
+        if self.schedule == "step" and not 0 < self.lr_step_epoch < self.epochs:
+            raise ValueError(f"schedule 'step' needs 0 < lr_step_epoch < epochs ({self.epochs}), got "
+                             f"{self.lr_step_epoch}. Fix: pass --lr_step_epoch, e.g. {max(1, self.epochs // 4)}")
         if self.cosine_period < 0:
             raise ValueError(f"cosine_period must be >= 0 epochs (0: the whole run), got {self.cosine_period}")
         for key in ("epochs", "batch_size", "img_size", "n_train", "n_val"):
@@ -289,6 +293,7 @@ ADDED_FIELDS = {
     "weight_feedback_halvings": (None, lambda c: not c.weight_feedback),
     "prior_samples": (0.0, lambda c: False),
     "sync_batchnorm": (False, lambda c: False),
+    "lr_step_epoch": (0, lambda c: c.schedule != "step"),
 }
 
 

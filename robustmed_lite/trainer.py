@@ -205,7 +205,7 @@ def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     """Linear warm-up, then a cosine from the base rate to 0 over ``cosine_period`` epochs (default: the rest of
-    the run). A run longer than the period follows the cosine on, back up to the base rate: CAP's
+    the run), or (``schedule: step``) the base rate until ``lr_step_epoch`` and a tenth of it after. A run longer than the period follows the cosine on, back up to the base rate: CAP's
     ``CosineAnnealingLR(T_max=100)`` stepped for 200 epochs (no restart, no jump)."""
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     period = cfg.cosine_period * steps_per_epoch if cfg.cosine_period else total - warmup
@@ -215,6 +215,8 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "step":  # Rice et al.'s piecewise decay, after which robust overfitting shows
+            return 1.0 if step < cfg.lr_step_epoch * steps_per_epoch else 0.1
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, period)))
 
     return factor

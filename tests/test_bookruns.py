@@ -105,7 +105,7 @@ def test_shipped_runs_match_the_preset_and_their_recorded_metrics():
     recorded, and its restored weights give the recorded test metrics (within bookruns.TOLERANCE)."""
     manifest = json.loads(bookruns.manifest_path().read_text())
     assert set(manifest["runs"]) == set(bookruns.RUNS)
-    assert all(run["megabytes"] < 5 for run in manifest["runs"].values())
+    assert all(run["megabytes"] < 6 for run in manifest["runs"].values())  # three checkpoints of ~1.7 MB at most
     assert bookruns.check() == []
 
 

@@ -236,3 +236,14 @@ def test_resume_refuses_a_different_config(tmp_path, small_data):
     Trainer(_config(tmp_path, method="erm", epochs=1), data=small_data).fit()
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         Trainer(_config(tmp_path, method="erm", epochs=1, lr=0.5), data=small_data, resume=True)
+
+
+def test_the_step_schedule_drops_the_rate_tenfold_after_lr_step_epoch():
+    from robustmed_lite.config import load_config
+    from robustmed_lite.trainer import _lr_lambda
+
+    cfg = load_config("cpu-demo", {"schedule": "step", "lr_step_epoch": 2, "epochs": 4})
+    factor = _lr_lambda(cfg, steps_per_epoch=3)
+    assert [factor(step) for step in range(12)] == [1.0] * 6 + [0.1] * 6
+    with pytest.raises(ValueError, match="lr_step_epoch"):
+        load_config("cpu-demo", {"schedule": "step"})
