@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/corruptions.py
 	$(BIN)/python benchmarks/calibrate_corruptions.py
 	$(BIN)/python benchmarks/jobs.py
+	$(BIN)/python benchmarks/large_data.py
 
 clean:
 	rm -rf book/_build .pytest_cache

@@ -263,6 +263,20 @@ def _data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_store(args: argparse.Namespace) -> int:
+    from .slicestore import write_folder_store, write_phantom_store
+
+    if args.data == "phantom":
+        store = write_phantom_store(args.out, args.size, args.n_train, args.n_val, args.n_test, site=args.site,
+                                    progress=not args.quiet)
+    else:
+        store = write_folder_store(args.data, args.out, args.size, progress=not args.quiet)
+    megabytes = (store.root / "slices.npy").stat().st_size / 2**20
+    print(f"{store.root}: {len(store)} slices of {store.size} px, {megabytes:.0f} MiB on disk (uint8)")
+    print(f"Train on it with: python -m robustmed_lite train --data {store.root} --img_size {store.size}")
+    return 0
+
+
 def _bookruns(args: argparse.Namespace) -> int:
     from . import bookruns
 
@@ -457,7 +471,8 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("--quiet", action="store_true")
     book.set_defaults(run=_bookruns)
 
-    data = sub.add_parser("data", help="get the real CT sets (data fetch sarscov2|ucsd --dest DIR)")
+    data = sub.add_parser("data", help="get the real CT sets (data fetch sarscov2|ucsd --dest DIR), or write one "
+                                       "as an on-disk store for data larger than memory (data store)")
     data_sub = data.add_subparsers(dest="action", required=True)
     fetch = data_sub.add_parser("fetch", parents=[common], help="download a real CT set, check its counts and say "
                                                                 "how to point ROBUSTMED_DATA at it")
@@ -468,6 +483,17 @@ def _parser() -> argparse.ArgumentParser:
                                                                  "DEST/sarscov2 or DEST/ucsd_covidct")
     fetch.add_argument("--url", default=None, help="another address of UCSD's archive (a mirror, or file://)")
     fetch.set_defaults(run=_data_fetch)
+    store = data_sub.add_parser("store", parents=[common], help="write a data set once as an on-disk uint8 slice "
+                                                                "store, for training on data larger than memory")
+    store.add_argument("--data", required=True, help="phantom, or a data set's folder (any layout train reads)")
+    store.add_argument("--size", type=int, required=True, help="side of the stored slices in pixels")
+    store.add_argument("--out", required=True, help="the store folder to create (an unfinished one resumes)")
+    store.add_argument("--n_train", type=int, default=50_000, help="phantom: training slices")
+    store.add_argument("--n_val", type=int, default=256, help="phantom: validation slices")
+    store.add_argument("--n_test", type=int, default=256, help="phantom: test slices")
+    store.add_argument("--site", default="A", help="phantom: scanner site")
+    store.add_argument("--quiet", action="store_true")
+    store.set_defaults(run=_data_store)
 
     return parser
 

@@ -7,6 +7,10 @@ exactly the prior view of the flipped image, and no epoch pays for the filter ag
 the view of each flipped image of a batch afresh (a few milliseconds per batch on a CPU); unflipped images use
 the precomputed view.
 
+Images may also be a ``slicestore.StoredImages`` (slices read from disk on demand, for data larger than memory).
+The prior view is then computed per batch instead of up front, from the same slices with the same flips, so a
+batch is bit for bit the batch of the same slices held in memory.
+
 Flips are drawn per epoch from ``(seed, epoch)`` for the whole dataset, so a sample's augmentation does not
 depend on batch size, worker count or where a run was resumed.
 """
@@ -28,7 +32,7 @@ class PriorDataset(Dataset):
     dataset holds masks (missing ones are all-False tensors).
 
     Args:
-        images: (N,1,S,S) in [0,1].
+        images: (N,1,S,S) in [0,1]: a tensor, or a ``StoredImages`` read batch by batch.
         labels: (N,) class indices.
         lung_masks: Optional (N,1,S,S) bool.
         lesion_masks: Optional (N,1,S,S) bool.
@@ -59,7 +63,12 @@ class PriorDataset(Dataset):
         self.prior = prior
         # CAP's view must be computed after the flips; a flip-equivariant one is flipped with x.
         self.refilter_flips = prior and not flip_equivariant(self.prior_kwargs.get("view", "cap"))
-        if prior:
+        self.on_demand = not isinstance(images, torch.Tensor)
+        if self.on_demand:
+            if lung_masks is not None or lesion_masks is not None:
+                raise ValueError("masks need images in memory: a slice store holds images and labels only")
+            self.x_aug = None  # computed per batch in _take
+        elif prior:
             self.x_aug = torch.cat([lung_prior(images[i:i + 512], with_mask=False, **self.prior_kwargs)[0]
                                     for i in range(0, len(images), 512)]) if len(images) else images.clone()
         else:
@@ -101,6 +110,8 @@ class PriorDataset(Dataset):
         return tuple(t[0] for t in batch)
 
     def _take(self, idx: torch.Tensor, h: torch.Tensor, v: torch.Tensor):
+        if self.on_demand:
+            return self._take_on_demand(idx, h, v)
         views = [self.images[idx], self.x_aug[idx]]
         masks = [self.lung_masks[idx], self.lesion_masks[idx]] if self.has_masks else []
         x, x_aug, *masks = self._apply(views + masks, h, v)
@@ -109,6 +120,17 @@ class PriorDataset(Dataset):
             x_aug = x_aug.clone()
             x_aug[flipped] = lung_prior(x[flipped], with_mask=False, **self.prior_kwargs)[0]
         return (x, x_aug, self.labels[idx], *masks)
+
+    def _take_on_demand(self, idx: torch.Tensor, h: torch.Tensor, v: torch.Tensor):
+        x = self.images[idx]
+        if not self.prior:
+            x, = self._apply([x], h, v)
+            return x, x, self.labels[idx]
+        if self.refilter_flips:  # CAP's order: flip, then filter (every slice, as the in-memory path ends up doing)
+            x, = self._apply([x], h, v)
+            return x, lung_prior(x, with_mask=False, **self.prior_kwargs)[0], self.labels[idx]
+        x, x_aug = self._apply([x, lung_prior(x, with_mask=False, **self.prior_kwargs)[0]], h, v)
+        return x, x_aug, self.labels[idx]
 
     def _site_balanced_order(self, gen: torch.Generator) -> torch.Tensor:
         """len(self) indices, every site (about) the same share: each site's own items in random order, repeated

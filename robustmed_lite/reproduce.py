@@ -49,6 +49,7 @@ from .preprocess import resolve_spec, split_spec
 from .runinfo import environment_info, flush_denormal, progress_options
 from .runplan import (ALL_METHODS, DEFAULT_SEEDS, PROFILES, Profile, RunSpec, build_plan, parse_methods,
                       parse_seeds, parse_shard, parse_variant, shard_of)
+from .slicestore import SliceStore, is_slice_store
 from .summary import (CLAIMS, SCHEMA, THE_METHOD, check_results, collect_rows, find_results, summarise,
                       write_summary)
 from .trainer import Trainer, completed_epochs, config_differences
@@ -159,7 +160,10 @@ def check_classes(data: str, img_size: int) -> None:
     """Training data must hold both classes (misnamed folders would otherwise train a one-class model)."""
     if data == "phantom":
         return
-    labels = load_images(data, img_size, progress=False).labels
+    if is_slice_store(data):  # a store records its labels: no pixel needs reading
+        labels = SliceStore(data).labels
+    else:
+        labels = load_images(data, img_size, progress=False).labels
     present = sorted(set(labels.tolist()))
     if present != [0, 1]:
         names = {0: "non-COVID", 1: "COVID"}

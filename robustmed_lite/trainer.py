@@ -54,6 +54,7 @@ from .phantom import make_phantom_dataset
 from .preprocess import domain_label, load_domain, prepare, resolve_spec, source_size
 from .prior import lung_prior
 from .runinfo import environment_info, get_device, progress_options, seed_everything
+from .slicestore import SliceStore, is_slice_store
 
 CHECKPOINTS = ("last.pt", "best_clean.pt", "best_robust.pt")
 # What each use of a checkpoint reads from it.
@@ -116,10 +117,15 @@ def build_data(cfg: TrainConfig) -> DataSplits:
         shift = prepared("shift", *make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.ood_site, seed=2)[:2])
         shift_name = f"phantom site {cfg.ood_site}"
     else:
-        size = source_size(cfg.img_size, cfg.lung_crop)
-        data = load_images(cfg.data, size, progress=cfg.progress)
-        parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
-        train, val, test = (prepared(k, data.images[parts[k]], data.labels[parts[k]]) for k in SPLITS)
+        if is_slice_store(cfg.data):  # larger than memory: training slices are read from disk batch by batch
+            store = open_training_store(cfg)
+            parts = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+            train = (store.view(parts["train"]), store.labels[parts["train"]])
+            val, test = (prepared(k, store.load(parts[k]), store.labels[parts[k]]) for k in ("val", "test"))
+        else:
+            data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=cfg.progress)
+            parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+            train, val, test = (prepared(k, data.images[parts[k]], data.labels[parts[k]]) for k in SPLITS)
         shift, shift_name = None, None
         if cfg.ood_data:
             images, labels, report = load_domain(cfg.ood_data, cfg.img_size, cfg.lung_crop, cfg.intensity,
@@ -157,9 +163,30 @@ def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     ``build_data(cfg).test``."""
     if cfg.data == "phantom":
         return make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)[:2]
+    if is_slice_store(cfg.data):
+        store = open_training_store(cfg)
+        test = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
+        return store.load(test), store.labels[test]
     data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=False)
     test = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
     return data.images[test], data.labels[test]
+
+
+def open_training_store(cfg: TrainConfig) -> SliceStore:
+    """The slice store ``cfg.data`` names, checked against the settings a store supports: slices are used as
+    stored (no crop or per-slice standardisation up front, which would need the whole set in memory)."""
+    store = SliceStore(cfg.data)
+    refused = {"img_size": (cfg.img_size != store.size, f"write the store at --size {cfg.img_size}, or train "
+                            f"with img_size {store.size}"),
+               "lung_crop": (cfg.lung_crop, "set lung_crop false"),
+               "intensity": (cfg.intensity != "none", "set intensity none, or standardise before writing the store"),
+               "lung_region": (cfg.lung_region != "all", "set lung_region all"),
+               "extra_data": (cfg.extra_data is not None, "train on one store, or on folders held in memory")}
+    for key, (bad, fix) in refused.items():
+        if bad:
+            raise DataError(f"{key}={getattr(cfg, key)!r} is not supported with the slice store {store.root} "
+                            f"({store.size} px, {len(store)} slices). Fix: {fix}")
+    return store
 
 
 def check_split_classes(labels: dict, data: str = "the data", extra: str | None = None) -> None:
@@ -205,8 +232,9 @@ def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     """Linear warm-up, then a cosine from the base rate to 0 over ``cosine_period`` epochs (default: the rest of
-    the run), or (``schedule: step``) the base rate until ``lr_step_epoch`` and a tenth of it after. A run longer than the period follows the cosine on, back up to the base rate: CAP's
-    ``CosineAnnealingLR(T_max=100)`` stepped for 200 epochs (no restart, no jump)."""
+    the run), or (``schedule: step``) the base rate until ``lr_step_epoch`` and a tenth of it after. A run longer
+    than the period follows the cosine on, back up to the base rate: CAP's ``CosineAnnealingLR(T_max=100)``
+    stepped for 200 epochs (no restart, no jump)."""
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     period = cfg.cosine_period * steps_per_epoch if cfg.cosine_period else total - warmup
 

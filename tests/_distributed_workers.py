@@ -90,3 +90,11 @@ def all_runs(rank: int, folder: Path, erm: dict, robustmed: dict) -> None:
 
     Trainer(_config(folder, "robustmed-full", robustmed)).fit()
     Trainer(_config(folder, "robustmed-split", robustmed)).fit(stop_after=1)
+
+
+def store_batches(rank: int, folder: Path, overrides: dict) -> None:
+    """Builds the data as a rank of ``train`` does (opening the slice store itself) and saves its share of every
+    batch of epoch 0 as store-batches-RANK.pt."""
+    splits = trainer_module.build_data(_config(folder, f"store-{rank}", overrides))
+    shares = splits.train.batches(overrides["batch_size"], epoch=0, rank=rank, ranks=distributed.world_size())
+    torch.save([{"x": x, "x_aug": x_aug, "y": y} for x, x_aug, y in shares], folder / f"store-batches-{rank}.pt")

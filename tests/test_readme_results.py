@@ -125,3 +125,20 @@ def test_the_notebook_times_quote_the_benchmark():
     guide = _table_after("**How long the notebooks run.**", (ROOT / "book" / "workshop.md").read_text())
     assert {r[0].strip("`"): _seconds(r[1]) for r in guide} == {
         name: round(seconds) for name, seconds in recorded["phantom"].items()}, "the instructor guide's times"
+
+
+def test_the_large_data_table_quotes_the_benchmark():
+    """The slice store's peak memory and throughput in the README are those benchmarks/large_data.py recorded."""
+    import json
+
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "large_data_cpu.json").read_text())
+    rows = _table_after("**Measured** (`python benchmarks/large_data.py`")
+    assert [r[0].split(" (")[0] for r in rows] == ["slice store", "the same slices in memory"]
+    for row, result in zip(rows, recorded["results"], strict=True):
+        assert row[1].strip("*") == f"{result['peak_rss_mb']:,} MB"
+        assert row[2] == f"{result['ready_s']:g} s"
+        assert row[3] == f"{result['data_pass_slices_per_s']:,} slices/s"
+        assert row[4] == f"{round(result['epoch_s'])} s ({round(result['train_slices_per_s'])} slices/s)"
+    store = recorded["results"][0]
+    assert store["path"] == "store" and store["peak_rss_mb"] < 2000 and recorded["n_train"] == 50_000
+    assert f"{recorded['store_mb']} MiB store, written in {round(recorded['store_write_s'])} s" in README
