@@ -156,16 +156,8 @@ class ImageSet:
             test: Test fraction when no official split exists.
             seed: Seed of the random parts.
         """
-        labels = self.labels.numpy()
-        if self.official_split is None:
-            return split_indices(labels, val=val, test=test, seed=seed, groups=self.patient_ids)
-        parts = official_splits(self)
-        if len(parts["val"]) == 0:
-            train = parts["train"]
-            groups = None if self.patient_ids is None else [self.patient_ids[i] for i in train]
-            inner = split_indices(labels[train], val=val, test=0.0, seed=seed, groups=groups)
-            parts["train"], parts["val"] = train[inner["train"]], train[inner["val"]]
-        return parts
+        return choose_splits(self.labels.numpy(), self.official_split, self.patient_ids, val=val, test=test,
+                             seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- finding data
@@ -1108,6 +1100,30 @@ def official_splits(imageset: ImageSet) -> dict[str, np.ndarray]:
                         "ImageSet.splits() or split_indices()")
     split = np.asarray(imageset.official_split)
     return {name: np.flatnonzero(split == name) for name in SPLITS}
+
+
+def choose_splits(labels: np.ndarray, official_split: list[str] | None, patient_ids: list | None, *,
+                  val: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
+    """Train / val / test indices as ``ImageSet.splits`` describes them, from labels and what the set records.
+
+    Args:
+        labels: One label per slice.
+        official_split: 'train' / 'val' / 'test' per slice, or None where the set records no split.
+        patient_ids: One id per slice, or None.
+        val: Validation fraction (of the training part where a split is recorded without one).
+        test: Test fraction when no split is recorded.
+        seed: Seed of the random parts.
+    """
+    if official_split is None:
+        return split_indices(labels, val=val, test=test, seed=seed, groups=patient_ids)
+    recorded = np.asarray(official_split)
+    parts = {name: np.flatnonzero(recorded == name) for name in SPLITS}
+    if len(parts["val"]) == 0:
+        train = parts["train"]
+        groups = None if patient_ids is None else [patient_ids[i] for i in train]
+        inner = split_indices(labels[train], val=val, test=0.0, seed=seed, groups=groups)
+        parts["train"], parts["val"] = train[inner["train"]], train[inner["val"]]
+    return parts
 
 
 # ------------------------------------------------------------------------------------------------- download

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import (LUNG_WINDOW, SPLITS, DataError, _build_index, _cache_key, _check_window, _decode_all,
-                   _expand_volumes, _warn_tiny, split_indices)
+from .data import (LUNG_WINDOW, DataError, _build_index, _cache_key, _check_window, _decode_all, _expand_volumes,
+                   _warn_tiny, choose_splits)
 from .runinfo import environment_info, progress_options
 
 FORMAT = "robustmed_lite.slicestore/1"
@@ -141,16 +141,8 @@ class SliceStore:
     def splits(self, *, val: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
         """Train / val / test indices as ``ImageSet.splits`` chooses them: the recorded split, else patient-grouped,
         else stratified."""
-        labels = self.labels.numpy()
-        if self.official_split is None:
-            return split_indices(labels, val=val, test=test, seed=seed, groups=self.patient_ids)
-        parts = {name: np.flatnonzero(np.asarray(self.official_split) == name) for name in SPLITS}
-        if len(parts["val"]) == 0:
-            train = parts["train"]
-            groups = None if self.patient_ids is None else [self.patient_ids[i] for i in train]
-            inner = split_indices(labels[train], val=val, test=0.0, seed=seed, groups=groups)
-            parts["train"], parts["val"] = train[inner["train"]], train[inner["val"]]
-        return parts
+        return choose_splits(self.labels.numpy(), self.official_split, self.patient_ids, val=val, test=test,
+                             seed=seed)
 
 
 class StoredImages:
