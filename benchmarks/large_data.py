@@ -100,7 +100,7 @@ def main():
     store = Path(args.store or default_cache_dir() / f"phantom-store-{args.n_train}-{args.size}px")
     reused = is_slice_store(store)
     start = time.perf_counter()
-    write_phantom_store(store, args.size, args.n_train)
+    written = write_phantom_store(store, args.size, args.n_train)
     write_s = time.perf_counter() - start
     os.sync()  # the store's dirty pages reach the disk now, not while the first path is being timed
     print(f"store {store}: {'reused' if reused else f'written in {write_s:.0f} s'}")
@@ -122,7 +122,7 @@ def main():
     out.write_text(json.dumps({
         "benchmark": "large_data", "command": " ".join(["python", "benchmarks/large_data.py", *sys.argv[1:]]),
         "n_train": args.n_train, "size": args.size, "method": args.method, "model": args.model,
-        "batch": args.batch, "store_mb": round((store / "slices.npy").stat().st_size / 2**20),
+        "batch": args.batch, "store_mb": round(written.megabytes_on_disk),
         "store_write_s": None if reused else round(write_s, 1), "results": rows,
         "environment": environment_info()}, indent=2))
     print(f"saved {out}")

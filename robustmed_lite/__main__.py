@@ -271,8 +271,7 @@ def _data_store(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
     else:
         store = write_folder_store(args.data, args.out, args.size, progress=not args.quiet)
-    megabytes = (store.root / "slices.npy").stat().st_size / 2**20
-    print(f"{store.root}: {len(store)} slices of {store.size} px, {megabytes:.0f} MiB on disk (uint8)")
+    print(f"{store.root}: {len(store)} slices of {store.size} px, {store.megabytes_on_disk:.0f} MiB on disk (uint8)")
     print(f"Train on it with: python -m robustmed_lite train --data {store.root} --img_size {store.size}")
     return 0
 

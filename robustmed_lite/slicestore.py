@@ -108,6 +108,11 @@ class SliceStore:
             self._array = np.load(self.root / IMAGES_FILE, mmap_mode="r")
         return self._array
 
+    @property
+    def megabytes_on_disk(self) -> float:
+        """Size of the pixel file in MiB."""
+        return (self.root / IMAGES_FILE).stat().st_size / 2**20
+
     def __getstate__(self) -> dict:
         # A DataLoader worker or another rank reopens the file instead of receiving a copy of the pixels.
         return {**self.__dict__, "_array": None}
@@ -187,8 +192,9 @@ def _write(out: Path, plan: dict, count: int, size: int, chunks: Callable[[int],
     """
     out = out.expanduser().resolve()
     if out.exists():
-        if is_slice_store(out) and SliceStore(out).info.get("plan") == plan:
-            return SliceStore(out)  # written once, by this very command: reuse it
+        existing = SliceStore(out) if is_slice_store(out) else None
+        if existing is not None and existing.info.get("plan") == plan:
+            return existing  # written once, by this very command: reuse it
         raise DataError(f"{out} already exists and is not the store this command writes. Fix: choose another "
                         "--out, or delete it to write it afresh")
     partial = out.with_name(out.name + ".partial")
