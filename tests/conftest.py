@@ -1,12 +1,15 @@
-"""Shared fixtures: the real data in ../shared/data (skipped with a reason where absent), small thread counts."""
+"""Shared fixtures: the real data in ../shared/data (skipped with a reason where absent), small thread counts, a
+``reproduce`` that trains nothing for the paired studies."""
 
 from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 import torch
 
+from robustmed_lite import fidelity
 from robustmed_lite.data import find_shared_data
 
 # Two threads, shared out among pytest-xdist's workers (`make test` runs one per core): more threads than cores
@@ -21,3 +24,18 @@ def shared_data():
     if root is None:
         pytest.skip("real CT data not found: set ROBUSTMED_DATA or place it at ../shared/data (CI has it)")
     return root
+
+
+@pytest.fixture
+def reproduce_calls(monkeypatch, tmp_path):
+    """The keyword arguments a paired study (ablation, fidelity) passes to ``reproduce``, which trains nothing here
+    (in ``tmp_path``)."""
+    calls = {}
+
+    def fake_reproduce(**kwargs):
+        calls.update(kwargs)
+        return {"runs": pd.DataFrame(columns=["name", "seed"]), "table": pd.DataFrame()}
+
+    monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
+    monkeypatch.chdir(tmp_path)
+    return calls

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustmed_lite import ablation, fidelity
+from robustmed_lite import ablation
 from robustmed_lite.config import METHOD_FIELDS, load_config
 from robustmed_lite.summary import find_results
 
@@ -50,20 +50,6 @@ def test_summarise_ablation_pairs_each_row_with_robustmed_by_seed():
     assert (effects["gain_ci_low"] < -0.02).all() and (effects["gain_ci_high"] > -0.02).all()
     # a row without runs is left out, not reported as zero
     assert "cap" not in set(ablation.summarise_ablation(pd.DataFrame(rows).query("name != 'cap'"))["row"])
-
-
-@pytest.fixture
-def reproduce_calls(monkeypatch, tmp_path):
-    """The keyword arguments the study passes to ``reproduce``, which trains nothing here (in ``tmp_path``)."""
-    calls = {}
-
-    def fake_reproduce(**kwargs):
-        calls.update(kwargs)
-        return {"runs": pd.DataFrame(columns=["name", "seed"]), "table": pd.DataFrame()}
-
-    monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
-    monkeypatch.chdir(tmp_path)
-    return calls
 
 
 def test_run_ablation_trains_cap_robustmed_and_the_switched_rows_beside_the_fidelity_runs(reproduce_calls, tmp_path):

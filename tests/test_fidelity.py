@@ -552,16 +552,10 @@ def test_a_missing_key_that_is_not_a_known_added_field_is_a_difference():
     assert config_differences(saved, cfg) == ["beta"]
 
 
-def test_the_phantom_study_trains_only_the_rows_of_its_questions(monkeypatch, tmp_path):
+def test_the_phantom_study_trains_only_the_rows_of_its_questions(reproduce_calls, tmp_path):
     from robustmed_lite import fidelity
 
-    calls = {}
-
-    def fake_reproduce(**kwargs):
-        calls.update(kwargs)
-        return {"runs": pd.DataFrame(columns=["name", "seed"]), "table": pd.DataFrame()}
-
-    monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
+    calls = reproduce_calls
     fidelity.run_fidelity("cpu", data="phantom", out=tmp_path / "phantom", runs=tmp_path / "runs")
     assert calls["methods"] == "cap,robustmed" and set(calls["variants"]) == set(fidelity.PHANTOM_ROWS)
     assert (tmp_path / "phantom" / "table.md").read_text().count("no finished pairs") == 1

@@ -3,7 +3,6 @@ and ranks, an interrupted write resumed, training from it, and clear errors."""
 
 import json
 import pickle
-import sys
 
 import numpy as np
 import pytest
