@@ -119,8 +119,23 @@ def environment_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        # The CPU and the kernels torch picked for it: the same code, seeds and threads train bitwise alike on
+        # one machine but not across CPUs (the ERM runs of results/sites/cpu and cpu-erm-robustmed differ so).
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def notebook_setup(verbose: bool = True, fetch=()):

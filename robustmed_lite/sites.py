@@ -302,6 +302,25 @@ def run_sites(profile: str | Profile = "cpu", data: str | None = None, target: s
     return {**tables, "goal": goals, "runs": first["runs"], "best_choice": choice}
 
 
+def compare_studies(before: pd.DataFrame, after: pd.DataFrame, names, columns) -> pd.DataFrame:
+    """What re-training changed: for each run name of both studies, ``after`` minus ``before`` per column, paired
+    by seed (two calls' ``all_runs/runs.csv``, e.g. the method before and after a change of its defaults).
+
+    Returns:
+        One row per name and column: the mean of each study, the paired gain with its 95% t-interval and the
+        number of pairs; names or columns that either study lacks are left out.
+    """
+    rows = []
+    for name in names:
+        a, b = after[after["name"] == name], before[before["name"] == name]
+        pair = pd.concat([a.assign(name="after"), b.assign(name="before")])
+        for col in columns:
+            gain = paired_gain(pair, "after", "before", col)
+            if gain:
+                rows.append({"name": name, "metric": col, "before": b[col].mean(), "after": a[col].mean(), **gain})
+    return pd.DataFrame(rows)
+
+
 def find_site_results(profile: str = "cpu", download: bool = True) -> Path:
     """The committed study of a profile (``results/sites/<profile>``), here or downloaded (``find_results``)."""
     return find_results(profile, "sites", [*SCHEMA, "best.json", "best_choice.csv", "table.md"], download)

@@ -152,3 +152,60 @@ def test_the_large_data_table_quotes_the_benchmark():
     store = recorded["results"][0]
     assert store["path"] == "store" and store["peak_rss_mb"] < 2000 and recorded["n_train"] == 50_000
     assert f"{recorded['store_mb']} MiB store, written in {round(recorded['store_write_s'])} s" in README
+
+
+SITE_METHODS = {"ERM": "erm", "TRADES": "trades", "the method": "robustmed"}
+SITE_COMPONENTS = {"": "baseline", " + lung crop": "crop", " + intensity (`anchor`)": "intensity",
+                   " + acquisition augmentation": "acq", " + multi-source (uses UCSD train labels)": "multi"}
+
+
+def _site_row(label: str) -> tuple[str, str]:
+    """'TRADES + lung crop' -> ('trades', 'crop'); 'ERM, best (intensity + acq)' -> ('erm', 'best: intensity+acq')."""
+    for name, method in SITE_METHODS.items():
+        if label.startswith(name):
+            rest = label[len(name):]
+            best = re.fullmatch(r", best \((.+)\)", rest)
+            return method, ("best: " + best.group(1).replace(" + ", "+") if best else SITE_COMPONENTS[rest])
+    raise AssertionError(f"not a row of the cross-site table: {label!r}")
+
+
+@pytest.mark.parametrize("folder", ["cpu"])
+def test_the_cross_site_tables_quote_the_committed_study(folder):
+    table = pd.read_csv(ROOT / "results" / "sites" / folder / "sites_table.csv")
+    test = table[(table["split"] == "test") & (table["metric"] == "balanced_accuracy")].set_index(
+        ["method", "component", "adaptation"])
+    rows = _table_after(f"**The committed result** (`results/sites/{folder}/table.md`")
+    assert len(rows) == len(test) // 3, "one README row per method and component"
+    for label, *cells in rows:
+        method, component = _site_row(label)
+        for cell, adaptation in zip(cells, ("none", "adabn", "tent"), strict=True):
+            mean, half = (float(v) for v in PLUS_MINUS.search(cell).groups())
+            row = test.loc[(method, component, adaptation)]
+            assert (mean, half) == pytest.approx((round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)),
+                                                 abs=5e-4), (label, adaptation)
+
+
+def test_the_second_cross_site_call_is_quoted_against_the_first():
+    """The README's table of the two calls of the cross-site study, and the goal it quotes, from the committed files."""
+    from robustmed_lite.sites import compare_studies
+
+    first, second = (ROOT / "results" / "sites" / name for name in ("cpu", "cpu-erm-robustmed"))
+    rows = _table_after("**Measured again with the method's current defaults**")
+    names = {}
+    for label, *_ in rows:
+        method, component = _site_row(label)
+        names[label] = method if component == "baseline" else f"{method}+{component.removeprefix('best: ')}"
+    table = compare_studies(pd.read_csv(first / "all_runs" / "runs.csv"), pd.read_csv(second / "all_runs" / "runs.csv"),
+                            list(names.values()), ["ucsd_covidct_test_balanced_accuracy"]).set_index("name")
+    assert len(table) == len(rows) == 12, "ERM and the method, six rows each"
+    for label, before, after, difference in rows:
+        r = table.loc[names[label]]
+        assert (float(before), float(after)) == pytest.approx((round(r["before"], 3), round(r["after"], 3)), abs=5e-4)
+        quoted = [float(v) for v in INTERVAL.search(difference).groups()]
+        assert quoted == pytest.approx([round(r[c], 3) for c in ("gain_mean", "gain_ci_low", "gain_ci_high")],
+                                       abs=5e-4), label
+    text = " ".join(README.split())
+    goal = pd.read_csv(second / "goal.csv").set_index("method")
+    for method, name in (("erm", "ERM"), ("robustmed", "the method")):
+        g = goal.loc[method]
+        assert not g["reached"] and f"{name} {g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" in text

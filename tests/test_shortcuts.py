@@ -163,3 +163,19 @@ def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
     for _, part in hist.groupby("domain"):  # densities over [0, 1] integrate to one
         assert (part["density"].sum() / len(part)) == pytest.approx(1.0, rel=1e-6)
     assert "reads the site" in capsys.readouterr().out
+
+
+def test_two_calls_of_the_study_compare_row_by_row_paired_by_seed():
+    from robustmed_lite.sites import compare_studies
+
+    before = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.50)})
+    after = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.56), "robustmed+crop": (0.6, 0.6)})
+    after.loc[(after["name"] == "robustmed") & (after["seed"] == 2), "ucsd_covidct_test_balanced_accuracy"] += 0.03
+    table = compare_studies(before, after, ["erm", "robustmed", "robustmed+crop"],
+                            ["ucsd_covidct_test_balanced_accuracy", "clean_accuracy"]).set_index(["name", "metric"])
+    same = table.loc[("erm", "ucsd_covidct_test_balanced_accuracy")]
+    assert same["gain_mean"] == 0 and same["n_pairs"] == 3
+    moved = table.loc[("robustmed", "ucsd_covidct_test_balanced_accuracy")]
+    assert moved["gain_mean"] == pytest.approx(0.07) and moved["gain_ci_low"] < 0.07 < moved["gain_ci_high"]
+    assert moved["after"] - moved["before"] == pytest.approx(0.07)
+    assert "robustmed+crop" not in table.index.get_level_values("name"), "a row only one study has is left out"

@@ -1,5 +1,7 @@
 """The trainer: every method trains, weight noise is exact and local, resume is bitwise, configs fail clearly."""
 
+import json
+
 import pytest
 import torch
 
@@ -44,7 +46,10 @@ def test_two_epochs_write_the_run_record(tmp_path, small_data):
     assert len(history) == 2 and {"val_clean", "val_robust", "train_loss", "epoch_seconds"} <= set(history[0])
     for name in ("config.yaml", "env.json", "log.csv", "log.jsonl", *CHECKPOINTS):
         assert (run / name).exists(), name
-    assert "torch" in (run / "env.json").read_text()
+    env = json.loads((run / "env.json").read_text())["environment"]
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0]
+    # the CPU and its kernels: runs of one commit and seed differ between CPUs, so the record names them
+    assert env["cpu_model"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for name in CHECKPOINTS:
         state = torch.load(run / name, weights_only=True)  # plain tensors and containers only
         assert state["config"]["method"] == "robustmed"
