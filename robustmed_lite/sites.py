@@ -307,12 +307,14 @@ def compare_studies(before: pd.DataFrame, after: pd.DataFrame, names, columns) -
     by seed (two calls' ``all_runs/runs.csv``, e.g. the method before and after a change of its defaults).
 
     Returns:
-        One row per name and column: the mean of each study, the paired gain with its 95% t-interval and the
-        number of pairs; names or columns that either study lacks are left out.
+        One row per name and column: the mean of each study over the seeds both have, the paired gain with its
+        95% t-interval and the number of pairs; names or columns that either study lacks are left out.
     """
     rows = []
     for name in names:
         a, b = after[after["name"] == name], before[before["name"] == name]
+        common = set(a["seed"]) & set(b["seed"])
+        a, b = a[a["seed"].isin(common)], b[b["seed"].isin(common)]
         pair = pd.concat([a.assign(name="after"), b.assign(name="before")])
         for col in columns:
             gain = paired_gain(pair, "after", "before", col)

@@ -179,3 +179,6 @@ def test_two_calls_of_the_study_compare_row_by_row_paired_by_seed():
     assert moved["gain_mean"] == pytest.approx(0.07) and moved["gain_ci_low"] < 0.07 < moved["gain_ci_high"]
     assert moved["after"] - moved["before"] == pytest.approx(0.07)
     assert "robustmed+crop" not in table.index.get_level_values("name"), "a row only one study has is left out"
+    longer = pd.concat([after, after[after["seed"] == 0].assign(seed=3, ucsd_covidct_test_balanced_accuracy=0.9)])
+    extended = compare_studies(before, longer, ["robustmed"], ["ucsd_covidct_test_balanced_accuracy"]).iloc[0]
+    assert extended["n_pairs"] == 3 and extended["after"] == pytest.approx(moved["after"]), "means over paired seeds"
