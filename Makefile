@@ -1,5 +1,5 @@
 # One-command entry points. `make demo` sets up .venv and runs the main job on the embedded phantom;
-# `make test` sets up the same and runs the whole test suite, then builds the book (which executes every
+# `make test` sets up the same, lints (ruff), runs the whole test suite, then builds the book (which executes every
 # notebook once, in the fast profile). CI runs `make test`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test pytest book bench clean
+.PHONY: setup demo test lint pytest book bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,11 @@ endif
 demo: setup
 	$(BIN)/python -m robustmed_lite demo
 
-test: pytest book
+test: lint pytest book
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 pytest: setup
 	$(BIN)/python -m pytest -n auto  # one worker per core (pytest-xdist)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustmed_lite.attacks import PGD
+from robustmed_lite.evaluation.attacks import PGD
 from robustmed_lite.models import create_model
 from robustmed_lite.runinfo import environment_info
 
@@ -60,25 +60,34 @@ def bench(model_name, size, batch, device, amp_dtype, repeats):
     y = torch.randint(0, 2, (batch,), generator=gen).to(device)
     ours = PGD(EPS, alpha=ALPHA, steps=STEPS, seed=0)
     theirs = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
-    runs = {"ours": lambda: ours(model, x, y), "torchattacks": lambda: theirs(x, y),
-            "floor": lambda: floor(model, x, y)}
+    runs = {
+        "ours": lambda: ours(model, x, y),
+        "torchattacks": lambda: theirs(x, y),
+        "floor": lambda: floor(model, x, y),
+    }
     for fn in runs.values():  # warm-up (allocator, kernels, autotuning)
         timed(fn, device, amp_dtype)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         x_adv = ours(model, x, y)  # time a correct attack: inside the ball and [0, 1], in the input dtype
-    valid = bool((x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-                 and x_adv.dtype == x.dtype)
+    valid = bool(
+        (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1 and x_adv.dtype == x.dtype
+    )
     times = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % 3 :] + names[: r % 3]:
             times[name].append(timed(runs[name], device, amp_dtype))
     median = {name: statistics.median(t) for name, t in times.items()}
-    return {"model": model_name, "size": size, "batch": batch, "output_valid": valid,
-            **{f"{name}_s": round(t, 4) for name, t in median.items()},
-            "speedup_vs_torchattacks": round(median["torchattacks"] / median["ours"], 3),
-            "ratio_to_floor": round(median["ours"] / median["floor"], 3),
-            "all_s": {name: [round(v, 4) for v in t] for name, t in times.items()}}
+    return {
+        "model": model_name,
+        "size": size,
+        "batch": batch,
+        "output_valid": valid,
+        **{f"{name}_s": round(t, 4) for name, t in median.items()},
+        "speedup_vs_torchattacks": round(median["torchattacks"] / median["ours"], 3),
+        "ratio_to_floor": round(median["ours"] / median["floor"], 3),
+        "all_s": {name: [round(v, 4) for v in t] for name, t in times.items()},
+    }
 
 
 def main():
@@ -89,8 +98,12 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per device and size)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads; 1 gives steadier ratios when other processes share the cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; 1 gives steadier ratios when other processes share the cores",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attacks.json"))
     args = parser.parse_args()
     if args.threads:
@@ -99,27 +112,37 @@ def main():
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     rows = []
-    print(f"PGD-10 (eps 8/255, step 2/255) on {device}{' with AMP' if args.amp else ''}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'model':15s} {'px':>4s} {'batch':>5s} {'ours s':>8s} {'t.attacks s':>11s} {'floor s':>8s} "
-          f"{'t.attacks/ours':>14s} {'ours/floor':>10s}")
+    print(
+        f"PGD-10 (eps 8/255, step 2/255) on {device}{' with AMP' if args.amp else ''}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print(
+        f"{'model':15s} {'px':>4s} {'batch':>5s} {'ours s':>8s} {'t.attacks s':>11s} {'floor s':>8s} "
+        f"{'t.attacks/ours':>14s} {'ours/floor':>10s}"
+    )
     for model_name in args.models:
         for size in args.sizes:
             batch = args.batch or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cuda"]).get(size, 16)
             row = bench(model_name, size, batch, device, amp_dtype, args.repeats)
             rows.append(row)
-            print(f"{model_name:15s} {size:4d} {batch:5d} {row['ours_s']:8.3f} {row['torchattacks_s']:11.3f} "
-                  f"{row['floor_s']:8.3f} {row['speedup_vs_torchattacks']:13.3f}x {row['ratio_to_floor']:9.3f}x",
-                  flush=True)
+            print(
+                f"{model_name:15s} {size:4d} {batch:5d} {row['ours_s']:8.3f} {row['torchattacks_s']:11.3f} "
+                f"{row['floor_s']:8.3f} {row['speedup_vs_torchattacks']:13.3f}x {row['ratio_to_floor']:9.3f}x",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {"benchmark": "attacks", "runs": {}}
     key = device.type + ("-amp" if args.amp else "")
-    results["runs"][key] = {"attack": "PGD-10, L-inf, eps 8/255, step 2/255, random start", "repeats": args.repeats,
-                            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-                            "flush_denormal": flush_denormal,
-                            "targets": {"speedup_vs_torchattacks": ">= 1.0", "ratio_to_floor": "<= 1.05"},
-                            "results": rows, "environment": environment_info()}
+    results["runs"][key] = {
+        "attack": "PGD-10, L-inf, eps 8/255, step 2/255, random start",
+        "repeats": args.repeats,
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "flush_denormal": flush_denormal,
+        "targets": {"speedup_vs_torchattacks": ">= 1.0", "ratio_to_floor": "<= 1.05"},
+        "results": rows,
+        "environment": environment_info(),
+    }
     out.write_text(json.dumps(results, indent=2))
     print(f"saved {out} [{key}]")
 

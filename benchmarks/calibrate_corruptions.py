@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from robustmed_lite.corruptions import CORRUPTIONS, FAMILY_OF, SEVERITIES, corrupt
-from robustmed_lite.data import find_shared_data, load_images
-from robustmed_lite.evaluate import accuracy
-from robustmed_lite.experiments import selected_checkpoint, train_or_load
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.prior import dice, lung_mask
+from robustmed_lite.book.runs import selected_checkpoint, train_or_load
+from robustmed_lite.checkpoints import model_from_checkpoint
+from robustmed_lite.data.loaders import find_shared_data, load_images
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.corruptions import CORRUPTIONS, FAMILY_OF, SEVERITIES, corrupt
+from robustmed_lite.evaluation.metrics import accuracy
+from robustmed_lite.method.prior import dice, lung_mask
 from robustmed_lite.runinfo import environment_info
-from robustmed_lite.trainer import model_from_checkpoint
 
 
 def main():
@@ -37,15 +37,15 @@ def main():
     trainer = train_or_load("erm", "cpu-demo", root=args.runs, progress=False)
     model, _ = model_from_checkpoint(selected_checkpoint(trainer))
     # Calibrated on the validation split: the test split is what notebook 06 reports on.
-    x, y = (t[:args.n] for t in trainer.data.val)
+    x, y = (t[: args.n] for t in trainer.data.val)
     cfg = trainer.cfg
     val = make_phantom_dataset(cfg.n_val, cfg.img_size, cfg.site, seed=1)  # build_data's validation split
-    assert torch.equal(val.images[:args.n], x), "the validation split's masks must belong to its images"
-    truth = val.lung_masks[:args.n]
+    assert torch.equal(val.images[: args.n], x), "the validation split's masks must belong to its images"
+    truth = val.lung_masks[: args.n]
     real = None
     shared = find_shared_data()
     if shared is not None:
-        real = load_images(shared / "sarscov2", x.shape[-1], progress=False).images[::20][:args.n]
+        real = load_images(shared / "sarscov2", x.shape[-1], progress=False).images[::20][: args.n]
         real_mask = lung_mask(real, threshold="otsu")
     clean_acc = accuracy(model, x, y)
     rows = []
@@ -54,24 +54,42 @@ def main():
     for name in CORRUPTIONS:
         for severity in range(1, 6):
             xc = corrupt(x, name, severity, seed=0)
-            row = {"corruption": name, "family": FAMILY_OF[name], "severity": severity,
-                   "parameter": SEVERITIES[name][severity - 1], "accuracy": accuracy(model, xc, y),
-                   "mean_abs_change": (xc - x).abs().mean().item(),
-                   "lung_dice_vs_truth": dice(lung_mask(xc, threshold="otsu"), truth).mean().item()}
+            row = {
+                "corruption": name,
+                "family": FAMILY_OF[name],
+                "severity": severity,
+                "parameter": SEVERITIES[name][severity - 1],
+                "accuracy": accuracy(model, xc, y),
+                "mean_abs_change": (xc - x).abs().mean().item(),
+                "lung_dice_vs_truth": dice(lung_mask(xc, threshold="otsu"), truth).mean().item(),
+            }
             row["drop"] = clean_acc - row["accuracy"]
             if real is not None:
                 rc = corrupt(real, name, severity, seed=0)
                 row["real_mean_abs_change"] = (rc - real).abs().mean().item()
                 row["real_lung_dice_vs_clean"] = dice(lung_mask(rc, threshold="otsu"), real_mask).mean().item()
             rows.append(row)
-            print(f"{name:16s} {severity}  {row['parameter']!s:8s} {row['accuracy']:.3f} {row['drop']:+.3f} "
-                  f"{row['mean_abs_change']:.3f}   {row['lung_dice_vs_truth']:.3f}   "
-                  f"{row.get('real_mean_abs_change', float('nan')):.3f}        "
-                  f"{row.get('real_lung_dice_vs_clean', float('nan')):.3f}")
+            print(
+                f"{name:16s} {severity}  {row['parameter']!s:8s} {row['accuracy']:.3f} {row['drop']:+.3f} "
+                f"{row['mean_abs_change']:.3f}   {row['lung_dice_vs_truth']:.3f}   "
+                f"{row.get('real_mean_abs_change', float('nan')):.3f}        "
+                f"{row.get('real_lung_dice_vs_clean', float('nan')):.3f}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "corruptions_calibration", "clean_accuracy": clean_acc, "n": len(y),
-                               "size": x.shape[-1], "rows": rows, "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "corruptions_calibration",
+                "clean_accuracy": clean_acc,
+                "n": len(y),
+                "size": x.shape[-1],
+                "rows": rows,
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

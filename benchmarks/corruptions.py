@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from robustmed_lite.corruptions import CORRUPTIONS, FAMILY_OF, corrupt
-from robustmed_lite.phantom import make_phantom_dataset
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.corruptions import CORRUPTIONS, FAMILY_OF, corrupt
 from robustmed_lite.runinfo import environment_info
 
 
@@ -39,13 +39,24 @@ def main():
                 sync()
                 times.append(time.perf_counter() - start)
             best = min(times)
-            rows.append({"corruption": name, "family": FAMILY_OF[name], "size": size, "batch": args.batch,
-                         "seconds": round(best, 4), "images_per_s": round(args.batch / best, 1)})
+            rows.append(
+                {
+                    "corruption": name,
+                    "family": FAMILY_OF[name],
+                    "size": size,
+                    "batch": args.batch,
+                    "seconds": round(best, 4),
+                    "images_per_s": round(args.batch / best, 1),
+                }
+            )
             print(f"{size:3d} px {name:16s} {args.batch / best:9.1f} img/s")
     out = Path(args.out or Path(__file__).parent / "results" / f"corruptions_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "corruptions", "severity": 3, "results": rows,
-                               "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"benchmark": "corruptions", "severity": 3, "results": rows, "environment": environment_info()}, indent=2
+        )
+    )
     print(f"saved {out}")
 
 

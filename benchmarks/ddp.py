@@ -37,10 +37,26 @@ def _measure(args) -> dict:
     from robustmed_lite.config import load_config
     from robustmed_lite.trainer import Trainer
 
-    cfg = load_config("cpu-demo", dict(
-        method=args.method, model=args.model, img_size=args.size, batch_size=args.batch, n_train=args.batch,
-        n_val=8, n_test=8, eval_n=8, attack_steps=args.attack_steps, eps="8/255", step_size="2/255",
-        weight_noise_warmup=0, device=args.device, progress=False, out_dir=tempfile.mkdtemp()))
+    cfg = load_config(
+        "cpu-demo",
+        dict(
+            method=args.method,
+            model=args.model,
+            img_size=args.size,
+            batch_size=args.batch,
+            n_train=args.batch,
+            n_val=8,
+            n_test=8,
+            eval_n=8,
+            attack_steps=args.attack_steps,
+            eps="8/255",
+            step_size="2/255",
+            weight_noise_warmup=0,
+            device=args.device,
+            progress=False,
+            out_dir=tempfile.mkdtemp(),
+        ),
+    )
     trainer = Trainer(cfg)
     rank, ranks = distributed.rank(), distributed.world_size()
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0, rank=rank, ranks=ranks))[:3]
@@ -58,23 +74,44 @@ def _measure(args) -> dict:
     parameters = sum(p.numel() for p in trainer.model.parameters())
     proxy = sum(p.numel() for p in getattr(trainer.weight_noise, "stepped", []))
     distributed.teardown()
-    return {"method": args.method, "setting": f"ranks={ranks}" if args.launched else "plain", "ranks": ranks,
-            "threads_per_process": args.threads, "seconds_per_step": sorted(times)[len(times) // 2],
-            "all_seconds": times, "parameters": parameters, "proxy_parameters": proxy}
+    return {
+        "method": args.method,
+        "setting": f"ranks={ranks}" if args.launched else "plain",
+        "ranks": ranks,
+        "threads_per_process": args.threads,
+        "seconds_per_step": sorted(times)[len(times) // 2],
+        "all_seconds": times,
+        "parameters": parameters,
+        "proxy_parameters": proxy,
+    }
 
 
 def _run(args, method: str, ranks: int | None) -> dict:
     """Measures one method in fresh processes: ``ranks`` None is the plain process."""
     options = ["--single", method, "--threads", str(args.threads // (ranks or 1))] + [
-        a for k in ("device", "size", "batch", "model", "steps", "warmup", "attack_steps")
-        for a in (f"--{k}", str(getattr(args, k)))]
+        a
+        for k in ("device", "size", "batch", "model", "steps", "warmup", "attack_steps")
+        for a in (f"--{k}", str(getattr(args, k)))
+    ]
     if ranks is None:
         cmd = [sys.executable, __file__, *options]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               __file__, *options, "--launched"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(args.threads // (ranks or 1)))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            __file__,
+            *options,
+            "--launched",
+        ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS=str(args.threads // (ranks or 1)),
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -86,8 +123,11 @@ def allreduce_estimate(parameters: int, ranks: int) -> dict:
     times the gradients' size (the model's, plus the proxy's perturbed weights for weight noise). An estimate on
     paper, not a measurement."""
     size = parameters * 4
-    return {"ranks": ranks, "gradient_mb": round(size / 1e6, 1),
-            "ring_traffic_mb_per_rank": round(size * 2 * (ranks - 1) / ranks / 1e6, 1)}
+    return {
+        "ranks": ranks,
+        "gradient_mb": round(size / 1e6, 1),
+        "ring_traffic_mb_per_rank": round(size * 2 * (ranks - 1) / ranks / 1e6, 1),
+    }
 
 
 def main():
@@ -116,20 +156,37 @@ def main():
         plain = _run(args, method, None)
         for row in (plain, *(_run(args, method, n) for n in args.ranks)):
             row["vs_plain"] = round(row["seconds_per_step"] / plain["seconds_per_step"], 3)
-            print(f"{method:10s} {row['setting']:8s} {row['seconds_per_step']:7.3f} s/step  x{row['vs_plain']} of "
-                  "plain")
+            print(
+                f"{method:10s} {row['setting']:8s} {row['seconds_per_step']:7.3f} s/step  x{row['vs_plain']} of plain"
+            )
             rows.append(row)
     from robustmed_lite.runinfo import environment_info
 
     device = torch.device(args.device).type
     out = Path(args.out or Path(__file__).parent / "results" / f"ddp_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "ddp", "model": args.model, "size": args.size, "global_batch": args.batch,
-        "attack_steps": args.attack_steps, "threads": args.threads, "results": rows,
-        "allreduce_estimate": {row["method"]: [allreduce_estimate(row["parameters"] + row["proxy_parameters"], n)
-                                               for n in (2, 4, 8)] for row in rows if row["setting"] == "plain"},
-        "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "ddp",
+                "model": args.model,
+                "size": args.size,
+                "global_batch": args.batch,
+                "attack_steps": args.attack_steps,
+                "threads": args.threads,
+                "results": rows,
+                "allreduce_estimate": {
+                    row["method"]: [
+                        allreduce_estimate(row["parameters"] + row["proxy_parameters"], n) for n in (2, 4, 8)
+                    ]
+                    for row in rows
+                    if row["setting"] == "plain"
+                },
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

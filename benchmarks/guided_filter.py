@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import torch
 
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.prior import guided_filter
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.method.prior import guided_filter
 from robustmed_lite.runinfo import environment_info
 
 
@@ -57,8 +57,9 @@ def main():
     for r in args.radii:
         row = {"radius": r, "batch": args.batch, "size": args.size}
         if has_ximgproc:
-            ref = _seconds(lambda: [cv2.ximgproc.guidedFilter(xs[i], ps[i], r, args.eps, -1)
-                                    for i in range(len(xs))], args.repeats)
+            ref = _seconds(
+                lambda: [cv2.ximgproc.guidedFilter(xs[i], ps[i], r, args.eps, -1) for i in range(len(xs))], args.repeats
+            )
             row["ximgproc_cpu_img_s"] = round(args.batch / ref, 1)
         if r in reference:
             row["ximgproc_reference_cpu_img_s"] = reference[r]
@@ -75,9 +76,19 @@ def main():
         print(" | ".join(f"{k}={v}" for k, v in row.items()))
     out = Path(args.out or Path(__file__).parent / "results" / f"guided_filter_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "guided_filter", "eps": args.eps, "opencv_threads": cv2.getNumThreads(),
-                               "torch_threads": torch.get_num_threads(), "results": rows,
-                               "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "guided_filter",
+                "eps": args.eps,
+                "opencv_threads": cv2.getNumThreads(),
+                "torch_threads": torch.get_num_threads(),
+                "results": rows,
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

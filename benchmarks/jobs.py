@@ -28,14 +28,35 @@ def _one_run(threads: int, epochs: int, data: str, seed: int) -> None:
     from robustmed_lite.config import load_config
     from robustmed_lite.trainer import Trainer
 
-    cfg = load_config("cpu-demo", {"method": "trades", "data": data, "epochs": epochs, "seed": seed,
-                                   "out_dir": tempfile.mkdtemp(), "progress": False})
+    cfg = load_config(
+        "cpu-demo",
+        {
+            "method": "trades",
+            "data": data,
+            "epochs": epochs,
+            "seed": seed,
+            "out_dir": tempfile.mkdtemp(),
+            "progress": False,
+        },
+    )
     Trainer(cfg).fit()
 
 
 def _spawn(threads: int, epochs: int, data: str, seed: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--single", str(threads), "--epochs", str(epochs),
-                             "--data", data, "--seed", str(seed)])
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--single",
+            str(threads),
+            "--epochs",
+            str(epochs),
+            "--data",
+            data,
+            "--seed",
+            str(seed),
+        ]
+    )
 
 
 def main():
@@ -50,7 +71,7 @@ def main():
     if args.single is not None:
         _one_run(args.single, args.epochs, args.data, args.seed)
         return
-    from robustmed_lite.data import find_shared_data, load_images
+    from robustmed_lite.data.loaders import find_shared_data, load_images
     from robustmed_lite.runinfo import environment_info
 
     root = find_shared_data()
@@ -67,10 +88,18 @@ def main():
     for p in procs:
         p.wait()
     parallel = time.perf_counter() - start
-    result = {"data": data, "runs": runs, "epochs_per_run": args.epochs, "method": "trades", "preset": "cpu-demo",
-              f"one_process_{args.threads}_threads_seconds": sequential,
-              f"{runs}_processes_1_thread_seconds": parallel, "speedup": sequential / parallel,
-              "environment": environment_info(), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {
+        "data": data,
+        "runs": runs,
+        "epochs_per_run": args.epochs,
+        "method": "trades",
+        "preset": "cpu-demo",
+        f"one_process_{args.threads}_threads_seconds": sequential,
+        f"{runs}_processes_1_thread_seconds": parallel,
+        "speedup": sequential / parallel,
+        "environment": environment_info(),
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))

@@ -49,18 +49,38 @@ def _measure(args) -> dict:
 
     torch.set_flush_denormal(True)
     from robustmed_lite.config import load_config
-    from robustmed_lite.dataset import PriorDataset
-    from robustmed_lite.trainer import Trainer, build_data
+    from robustmed_lite.data.dataset import PriorDataset
+    from robustmed_lite.data.splits import build_data
+    from robustmed_lite.trainer import Trainer
 
-    cfg = load_config("cpu-demo", {
-        "data": args.store, "img_size": args.size, "method": args.method, "model": args.model, "epochs": 1,
-        "batch_size": args.batch, "eval_n": 128, "prior": True, "progress": False, "out_dir": tempfile.mkdtemp()})
+    cfg = load_config(
+        "cpu-demo",
+        {
+            "data": args.store,
+            "img_size": args.size,
+            "method": args.method,
+            "model": args.model,
+            "epochs": 1,
+            "batch_size": args.batch,
+            "eval_n": 128,
+            "prior": True,
+            "progress": False,
+            "out_dir": tempfile.mkdtemp(),
+        },
+    )
     start = time.perf_counter()
     splits = build_data(cfg)
     if args.single == "memory":
         train = splits.train
-        splits.train = PriorDataset(train.images.store.load(train.images.indices), train.labels, prior=cfg.prior,
-                                    hflip=cfg.hflip, vflip=cfg.vflip, seed=cfg.seed, prior_kwargs=train.prior_kwargs)
+        splits.train = PriorDataset(
+            train.images.store.load(train.images.indices),
+            train.labels,
+            prior=cfg.prior,
+            hflip=cfg.hflip,
+            vflip=cfg.vflip,
+            seed=cfg.seed,
+            prior_kwargs=train.prior_kwargs,
+        )
     ready = time.perf_counter() - start
     rss_ready = _peak_rss_mb()
     start = time.perf_counter()
@@ -72,10 +92,18 @@ def _measure(args) -> dict:
     trainer.fit()
     epoch = time.perf_counter() - start
     n = len(splits.train)
-    return {"path": args.single, "train_slices": n, "ready_s": round(ready, 1), "peak_rss_ready_mb": round(rss_ready),
-            "data_pass_s": round(data_pass, 1), "data_pass_slices_per_s": round(n / data_pass),
-            "epoch_s": round(epoch, 1), "train_slices_per_s": round(n / epoch, 1),
-            "val_acc": trainer.history[-1].get("val_clean"), "peak_rss_mb": round(_peak_rss_mb())}
+    return {
+        "path": args.single,
+        "train_slices": n,
+        "ready_s": round(ready, 1),
+        "peak_rss_ready_mb": round(rss_ready),
+        "data_pass_s": round(data_pass, 1),
+        "data_pass_slices_per_s": round(n / data_pass),
+        "epoch_s": round(epoch, 1),
+        "train_slices_per_s": round(n / epoch, 1),
+        "val_acc": trainer.history[-1].get("val_clean"),
+        "peak_rss_mb": round(_peak_rss_mb()),
+    }
 
 
 def main():
@@ -93,9 +121,9 @@ def main():
     if args.single:
         print(json.dumps(_measure(args)))
         return
-    from robustmed_lite.data import default_cache_dir
+    from robustmed_lite.data.loaders import default_cache_dir
+    from robustmed_lite.data.slicestore import is_slice_store, write_phantom_store
     from robustmed_lite.runinfo import environment_info
-    from robustmed_lite.slicestore import is_slice_store, write_phantom_store
 
     store = Path(args.store or default_cache_dir() / f"phantom-store-{args.n_train}-{args.size}px")
     reused = is_slice_store(store)
@@ -107,24 +135,39 @@ def main():
     rows = []
     for path in args.paths:
         cmd = [sys.executable, __file__, "--single", path, "--store", str(store)] + [
-            a for k in ("size", "method", "model", "batch") for a in (f"--{k}", str(getattr(args, k)))]
+            a for k in ("size", "method", "model", "batch") for a in (f"--{k}", str(getattr(args, k)))
+        ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
         row = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-        print(f"{path:7s} peak {row['peak_rss_mb']:6.0f} MB  ready {row['ready_s']:6.1f} s  data pass "
-              f"{row['data_pass_slices_per_s']:6d} slices/s  epoch {row['epoch_s']:6.1f} s "
-              f"({row['train_slices_per_s']} slices/s)")
+        print(
+            f"{path:7s} peak {row['peak_rss_mb']:6.0f} MB  ready {row['ready_s']:6.1f} s  data pass "
+            f"{row['data_pass_slices_per_s']:6d} slices/s  epoch {row['epoch_s']:6.1f} s "
+            f"({row['train_slices_per_s']} slices/s)"
+        )
         rows.append(row)
     out = Path(args.out or Path(__file__).parent / "results" / "large_data_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "large_data", "command": " ".join(["python", "benchmarks/large_data.py", *sys.argv[1:]]),
-        "n_train": args.n_train, "size": args.size, "method": args.method, "model": args.model,
-        "batch": args.batch, "store_mb": round(written.megabytes_on_disk),
-        "store_write_s": None if reused else round(write_s, 1), "results": rows,
-        "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "large_data",
+                "command": " ".join(["python", "benchmarks/large_data.py", *sys.argv[1:]]),
+                "n_train": args.n_train,
+                "size": args.size,
+                "method": args.method,
+                "model": args.model,
+                "batch": args.batch,
+                "store_mb": round(written.megabytes_on_disk),
+                "store_write_s": None if reused else round(write_s, 1),
+                "results": rows,
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

@@ -15,14 +15,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from robustmed_lite.data import LOADER_VERSION, find_shared_data, load_images
+from robustmed_lite.data.loaders import LOADER_VERSION, find_shared_data, load_images
 from robustmed_lite.runinfo import environment_info
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=None,
-                        help="folder with COVID/ and non-COVID/ (default: <shared data>/sarscov2)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="folder with COVID/ and non-COVID/ (default: <shared data>/sarscov2)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="output sides in pixels")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "load_data.json")
     return parser.parse_args()
@@ -40,9 +41,16 @@ def time_size(root: Path, size: int) -> dict:
         cache_bytes = sum(f.stat().st_size for f in Path(cache_dir).iterdir())
     assert cached.images.equal(first.images), "the cache returned different pixels"
     n = len(first)
-    return {"size": size, "n_images": n, "first_s": round(first_s, 3), "cached_s": round(cached_s, 3),
-            "first_img_per_s": round(n / first_s, 1), "cached_img_per_s": round(n / cached_s, 1),
-            "cache_mib": round(cache_bytes / 2**20, 1), "tensor_mib": round(first.images.nbytes / 2**20, 1)}
+    return {
+        "size": size,
+        "n_images": n,
+        "first_s": round(first_s, 3),
+        "cached_s": round(cached_s, 3),
+        "first_img_per_s": round(n / first_s, 1),
+        "cached_img_per_s": round(n / cached_s, 1),
+        "cache_mib": round(cache_bytes / 2**20, 1),
+        "tensor_mib": round(first.images.nbytes / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -57,12 +65,19 @@ def main() -> None:
 
     print(f"{'size':>5} {'images':>7} {'first s':>8} {'img/s':>7} {'cached s':>9} {'img/s':>8} {'cache MiB':>10}")
     for r in rows:
-        print(f"{r['size']:>5} {r['n_images']:>7} {r['first_s']:>8.2f} {r['first_img_per_s']:>7.0f} "
-              f"{r['cached_s']:>9.3f} {r['cached_img_per_s']:>8.0f} {r['cache_mib']:>10.1f}")
+        print(
+            f"{r['size']:>5} {r['n_images']:>7} {r['first_s']:>8.2f} {r['first_img_per_s']:>7.0f} "
+            f"{r['cached_s']:>9.3f} {r['cached_img_per_s']:>8.0f} {r['cache_mib']:>10.1f}"
+        )
 
-    record = {"benchmark": "load_data", "dataset": str(root), "loader_version": LOADER_VERSION,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": rows,
-              "environment": environment_info()}
+    record = {
+        "benchmark": "load_data",
+        "dataset": str(root),
+        "loader_version": LOADER_VERSION,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "results": rows,
+        "environment": environment_info(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -36,8 +36,9 @@ def run_notebook(path: Path, timeout: int, data: str) -> dict:
             (Path(work) / "no-real-data").mkdir()
             os.environ["ROBUSTMED_DATA"] = str(Path(work) / "no-real-data")
         os.environ.setdefault("ROBUSTMED_PROFILE", "fast")
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=True,
-                                resources={"metadata": {"path": work}})
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", record_timing=True, resources={"metadata": {"path": work}}
+        )
         start = time.perf_counter()
         client.execute()
         seconds = time.perf_counter() - start
@@ -45,10 +46,17 @@ def run_notebook(path: Path, timeout: int, data: str) -> dict:
     for index, cell in enumerate(nb.cells):
         timing = cell.get("metadata", {}).get("execution", {})
         if cell.cell_type == "code" and "iopub.execute_input" in timing and "shell.execute_reply" in timing:
-            began, ended = (datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
-                            for k in ("iopub.execute_input", "shell.execute_reply"))
-            cells.append({"cell": index, "seconds": round((ended - began).total_seconds(), 1),
-                          "first_line": cell.source.splitlines()[0][:80] if cell.source else ""})
+            began, ended = (
+                datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                for k in ("iopub.execute_input", "shell.execute_reply")
+            )
+            cells.append(
+                {
+                    "cell": index,
+                    "seconds": round((ended - began).total_seconds(), 1),
+                    "first_line": cell.source.splitlines()[0][:80] if cell.source else "",
+                }
+            )
     return {"notebook": path.name, "seconds": round(seconds, 1), "cells": cells}
 
 
@@ -56,8 +64,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notebooks", nargs="*", default=None, help="number prefixes, e.g. 00 02 (default: all)")
     parser.add_argument("--timeout", type=int, default=1200, help="per cell, seconds")
-    parser.add_argument("--data", choices=("phantom", "found"), default="phantom",
-                        help="phantom: hide real CT, as on a workshop laptop; found: use it where the notebooks find it")
+    parser.add_argument(
+        "--data",
+        choices=("phantom", "found"),
+        default="phantom",
+        help="phantom: hide real CT (as on a workshop laptop); found: use it where the notebooks find it",
+    )
     args = parser.parse_args()
 
     import torch
@@ -72,18 +84,29 @@ def main() -> int:
     for path in tqdm(paths, desc="notebooks", unit="nb"):
         rows.append(dict(run_notebook(path, args.timeout, args.data), recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
         slowest = sorted(rows[-1]["cells"], key=lambda c: -c["seconds"])[:3]
-        print(f"{path.name}: {rows[-1]['seconds']:.0f} s; slowest cells: "
-              + ", ".join(f"{c['cell']} ({c['seconds']:.0f} s)" for c in slowest), flush=True)
+        print(
+            f"{path.name}: {rows[-1]['seconds']:.0f} s; slowest cells: "
+            + ", ".join(f"{c['cell']} ({c['seconds']:.0f} s)" for c in slowest),
+            flush=True,
+        )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     out = ROOT / "benchmarks" / "results" / f"notebooks_{device}_{args.data}.json"
     if args.notebooks and out.exists():  # a re-measured notebook replaces its own row; the others stay
         measured, before = {row["notebook"] for row in rows}, json.loads(out.read_text())
-        kept = [dict(r, recorded=r.get("recorded", before["recorded"])) for r in before["notebooks"]
-                if r["notebook"] not in measured]
+        kept = [
+            dict(r, recorded=r.get("recorded", before["recorded"]))
+            for r in before["notebooks"]
+            if r["notebook"] not in measured
+        ]
         rows = sorted(kept + rows, key=lambda r: r["notebook"])
-    record = {"command": " ".join(["python benchmarks/notebooks.py", *sys.argv[1:]]), "data": args.data,
-              "profile": os.environ["ROBUSTMED_PROFILE"],
-              "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment_info(), "notebooks": rows}
+    record = {
+        "command": " ".join(["python benchmarks/notebooks.py", *sys.argv[1:]]),
+        "data": args.data,
+        "profile": os.environ["ROBUSTMED_PROFILE"],
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment_info(),
+        "notebooks": rows,
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

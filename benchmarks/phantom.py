@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from robustmed_lite.phantom import make_phantom_dataset
+from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.runinfo import environment_info
 
 
@@ -30,13 +30,29 @@ def main():
             make_phantom_dataset(args.n, size, site="A", seed=0)
             times.append(time.perf_counter() - start)
         best = min(times)
-        rows.append({"n": args.n, "size": size, "seconds_best": round(best, 3),
-                     "seconds_all": [round(t, 3) for t in times], "slices_per_s": round(args.n / best, 1)})
+        rows.append(
+            {
+                "n": args.n,
+                "size": size,
+                "seconds_best": round(best, 3),
+                "seconds_all": [round(t, 3) for t in times],
+                "slices_per_s": round(args.n / best, 1),
+            }
+        )
         print(f"{args.n} slices at {size:3d} px: {best:6.2f} s best of {args.repeats} ({args.n / best:7.1f} slices/s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "phantom", "threads": torch.get_num_threads(), "results": rows,
-                               "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "phantom",
+                "threads": torch.get_num_threads(),
+                "results": rows,
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

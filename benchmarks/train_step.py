@@ -28,10 +28,25 @@ def _measure(args) -> dict:
     from robustmed_lite.config import load_config
     from robustmed_lite.trainer import Trainer
 
-    cfg = load_config("cpu-demo", dict(
-        method=args.single, model=args.model, img_size=args.size, batch_size=args.batch, n_train=args.batch,
-        n_val=8, n_test=8, eval_n=8, attack_steps=10, eps="8/255", step_size="2/255", device=args.device,
-        progress=False, out_dir=tempfile.mkdtemp()))
+    cfg = load_config(
+        "cpu-demo",
+        dict(
+            method=args.single,
+            model=args.model,
+            img_size=args.size,
+            batch_size=args.batch,
+            n_train=args.batch,
+            n_val=8,
+            n_test=8,
+            eval_n=8,
+            attack_steps=10,
+            eps="8/255",
+            step_size="2/255",
+            device=args.device,
+            progress=False,
+            out_dir=tempfile.mkdtemp(),
+        ),
+    )
     trainer = Trainer(cfg)
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0))[:3]
     attack = trainer.sample_attack(0)
@@ -48,9 +63,14 @@ def _measure(args) -> dict:
         trainer.train_step(x, x_aug, y, 0, attack)
         sync()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"method": args.single, "seconds_per_step": sorted(times)[len(times) // 2], "all_seconds": times,
-            "peak_memory_mib": peak / 2**20, "memory_kind": "cuda max allocated" if cuda else "process peak RSS"}
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "method": args.single,
+        "seconds_per_step": sorted(times)[len(times) // 2],
+        "all_seconds": times,
+        "peak_memory_mib": peak / 2**20,
+        "memory_kind": "cuda max allocated" if cuda else "process peak RSS",
+    }
 
 
 def main():
@@ -74,8 +94,10 @@ def main():
             rows.append(_measure(argparse.Namespace(**{**vars(args), "single": method})))
         else:
             cmd = [sys.executable, __file__, "--single", method] + [
-                a for k in ("device", "size", "batch", "model", "steps", "warmup")
-                for a in (f"--{k}", str(getattr(args, k)))]
+                a
+                for k in ("device", "size", "batch", "model", "steps", "warmup")
+                for a in (f"--{k}", str(getattr(args, k)))
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
         print(f"{method:10s} {rows[-1]['seconds_per_step']:7.3f} s/step  peak {rows[-1]['peak_memory_mib']:8.0f} MiB")
@@ -91,8 +113,20 @@ def main():
     device = torch.device(args.device).type
     out = Path(args.out or Path(__file__).parent / "results" / f"train_step_{device}_{args.size}px.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "train_step", "model": args.model, "size": args.size, "batch": args.batch,
-                               "attack_steps": 10, "results": rows, "environment": environment_info()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "model": args.model,
+                "size": args.size,
+                "batch": args.batch,
+                "attack_steps": 10,
+                "results": rows,
+                "environment": environment_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

@@ -16,7 +16,7 @@ def remote_loads(html: str) -> list[str]:
     """The tags of a page that load a script, style sheet or image from another host."""
     found = []
     for match in LOADS.finditer(html):
-        tag = html[match.start():html.index(">", match.start()) + 1]
+        tag = html[match.start() : html.index(">", match.start()) + 1]
         if STYLESHEET_OR_SCRIPT.search(tag):
             found.append(tag)
     return found
@@ -34,8 +34,10 @@ def main(build: str) -> int:
         problems["_static/mathjax"] = ["the local MathJax is missing (sphinx-mathjax-offline in _config.yml)"]
     for page, tags in problems.items():
         print(f"{page}: {len(tags)} remote loads, e.g. {tags[0][:200]}", file=sys.stderr)
-    print(f"{len(pages)} pages checked: " + ("every script, style sheet and image is local" if not problems else
-                                               f"{len(problems)} load from the web"))
+    print(
+        f"{len(pages)} pages checked: "
+        + ("every script, style sheet and image is local" if not problems else f"{len(problems)} load from the web")
+    )
     return 1 if problems else 0
 
 

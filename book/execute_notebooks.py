@@ -4,8 +4,9 @@ Each notebook runs in a fresh kernel in its own empty temporary folder (as on a 
 nothing is shared between notebooks but the package and the decode cache), with one torch thread, one notebook
 per core (jupyter-cache's pool), longest first (the times of ``benchmarks/results/notebooks_cpu_found.json``).
 On two cores this takes 13% less time than one notebook after another with two threads each (measured on
-notebooks 02 and 03: 194 s instead of 223 s): a notebook spends much of its time in single-threaded Python. The book build
-(``execute_notebooks: cache``) then renders these outputs; it would execute any notebook missing from the cache.
+notebooks 02 and 03: 194 s instead of 223 s): a notebook spends much of its time in single-threaded Python.
+The book build (``execute_notebooks: cache``) then renders these outputs; it would execute any notebook missing
+from the cache.
 
 Usage: python book/execute_notebooks.py [--timeout 1200]
 Exits 1, with the traceback, when a notebook fails.
@@ -60,8 +61,10 @@ def main() -> int:
     start = time.perf_counter()
     executor = load_executor("temp-parallel", cache, logger=logger)
     result = executor.run_and_cache(timeout=args.timeout, allow_errors=False)
-    print(f"executed {len(result.succeeded)} notebooks in {time.perf_counter() - start:.0f} s, {os.cpu_count()} at "
-          f"a time, one thread each")
+    print(
+        f"executed {len(result.succeeded)} notebooks in {time.perf_counter() - start:.0f} s, {os.cpu_count()} at "
+        f"a time, one thread each"
+    )
     failed = result.excepted + result.errored
     for uri in failed:
         print(f"FAILED {uri}\n{cache.get_project_record(uri).traceback or ''}", file=sys.stderr)

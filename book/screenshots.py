@@ -40,8 +40,19 @@ def offline_prefix() -> list[str]:
 
 
 def browse(page: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [*offline_prefix(), chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--window-size=1280,1800", "--virtual-time-budget=8000", *NO_NETWORK, *args, page.as_uri()]
+    command = [
+        *offline_prefix(),
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,1800",
+        "--virtual-time-budget=8000",
+        *NO_NETWORK,
+        *args,
+        page.as_uri(),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -51,9 +62,12 @@ def inspect_dom(dom: str) -> dict:
     text = re.sub(r"<mjx-container\b.*?</mjx-container>", "", text, flags=re.S)
     text = re.sub(r"<[^>]+>", "", text)
     badges = re.findall(r'<img[^>]+src="([^"]*colab-badge[^"]*)"', dom)
-    return {"mathjax_containers": dom.count("<mjx-container"),
-            "raw_latex": len(re.findall(r"\\\[|\$\$|\\\(", text)),
-            "badges": badges, "remote_badges": [b for b in badges if b.startswith(("http:", "https:", "//"))]}
+    return {
+        "mathjax_containers": dom.count("<mjx-container"),
+        "raw_latex": len(re.findall(r"\\\[|\$\$|\\\(", text)),
+        "badges": badges,
+        "remote_badges": [b for b in badges if b.startswith(("http:", "https:", "//"))],
+    }
 
 
 def main() -> int:
@@ -73,12 +87,17 @@ def main() -> int:
         seen = inspect_dom(browse(page, "--dump-dom").stdout)
         seen["screenshot"] = str(shot)
         report["pages"][name] = seen
-        problems = ([f"{seen['raw_latex']} raw LaTeX"] if seen["raw_latex"] else []) + (
-            [f"remote badges {seen['remote_badges']}"] if seen["remote_badges"] else []) + (
-            ["no screenshot"] if not shot.exists() else [])
+        problems = (
+            ([f"{seen['raw_latex']} raw LaTeX"] if seen["raw_latex"] else [])
+            + ([f"remote badges {seen['remote_badges']}"] if seen["remote_badges"] else [])
+            + (["no screenshot"] if not shot.exists() else [])
+        )
         failed |= bool(problems)
-        print(f"{name}: {seen['mathjax_containers']} formulas rendered, {len(seen['badges'])} local badge(s)"
-              + (f"; PROBLEMS: {', '.join(problems)}" if problems else "") + f" -> {shot}")
+        print(
+            f"{name}: {seen['mathjax_containers']} formulas rendered, {len(seen['badges'])} local badge(s)"
+            + (f"; PROBLEMS: {', '.join(problems)}" if problems else "")
+            + f" -> {shot}"
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
 

@@ -32,8 +32,7 @@ def parse_eps(eps: float | str) -> float:
             raise ValueError(f"cannot read eps={eps!r}: use a number or a fraction such as '8/255'")
         denominator = float(match.group(2)) if match.group(2) else 1.0
         if denominator == 0:
-            raise ValueError(f"eps={eps!r} divides by zero: use a fraction with a positive denominator such as "
-                             "'8/255'")
+            raise ValueError(f"eps={eps!r} divides by zero: use a fraction with a positive denominator such as '8/255'")
         value = float(match.group(1)) / denominator
     else:
         value = float(eps)

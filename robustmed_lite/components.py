@@ -36,7 +36,7 @@ view, or x itself for methods without a prior) and ``y``, all on the training de
 Example, one notebook cell::
 
     from robustmed_lite.components import register_loss
-    from robustmed_lite.objectives import trades_loss
+    from robustmed_lite.method.objectives import trades_loss
 
     @register_loss("my_loss", needs_attack=True, description="TRADES with KL on the prior view")
     def my_loss(model, batch, cfg):
@@ -63,7 +63,13 @@ import torch
 
 # Modules whose import registers the built-in parts (imported on first use of any registry, so that this module
 # imports nothing from the package at import time and every module can import it).
-_BUILTIN_MODULES = ("attacks", "objectives", "perturbation", "prior", "config")
+_BUILTIN_MODULES = (
+    "method.feedback_attack",
+    "method.objectives",
+    "method.weight_perturbation",
+    "method.prior",
+    "config",
+)
 _builtins_loaded = False
 _MISSING = object()  # "no object given": register() returns a decorator (None is a valid part: "no attack")
 
@@ -106,8 +112,7 @@ class Registry(Mapping):
         self.part, self.signature = part, signature
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, obj: Any = _MISSING, *, description: str = "", replace: bool = False,
-                 **info):
+    def register(self, name: str, obj: Any = _MISSING, *, description: str = "", replace: bool = False, **info):
         """Registers ``obj`` under ``name`` (None too: e.g. the part "none"); without ``obj`` returns a decorator.
 
         Raises:
@@ -122,8 +127,10 @@ class Registry(Mapping):
             if _caller_module() not in {f"{__package__}.{m}" for m in _BUILTIN_MODULES}:
                 _load_builtins()
             if name in self._entries and not replace:
-                raise ValueError(f"{self.part} {name!r} is already registered: choose another name, or pass "
-                                 "replace=True to overwrite it")
+                raise ValueError(
+                    f"{self.part} {name!r} is already registered: choose another name, or pass "
+                    "replace=True to overwrite it"
+                )
             self._entries[name] = Entry(name, target, description or _first_line(target), dict(info))
             return target
 
@@ -137,8 +144,10 @@ class Registry(Mapping):
         """The registered entry, or a ValueError that lists the choices."""
         _load_builtins()
         if name not in self._entries:
-            raise ValueError(f"unknown {self.part} {name!r}: choose one of {', '.join(self._entries)} (or "
-                             f"register one: {self.signature})")
+            raise ValueError(
+                f"unknown {self.part} {name!r}: choose one of {', '.join(self._entries)} (or "
+                f"register one: {self.signature})"
+            )
         return self._entries[name]
 
     def __getitem__(self, name: str):
@@ -181,12 +190,16 @@ class Batch:
 
 ATTACKS = Registry("sample attack", "make(cfg, steps) -> attack(model, x, y) -> x_adv, or None")
 FEEDBACK = Registry("feedback rule", "an attacks.FeedbackRule subclass: Rule(x, steps, tau)")
-WEIGHT_NOISE = Registry("weight noise", "make(model, cfg) -> object with compute_batch(batch), perturb(direction, "
-                                        "gamma), restore(), applied(direction, gamma), state_dict, load_state_dict")
+WEIGHT_NOISE = Registry(
+    "weight noise",
+    "make(model, cfg) -> object with compute_batch(batch), perturb(direction, "
+    "gamma), restore(), applied(direction, gamma), state_dict, load_state_dict",
+)
 LOSSES = Registry("loss", "loss(model, batch, cfg) -> scalar tensor")
 PRIOR_VIEWS = Registry("prior view", "view(x, dark, radius, eps, s, backend) -> x_aug")
-METHOD_REGISTRY = Registry("method", "register_method(name, attack=..., feedback=..., weight_noise=..., "
-                                     "loss=..., prior=..., ...)")
+METHOD_REGISTRY = Registry(
+    "method", "register_method(name, attack=..., feedback=..., weight_noise=..., loss=..., prior=..., ...)"
+)
 
 
 def register_attack(name: str, make: Callable | None = _MISSING, *, description: str = "", replace: bool = False):
@@ -199,14 +212,19 @@ def register_feedback(name: str, rule: type | None = _MISSING, *, description: s
     return FEEDBACK.register(name, rule, description=description, replace=replace)
 
 
-def register_weight_noise(name: str, make: Callable | None = _MISSING, *, description: str = "",
-                          replace: bool = False):
+def register_weight_noise(name: str, make: Callable | None = _MISSING, *, description: str = "", replace: bool = False):
     """Registers a weight noise: ``make(model, cfg) -> noise`` (see the module docstring for its methods)."""
     return WEIGHT_NOISE.register(name, make, description=description, replace=replace)
 
 
-def register_loss(name: str, loss: Callable | None = _MISSING, *, needs_attack: bool = False, description: str = "",
-                  replace: bool = False):
+def register_loss(
+    name: str,
+    loss: Callable | None = _MISSING,
+    *,
+    needs_attack: bool = False,
+    description: str = "",
+    replace: bool = False,
+):
     """Registers a training loss: ``loss(model, batch, cfg) -> scalar``.
 
     Args:
@@ -215,16 +233,21 @@ def register_loss(name: str, loss: Callable | None = _MISSING, *, needs_attack: 
     return LOSSES.register(name, loss, description=description, replace=replace, needs_attack=needs_attack)
 
 
-def register_prior_view(name: str, view: Callable | None = _MISSING, *, flip_equivariant: bool = False,
-                        description: str = "", replace: bool = False):
+def register_prior_view(
+    name: str,
+    view: Callable | None = _MISSING,
+    *,
+    flip_equivariant: bool = False,
+    description: str = "",
+    replace: bool = False,
+):
     """Registers a lung-prior view: ``view(x, dark, radius, eps, s, backend) -> x_aug``.
 
     Args:
         flip_equivariant: The view of a flipped image is the flipped view (true for symmetric windows): the
             dataset may then flip a precomputed view; otherwise it computes the view of each flipped image.
     """
-    return PRIOR_VIEWS.register(name, view, description=description, replace=replace,
-                                flip_equivariant=flip_equivariant)
+    return PRIOR_VIEWS.register(name, view, description=description, replace=replace, flip_equivariant=flip_equivariant)
 
 
 def register_method(name: str, *, description: str = "", replace: bool = False, **components) -> dict:

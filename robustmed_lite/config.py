@@ -18,8 +18,8 @@ import yaml
 
 from .common import format_eps, parse_eps
 from .components import ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, register_method
-from .perturbation import PROXY_OPTIMIZERS
-from .preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
+from .data.preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
+from .method.weight_perturbation import PROXY_OPTIMIZERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = ("cpu-demo", "colab", "paper")
@@ -34,30 +34,68 @@ PRESETS = ("cpu-demo", "colab", "paper")
 #   loss: the outer objective, and target_grad: whether the gradient flows through the soft target (square_kl)
 #   prior: use the lung-prior view, and prior_view: how it is made (cap: CAP's code / package: earlier variant)
 #   weight_feedback, prior_samples: the two readings of the paper's abstract (ablation switches, see below)
-METHOD_FIELDS = ("attack", "feedback", "weight_noise", "proxy_optimizer", "loss", "target_grad", "prior",
-                 "prior_view", "weight_feedback", "prior_samples")
-COMPONENT_DEFAULTS = dict(attack="none", feedback="none", weight_noise="none", proxy_optimizer="sgd", loss="ce",
-                          target_grad=False, prior=False, prior_view="cap", weight_feedback=False, prior_samples=0.0)
+METHOD_FIELDS = (
+    "attack",
+    "feedback",
+    "weight_noise",
+    "proxy_optimizer",
+    "loss",
+    "target_grad",
+    "prior",
+    "prior_view",
+    "weight_feedback",
+    "prior_samples",
+)
+COMPONENT_DEFAULTS = dict(
+    attack="none",
+    feedback="none",
+    weight_noise="none",
+    proxy_optimizer="sgd",
+    loss="ce",
+    target_grad=False,
+    prior=False,
+    prior_view="cap",
+    weight_feedback=False,
+    prior_samples=0.0,
+)
 
 # CAP (Xu et al., AAAI 2023) as its public code trains: TRADES attack, proxy attention noise from a stateful AdamW
 # proxy, square loss + KL with the gradient through the soft target, CAP's own guided-filter prior view.
-_CAP = dict(attack="trades", feedback="none", weight_noise="proxy_attention", proxy_optimizer="adamw",
-            loss="square_kl", target_grad=True, prior=True, prior_view="cap", weight_feedback=False,
-            prior_samples=0.0)
+_CAP = dict(
+    attack="trades",
+    feedback="none",
+    weight_noise="proxy_attention",
+    proxy_optimizer="adamw",
+    loss="square_kl",
+    target_grad=True,
+    prior=True,
+    prior_view="cap",
+    weight_feedback=False,
+    prior_samples=0.0,
+)
 
 # What the 2026 paper adds to CAP: ``robustmed`` differs from ``cap`` in these fields only (a test checks it).
 # The two readings of the abstract are switches, off until the measurements decide (benchmarks/fidelity.py).
 PAPER_ADDITIONS = {
-    "feedback": ("last_correct", "early-stopping (prediction) feedback on the sample perturbation, in the spirit of "
-                 "FAT: perturb as strongly as possible while the prediction stays correct (stop at the last "
-                 "still-correct iterate; --feedback fat is FAT's reading)"),
-    "weight_feedback": (False, "interpretation of 'dual-level perturbations on samples and weights ... with an "
-                        "early-stopping feedback mechanism': the same feedback on the weight noise, gamma halved "
-                        "(up to weight_feedback_halvings times) while the perturbed model misclassifies more than "
-                        "weight_feedback_share of the clean batch; off until measured"),
-    "prior_samples": (0.0, "interpretation of 'generate augmented data': the prior views x_aug of this share of "
-                      "each batch join it as extra training samples (not only in the proxy's KL and the soft "
-                      "target); 0 = off until measured"),
+    "feedback": (
+        "last_correct",
+        "early-stopping (prediction) feedback on the sample perturbation, in the spirit of "
+        "FAT: perturb as strongly as possible while the prediction stays correct (stop at the last "
+        "still-correct iterate; --feedback fat is FAT's reading)",
+    ),
+    "weight_feedback": (
+        False,
+        "interpretation of 'dual-level perturbations on samples and weights ... with an "
+        "early-stopping feedback mechanism': the same feedback on the weight noise, gamma halved "
+        "(up to weight_feedback_halvings times) while the perturbed model misclassifies more than "
+        "weight_feedback_share of the clean batch; off until measured",
+    ),
+    "prior_samples": (
+        0.0,
+        "interpretation of 'generate augmented data': the prior views x_aug of this share of "
+        "each batch join it as extra training samples (not only in the proxy's KL and the soft "
+        "target); 0 = off until measured",
+    ),
 }
 
 _BUILTIN_METHODS = {
@@ -74,8 +112,17 @@ _BUILTIN_METHODS = {
 }
 # The settings that decide which test images a run is scored on and how they are prepared: runs that share them
 # can be compared on one test split (OOD suite, corruption stage).
-DATA_KEYS = ("data", "img_size", "site", "n_test", "val_fraction", "test_fraction", "lung_crop", "intensity",
-             "lung_region")
+DATA_KEYS = (
+    "data",
+    "img_size",
+    "site",
+    "n_test",
+    "val_fraction",
+    "test_fraction",
+    "lung_crop",
+    "intensity",
+    "lung_region",
+)
 for _name, _row in _BUILTIN_METHODS.items():
     register_method(_name, **_row)
 
@@ -93,8 +140,13 @@ class _Choices(Mapping):
         "lung_region": LUNG_REGIONS,
         "schedule": ("cosine", "constant", "step"),
     }
-    _registries = {"attack": ATTACKS, "feedback": FEEDBACK, "weight_noise": WEIGHT_NOISE, "loss": LOSSES,
-                   "prior_view": PRIOR_VIEWS}
+    _registries = {
+        "attack": ATTACKS,
+        "feedback": FEEDBACK,
+        "weight_noise": WEIGHT_NOISE,
+        "loss": LOSSES,
+        "prior_view": PRIOR_VIEWS,
+    }
 
     def __getitem__(self, key: str) -> tuple[str, ...]:
         if key in self._registries:
@@ -224,8 +276,19 @@ class TrainConfig:
             if getattr(self, key) not in options:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         self.eps, self.step_size = parse_eps(self.eps), parse_eps(self.step_size)
-        for key in ("eps", "step_size", "lr", "weight_decay", "beta", "gamma", "smooth", "proxy_lr", "prior_eps",
-                    "proxy_weight_decay", "weight_feedback_halvings"):
+        for key in (
+            "eps",
+            "step_size",
+            "lr",
+            "weight_decay",
+            "beta",
+            "gamma",
+            "smooth",
+            "proxy_lr",
+            "prior_eps",
+            "proxy_weight_decay",
+            "weight_feedback_halvings",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("weight_feedback_share", "prior_samples"):
@@ -236,13 +299,17 @@ class TrainConfig:
         if self.prior_samples > 0 and not self.prior:
             raise ValueError("prior_samples trains on the lung-prior views: set --prior true (or use cap/robustmed)")
         if not 0 <= self.acq_aug <= 1 or not 1 <= self.acq_aug_severity <= 5:
-            raise ValueError(f"acq_aug is a probability in [0, 1] and acq_aug_severity in 1..5, got {self.acq_aug} "
-                             f"and {self.acq_aug_severity}")
+            raise ValueError(
+                f"acq_aug is a probability in [0, 1] and acq_aug_severity in 1..5, got {self.acq_aug} "
+                f"and {self.acq_aug_severity}"
+            )
         if self.extra_data is not None and self.data == "phantom":
             raise ValueError("extra_data pools another real site into training: train on real data (--data)")
         if self.schedule == "step" and not 0 < self.lr_step_epoch < self.epochs:
-            raise ValueError(f"schedule 'step' needs 0 < lr_step_epoch < epochs ({self.epochs}), got "
-                             f"{self.lr_step_epoch}. Fix: pass --lr_step_epoch, e.g. {max(1, self.epochs // 4)}")
+            raise ValueError(
+                f"schedule 'step' needs 0 < lr_step_epoch < epochs ({self.epochs}), got "
+                f"{self.lr_step_epoch}. Fix: pass --lr_step_epoch, e.g. {max(1, self.epochs // 4)}"
+            )
         if self.cosine_period < 0:
             raise ValueError(f"cosine_period must be >= 0 epochs (0: the whole run), got {self.cosine_period}")
         for key in ("epochs", "batch_size", "img_size", "n_train", "n_val"):
@@ -255,16 +322,22 @@ class TrainConfig:
         if LOSSES.entry(self.loss).info.get("needs_attack") and self.attack == "none":
             raise ValueError(f"loss {self.loss!r} compares clean and adversarial predictions: set an attack")
         if self.data is None:
-            raise ValueError("data is not set: this preset trains on real CT. Fix: pass --data with the folder "
-                             "holding your slices (e.g. the Kaggle SARS-CoV-2 COVID/ and non-COVID/ folders)")
+            raise ValueError(
+                "data is not set: this preset trains on real CT. Fix: pass --data with the folder "
+                "holding your slices (e.g. the Kaggle SARS-CoV-2 COVID/ and non-COVID/ folders)"
+            )
         if self.data != "phantom" and not Path(self.data).exists():
-            raise FileNotFoundError(f"data root {self.data!r} does not exist: pass --data phantom or the folder "
-                                    "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)")
+            raise FileNotFoundError(
+                f"data root {self.data!r} does not exist: pass --data phantom or the folder "
+                "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)"
+            )
         for key in ("ood_data", "extra_data"):
             value = getattr(self, key)
             if value is not None and not Path(split_spec(value)[0]).exists():
-                raise FileNotFoundError(f"{key} {value!r} does not exist: pass an existing folder (optionally "
-                                        "with :train, :val or :test for one split of it)")
+                raise FileNotFoundError(
+                    f"{key} {value!r} does not exist: pass an existing folder (optionally "
+                    "with :train, :val or :test for one split of it)"
+                )
         self._resolved = True
         return self
 
@@ -308,8 +381,13 @@ def methods_table(methods=None):
     registered part's description in ``describe``). ``methods``: names (default all registered)."""
     import pandas as pd
 
-    registries = {"attack": ATTACKS, "feedback": FEEDBACK, "weight_noise": WEIGHT_NOISE, "loss": LOSSES,
-                  "prior_view": PRIOR_VIEWS}
+    registries = {
+        "attack": ATTACKS,
+        "feedback": FEEDBACK,
+        "weight_noise": WEIGHT_NOISE,
+        "loss": LOSSES,
+        "prior_view": PRIOR_VIEWS,
+    }
     rows = []
     for name in methods or list(METHODS):
         row = method_row(name)
@@ -323,9 +401,11 @@ def methods_table(methods=None):
             if key == "prior_view" and not row["prior"]:
                 value = "-"
             out[key] = value
-        out["describe"] = "; ".join(f"{key}: {registries[key].entry(row[key]).description}"
-                                    for key in registries if out[key] not in ("-", "none")
-                                    and registries[key].entry(row[key]).description)
+        out["describe"] = "; ".join(
+            f"{key}: {registries[key].entry(row[key]).description}"
+            for key in registries
+            if out[key] not in ("-", "none") and registries[key].entry(row[key]).description
+        )
         rows.append(out)
     return pd.DataFrame(rows)
 
@@ -349,8 +429,14 @@ def paper_additions_table(methods=("awp", "cap", "robustmed")):
 # 'none' / 'null' (or YAML null) is None where a field may be None, except in a component whose choices include
 # the word 'none' (--feedback none means no feedback, not the method's default).
 _SPECIAL_KINDS = {"eps": "eps", "step_size": "eps", "prior_threshold": "threshold"}
-_KIND_HELP = {"bool": "true or false", "int": "an integer", "float": "a number", "eps": "a number or a fraction "
-              "such as 8/255", "threshold": "a number or 'otsu'", "str": "text"}
+_KIND_HELP = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "eps": "a number or a fraction such as 8/255",
+    "threshold": "a number or 'otsu'",
+    "str": "text",
+}
 _NULLS = ("none", "null")
 
 
@@ -476,13 +562,17 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None)
         except yaml.YAMLError as err:
             raise ValueError(f"config {path} is not valid YAML: {err}. Fix: correct the file") from None
         if not isinstance(values, dict):
-            raise ValueError(f"config {path} holds a {type(values).__name__}, not a mapping of config keys. Fix: "
-                             "write one 'key: value' per line")
+            raise ValueError(
+                f"config {path} holds a {type(values).__name__}, not a mapping of config keys. Fix: "
+                "write one 'key: value' per line"
+            )
         values.pop("eps_text", None)  # written beside eps in a run's config.yaml; derived, not a setting
         unknown = set(values) - set(field_kinds())
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)} in {path}. Fix: remove them; known keys: "
-                             f"{', '.join(sorted(field_kinds()))}")
+            raise ValueError(
+                f"unknown config keys {sorted(unknown)} in {path}. Fix: remove them; known keys: "
+                f"{', '.join(sorted(field_kinds()))}"
+            )
         try:  # the preset is read by the same rules as the command line
             values = {key: coerce(key, value) for key, value in values.items()}
         except ValueError as err:

@@ -74,8 +74,10 @@ def local_device(device: torch.device) -> torch.device:
         return device
     index, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
     if index >= gpus:
-        raise ValueError(f"process {index} of this node has no GPU of its own: the node has {gpus}. Fix: pass "
-                         f"torchrun --nproc_per_node {gpus} (one process per GPU), or --device cpu")
+        raise ValueError(
+            f"process {index} of this node has no GPU of its own: the node has {gpus}. Fix: pass "
+            f"torchrun --nproc_per_node {gpus} (one process per GPU), or --device cpu"
+        )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -87,9 +89,11 @@ def per_rank_batch(batch_size: int, ranks: int) -> int:
         ValueError: ``batch_size`` is not a multiple of ``ranks``.
     """
     if batch_size % ranks:
-        raise ValueError(f"batch_size {batch_size} does not split over {ranks} ranks: every rank takes an equal "
-                         f"share of each global batch. Fix: pass --batch_size a multiple of {ranks} (e.g. "
-                         f"{batch_size - batch_size % ranks or ranks}) or run another number of processes")
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {ranks} ranks: every rank takes an equal "
+            f"share of each global batch. Fix: pass --batch_size a multiple of {ranks} (e.g. "
+            f"{batch_size - batch_size % ranks or ranks}) or run another number of processes"
+        )
     return batch_size // ranks
 
 
@@ -125,7 +129,7 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     flat /= world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -156,8 +160,10 @@ def check_sync_batchnorm(device: torch.device) -> None:
         ValueError: ``device`` is a CPU.
     """
     if device.type == "cpu":
-        raise ValueError("sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Fix: pass "
-                         "--sync_batchnorm false (each rank then normalises with its own batch's statistics)")
+        raise ValueError(
+            "sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Fix: pass "
+            "--sync_batchnorm false (each rank then normalises with its own batch's statistics)"
+        )
 
 
 class DistributedLoss(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .common import CLASS_NAMES
-from .explain import for_display
+from .evaluation.saliency import for_display
 
 
 def _numpy(t) -> np.ndarray:
@@ -21,8 +21,16 @@ def _outline(ax, mask, colour: str, linewidth: float) -> None:
         ax.contour(mask, levels=[0.5], colors=colour, linewidths=linewidth)
 
 
-def plot_samples(images, labels=None, lung_masks=None, lesion_masks=None, n: int = 8, cols: int = 8,
-                 titles=None, figsize_per: float = 1.9):
+def plot_samples(
+    images,
+    labels=None,
+    lung_masks=None,
+    lesion_masks=None,
+    n: int = 8,
+    cols: int = 8,
+    titles=None,
+    figsize_per: float = 1.9,
+):
     """A grid of slices, with lung (cyan) and lesion (red) mask outlines where given.
 
     Args:
@@ -59,8 +67,17 @@ def plot_samples(images, labels=None, lung_masks=None, lesion_masks=None, n: int
 
 
 # ------------------------------------------------------------------------------ guided filter and lung prior
-def _image_grid(panels, row_labels=None, col_labels=None, cmap="gray", vmin=0.0, vmax=1.0, colorbar=False,
-                title=None, figsize_per=1.9):
+def _image_grid(
+    panels,
+    row_labels=None,
+    col_labels=None,
+    cmap="gray",
+    vmin=0.0,
+    vmax=1.0,
+    colorbar=False,
+    title=None,
+    figsize_per=1.9,
+):
     rows, cols = len(panels), max(len(row) for row in panels)
 
     def per_column(value):
@@ -91,8 +108,17 @@ def _image_grid(panels, row_labels=None, col_labels=None, cmap="gray", vmin=0.0,
     return fig, axes
 
 
-def plot_image_grid(panels, row_labels=None, col_labels=None, cmap="gray", vmin=0.0, vmax=1.0, colorbar=False,
-                    title=None, figsize_per=1.9):
+def plot_image_grid(
+    panels,
+    row_labels=None,
+    col_labels=None,
+    cmap="gray",
+    vmin=0.0,
+    vmax=1.0,
+    colorbar=False,
+    title=None,
+    figsize_per=1.9,
+):
     """A table of images with row and column labels, e.g. rows = guided-filter radius, columns = eps.
 
     Args:
@@ -135,17 +161,17 @@ def plot_prior_views(x, p, q, x_aug, lung_masks=None, row_labels=None, figsize_p
 
     cols = ["x", "p: x on the dark region", "q: guided filter of p", "x_aug", "lung mask"]
     panels = [[x[i], p[i], q[i], x_aug[i]] + ([x[i]] if lung_masks is not None else []) for i in range(len(x))]
-    fig, axes = _image_grid(panels, row_labels, cols[:len(panels[0])], figsize_per=figsize_per)
+    fig, axes = _image_grid(panels, row_labels, cols[: len(panels[0])], figsize_per=figsize_per)
     if lung_masks is not None:
         for i in range(len(x)):
             mask = _numpy(lung_masks[i]).squeeze().astype(bool)
-            axes[i, -1].imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=ListedColormap(["cyan"]),
-                               alpha=0.4)
+            axes[i, -1].imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=ListedColormap(["cyan"]), alpha=0.4)
     return fig
 
 
-def plot_mask_comparison(images, pred, target, lesion_masks=None, titles=None, n: int = 6, cols: int = 6,
-                         figsize_per: float = 1.9):
+def plot_mask_comparison(
+    images, pred, target, lesion_masks=None, titles=None, n: int = 6, cols: int = 6, figsize_per: float = 1.9
+):
     """Slices with a computed lung mask (yellow) beside the ground truth (cyan) and lesions (red), all outlined.
 
     Args:
@@ -161,12 +187,14 @@ def plot_mask_comparison(images, pred, target, lesion_masks=None, titles=None, n
     Returns:
         The matplotlib figure.
     """
-    fig = plot_samples(images, lung_masks=target, lesion_masks=lesion_masks, n=n, cols=cols, titles=titles,
-                       figsize_per=figsize_per)
-    for i, ax in enumerate(fig.axes[:min(n, len(images))]):
+    fig = plot_samples(
+        images, lung_masks=target, lesion_masks=lesion_masks, n=n, cols=cols, titles=titles, figsize_per=figsize_per
+    )
+    for i, ax in enumerate(fig.axes[: min(n, len(images))]):
         _outline(ax, pred[i], "yellow", 0.7)
-    fig.text(0.5, 0.0, "cyan: ground-truth lung, yellow: computed mask, red: lesions", ha="center", va="top",
-             fontsize=9)
+    fig.text(
+        0.5, 0.0, "cyan: ground-truth lung, yellow: computed mask, red: lesions", ha="center", va="top", fontsize=9
+    )
     return fig
 
 
@@ -176,7 +204,7 @@ def plot_accuracy_vs_eps(table, metric: str = "accuracy", ax=None, title: str | 
 
     Args:
         table: Long table with ``condition``, ``eps_value`` and ``metric`` columns, e.g. from
-            ``robustmed_lite.evaluate.accuracy_vs_eps``.
+            ``robustmed_lite.evaluation.metrics.accuracy_vs_eps``.
         metric: The column to plot.
         ax: Optional axes to draw into.
         title: Optional title.
@@ -189,8 +217,9 @@ def plot_accuracy_vs_eps(table, metric: str = "accuracy", ax=None, title: str | 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.8))
     data = table.assign(eps_255=table["eps_value"] * 255)
-    sns.lineplot(data=data, x="eps_255", y=metric, hue="condition", style="condition", markers=True, dashes=False,
-                 ax=ax)
+    sns.lineplot(
+        data=data, x="eps_255", y=metric, hue="condition", style="condition", markers=True, dashes=False, ax=ax
+    )
     ax.set_xlabel("eps (k/255, L-inf)")
     ax.set_ylabel(metric)
     ax.set_ylim(-0.03, 1.03)
@@ -229,8 +258,15 @@ def plot_adversarial(image, adversarials: dict, probs: dict | None = None, figsi
 
     axes[0, 0].imshow(clean, cmap="gray", vmin=0, vmax=1)
     axes[0, 0].set_title(titled("clean"), fontsize=8)
-    axes[1, 0].text(0.5, 0.5, "perturbation\nx_adv - x,\neach panel stretched\nto its largest change", ha="center",
-                    va="center", fontsize=8, transform=axes[1, 0].transAxes)
+    axes[1, 0].text(
+        0.5,
+        0.5,
+        "perturbation\nx_adv - x,\neach panel stretched\nto its largest change",
+        ha="center",
+        va="center",
+        fontsize=8,
+        transform=axes[1, 0].transAxes,
+    )
     for j, (name, adv) in enumerate(adversarials.items(), start=1):
         adv = _numpy(adv).squeeze()
         delta = adv - clean
@@ -277,9 +313,14 @@ def plot_flat_sharp_minima(gamma: float = 0.25, shift: float = 0.12, ax=None):
         worst = loss(window).max()
         ax.fill_between(window, 0, loss(window), color="C3", alpha=0.25)
         ax.plot([c - gamma, c + gamma], [0.02, 0.02], color="C3", lw=4, solid_capstyle="butt")
-        ax.annotate(f"{name} minimum\nworst loss within ±{gamma}: {worst:.2f}\nshifted loss at the minimum: "
-                    f"{float(loss(c - shift)):.2f}", (c, worst), xytext=(c + 0.35, 1.3), fontsize=8,
-                    arrowprops=dict(arrowstyle="->", color="0.4"))
+        ax.annotate(
+            f"{name} minimum\nworst loss within ±{gamma}: {worst:.2f}\nshifted loss at the minimum: "
+            f"{float(loss(c - shift)):.2f}",
+            (c, worst),
+            xytext=(c + 0.35, 1.3),
+            fontsize=8,
+            arrowprops=dict(arrowstyle="->", color="0.4"),
+        )
     ax.set_ylim(0, 2.2)
     ax.set_xlabel("weight w")
     ax.set_ylabel("loss")
@@ -288,8 +329,9 @@ def plot_flat_sharp_minima(gamma: float = 0.25, shift: float = 0.12, ax=None):
     return ax.figure
 
 
-def plot_layer_noise(table, value: str = "noise_norm", ax=None, title: str | None = None, log: bool = False,
-                     xlabel: str | None = None):
+def plot_layer_noise(
+    table, value: str = "noise_norm", ax=None, title: str | None = None, log: bool = False, xlabel: str | None = None
+):
     """Per-layer bars of a weight-noise statistic, one colour per kind of noise (seaborn).
 
     Args:
@@ -323,8 +365,9 @@ def plot_layer_noise(table, value: str = "noise_norm", ax=None, title: str | Non
     return ax.figure
 
 
-def plot_weight_sensitivity(table, condition: str = "clean", ax=None, title: str | None = None,
-                            relative: bool = False, legend: bool = True):
+def plot_weight_sensitivity(
+    table, condition: str = "clean", ax=None, title: str | None = None, relative: bool = False, legend: bool = True
+):
     """Accuracy against the relative weight-noise size gamma, one line per method, band = +-1 standard
     deviation over the random directions (seaborn).
 
@@ -350,8 +393,18 @@ def plot_weight_sensitivity(table, condition: str = "clean", ax=None, title: str
         base = data[data["gamma"] == 0].groupby("method")["accuracy"].mean()
         data = data.assign(change=data["accuracy"] - data["method"].map(base))
         y = "change"
-    sns.lineplot(data=data, x="gamma", y=y, hue="method", style="method", markers=True, dashes=False,
-                 errorbar="sd", ax=ax, legend=legend)
+    sns.lineplot(
+        data=data,
+        x="gamma",
+        y=y,
+        hue="method",
+        style="method",
+        markers=True,
+        dashes=False,
+        errorbar="sd",
+        ax=ax,
+        legend=legend,
+    )
     ax.set_xlabel("gamma  (||noise_l|| / ||w_l||, every layer)")
     if relative:
         ax.set_ylabel(f"{condition} accuracy - accuracy at gamma 0")
@@ -368,10 +421,15 @@ def plot_weight_sensitivity(table, condition: str = "clean", ax=None, title: str
     return ax.figure
 
 
-def plot_training_curves(history, selected: dict | None = None,
-                         metrics=(("train_loss", "training loss (each method's own objective)"),
-                                  ("val_clean", "validation clean accuracy"),
-                                  ("val_robust", "validation PGD accuracy"))):
+def plot_training_curves(
+    history,
+    selected: dict | None = None,
+    metrics=(
+        ("train_loss", "training loss (each method's own objective)"),
+        ("val_clean", "validation clean accuracy"),
+        ("val_robust", "validation PGD accuracy"),
+    ),
+):
     """Per-epoch curves from the trainer's logs, one panel per metric, one line per method (seaborn).
 
     Args:
@@ -389,13 +447,19 @@ def plot_training_curves(history, selected: dict | None = None,
     methods = list(dict.fromkeys(history["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     for ax, (column, label) in zip(axes[0], metrics):
-        sns.lineplot(data=history, x="epoch", y=column, hue="method", palette=palette, marker="o", ax=ax,
-                     legend=False)
+        sns.lineplot(data=history, x="epoch", y=column, hue="method", palette=palette, marker="o", ax=ax, legend=False)
         for method, epoch in (selected or {}).items():
             row = history[(history["method"] == method) & (history["epoch"] == epoch)]
             if column.startswith("val") and len(row):
-                ax.scatter(epoch, row[column].iloc[0], s=160, facecolors="none", edgecolors=palette[method],
-                           linewidths=1.5, zorder=5)
+                ax.scatter(
+                    epoch,
+                    row[column].iloc[0],
+                    s=160,
+                    facecolors="none",
+                    edgecolors=palette[method],
+                    linewidths=1.5,
+                    zorder=5,
+                )
         ax.set_title(label, fontsize=10)
         ax.set_ylabel(None)
         ax.set_xticks(sorted(history["epoch"].unique()))
@@ -403,8 +467,15 @@ def plot_training_curves(history, selected: dict | None = None,
     handles = [plt.Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
     note = "   (circles: the checkpoint each method's comparison uses, chosen on validation)" if selected else ""
     fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.legend(handles=handles, loc="lower center", ncol=len(methods), frameon=False, fontsize=9,
-               title=note or None, title_fontsize=9)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=len(methods),
+        frameon=False,
+        fontsize=9,
+        title=note or None,
+        title_fontsize=9,
+    )
     return fig
 
 
@@ -424,14 +495,30 @@ def plot_corruption_heatmap(table, models=None, figsize_per: float = 3.2):
     models = list(models or dict.fromkeys(table["model"]))
     corrupted = table[table["severity"] > 0]
     order = list(dict.fromkeys(corrupted["corruption"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(figsize_per * len(models) + 1.2, 0.28 * len(order) + 1.6),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(models),
+        figsize=(figsize_per * len(models) + 1.2, 0.28 * len(order) + 1.6),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for i, (ax, model) in enumerate(zip(axes[0], models)):
         rows = corrupted[corrupted["model"] == model]
         grid = rows.pivot(index="corruption", columns="severity", values="accuracy").loc[order]
         clean = table[(table["model"] == model) & (table["severity"] == 0)]["accuracy"].iloc[0]
-        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"size": 6},
-                    cbar=i == len(models) - 1, cbar_kws={"label": "accuracy"})
+        sns.heatmap(
+            grid,
+            ax=ax,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            annot=True,
+            fmt=".2f",
+            annot_kws={"size": 6},
+            cbar=i == len(models) - 1,
+            cbar_kws={"label": "accuracy"},
+        )
         ax.set_title(f"{model} (clean {clean:.2f})", fontsize=9)
         ax.set_xlabel("severity")
         ax.set_ylabel("" if i else "corruption")
@@ -449,8 +536,9 @@ def plot_shift_bars(table, metric: str = "accuracy", ax=None):
 
     settings = list(dict.fromkeys(table["setting"])) if "setting" in table else [None]
     if ax is None:
-        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.2), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(settings), figsize=(4.2 * len(settings), 3.2), squeeze=False, layout="constrained"
+        )
         axes = axes[0]
     else:
         fig, axes = ax.figure, [ax]
@@ -477,8 +565,9 @@ def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5, figsize_per: floa
     Returns:
         The matplotlib figure.
     """
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(figsize_per * len(sweeps), 3.0), sharey=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(sweeps), figsize=(figsize_per * len(sweeps), 3.0), sharey=True, squeeze=False, layout="constrained"
+    )
     for ax, (model, by_domain) in zip(axes[0], sweeps.items()):
         for colour, (domain, table) in enumerate(by_domain.items()):
             t = table["threshold"].to_numpy()
@@ -511,21 +600,33 @@ def plot_corruption_predictions(image, label: int, corrupted: dict, p_covid: dic
         The matplotlib figure.
     """
     panels = {"clean": image, **corrupted}
-    fig, axes = plt.subplots(1, len(panels), figsize=(figsize_per * len(panels), figsize_per + 0.9), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(figsize_per * len(panels), figsize_per + 0.9), squeeze=False, layout="constrained"
+    )
     for ax, (title, panel) in zip(axes[0], panels.items()):
         ax.imshow(_numpy(panel).squeeze(), cmap="gray", vmin=0, vmax=1)
         ax.set_axis_off()
-        lines = [f"{model}: {probs[title]:.2f} {'✓' if (probs[title] > 0.5) == bool(label) else '✗'}"
-                 for model, probs in p_covid.items()]
+        lines = [
+            f"{model}: {probs[title]:.2f} {'✓' if (probs[title] > 0.5) == bool(label) else '✗'}"
+            for model, probs in p_covid.items()
+        ]
         ax.set_title(f"{title}\n" + "\n".join(lines), fontsize=7)
     fig.suptitle(f"p(COVID) per model; the slice is {CLASS_NAMES[label]}", fontsize=9)
     return fig
 
 
 # ------------------------------------------------------------------------------------ where the models look
-def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_masks=None, row_labels=None,
-                       alpha: float = 0.55, cmap: str = "inferno", figsize_per: float = 1.7, title=None):
+def plot_saliency_grid(
+    images,
+    maps_by_column: dict,
+    lung_masks=None,
+    lesion_masks=None,
+    row_labels=None,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+    figsize_per: float = 1.7,
+    title=None,
+):
     """Slices (rows) by models or methods (columns): each saliency map over its slice, scaled to its own
     maximum, with lung (cyan) and lesion (red) outlines. The first column shows the slice alone.
 
@@ -545,8 +646,9 @@ def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_mas
     """
     cols = ["slice"] + list(maps_by_column)
     n = len(images)
-    fig, axes = plt.subplots(n, len(cols), figsize=(figsize_per * len(cols), figsize_per * n + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        n, len(cols), figsize=(figsize_per * len(cols), figsize_per * n + 0.4), squeeze=False, layout="constrained"
+    )
     for i in range(n):
         for j, col in enumerate(cols):
             ax = axes[i, j]
@@ -554,8 +656,13 @@ def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_mas
             ax.set_yticks([])
             ax.imshow(_numpy(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
             if j:
-                ax.imshow(_numpy(for_display(maps_by_column[col][i:i + 1])).squeeze(), cmap=cmap, vmin=0, vmax=1,
-                          alpha=alpha)
+                ax.imshow(
+                    _numpy(for_display(maps_by_column[col][i : i + 1])).squeeze(),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=1,
+                    alpha=alpha,
+                )
             for masks, colour in ((lung_masks, "cyan"), (lesion_masks, "red")):
                 if masks is not None:
                     _outline(ax, masks[i], colour, 0.6)
@@ -568,10 +675,16 @@ def plot_saliency_grid(images, maps_by_column: dict, lung_masks=None, lesion_mas
     return fig
 
 
-def plot_attention_ratios(ratios, metrics=(("lung_ratio", "lung_area", "lung-attention ratio"),
-                                           ("lesion_ratio", "lesion_area", "lesion-attention ratio"),
-                                           ("pointing", None, "pointing game (lesions)")),
-                          errorbar=("ci", 95), title=None):
+def plot_attention_ratios(
+    ratios,
+    metrics=(
+        ("lung_ratio", "lung_area", "lung-attention ratio"),
+        ("lesion_ratio", "lesion_area", "lesion-attention ratio"),
+        ("pointing", None, "pointing game (lesions)"),
+    ),
+    errorbar=("ci", 95),
+    title=None,
+):
     """Bars of mean saliency ratios per method (x) and model (colour), with error bars, and the score of a
     uniform map (the mask's mean area) as a dashed line (seaborn).
 
@@ -593,8 +706,9 @@ def plot_attention_ratios(ratios, metrics=(("lung_ratio", "lung_area", "lung-att
         data = ratios.dropna(subset=[column])
         sns.barplot(data=data, x="method", y=column, hue="model", errorbar=errorbar, seed=0, ax=ax, legend=k == 0)
         if chance is not None:
-            ax.axhline(data[chance].mean(), color="0.3", ls="--", lw=1,
-                       label=f"uniform map ({data[chance].mean():.2f})")
+            ax.axhline(
+                data[chance].mean(), color="0.3", ls="--", lw=1, label=f"uniform map ({data[chance].mean():.2f})"
+            )
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{label} (n = {data['image'].nunique()})", fontsize=9)
         ax.set_xlabel(None)
@@ -626,8 +740,14 @@ def plot_noise_magnitudes(table, title=None):
     grid = data.pivot(index="row", columns="head", values="relative").loc[order]
     squares = data.assign(n2=data["noise_norm"] ** 2, w2=data["weight_norm"] ** 2).groupby("row", sort=False)
     per_layer = (squares["n2"].sum() / squares["w2"].sum()) ** 0.5
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 0.32 * len(order) + 1.4), sharey=True,
-                                      gridspec_kw={"width_ratios": [1.3, 1]}, layout="constrained")
+    fig, (left, right) = plt.subplots(
+        1,
+        2,
+        figsize=(9, 0.32 * len(order) + 1.4),
+        sharey=True,
+        gridspec_kw={"width_ratios": [1.3, 1]},
+        layout="constrained",
+    )
     sns.heatmap(grid, ax=left, annot=True, fmt=".2g", annot_kws={"size": 7}, cmap="magma", cbar=False)
     left.set_title("per head: ||noise|| / ||weight||", fontsize=9)
     left.set_ylabel(None)
@@ -642,10 +762,15 @@ def plot_noise_magnitudes(table, title=None):
 
 
 # ------------------------------------------------------------------------------------------ the reproduction
-REPRODUCTION_PANELS = (("clean_accuracy", "natural accuracy"), ("pgd10_train_eps", "PGD-10, training eps"),
-                       ("ensemble_train_eps", "ensemble, training eps"), ("ensemble_8_255", "ensemble, 8/255"),
-                       ("corruption_cap15", "CAP's 15 corruptions"), ("corruption_ct", "CT-physics corruptions"),
-                       ("ood_mean_accuracy", "OOD mean"))
+REPRODUCTION_PANELS = (
+    ("clean_accuracy", "natural accuracy"),
+    ("pgd10_train_eps", "PGD-10, training eps"),
+    ("ensemble_train_eps", "ensemble, training eps"),
+    ("ensemble_8_255", "ensemble, 8/255"),
+    ("corruption_cap15", "CAP's 15 corruptions"),
+    ("corruption_ct", "CT-physics corruptions"),
+    ("ood_mean_accuracy", "OOD mean"),
+)
 
 
 def plot_reproduction_bars(table, panels=REPRODUCTION_PANELS, extra_domains: bool = True):
@@ -662,15 +787,17 @@ def plot_reproduction_bars(table, panels=REPRODUCTION_PANELS, extra_domains: boo
     panels = list(panels)
     if extra_domains:
         domains = [m for m in dict.fromkeys(table["metric"]) if m.endswith("_balanced_accuracy")]
-        panels += [(m.replace("_balanced_accuracy", "_accuracy"), m.replace("_balanced_accuracy", "") + " accuracy")
-                   for m in domains]
+        panels += [
+            (m.replace("_balanced_accuracy", "_accuracy"), m.replace("_balanced_accuracy", "") + " accuracy")
+            for m in domains
+        ]
     panels = [(m, t) for m, t in panels if m in set(table["metric"])]
     names = list(dict.fromkeys(table["name"]))
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, layout="constrained")
     colours = plt.get_cmap("tab10")
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (metric, title) in zip(axes.flat, panels):
         part = table[table["metric"] == metric].set_index("name").reindex(names)
@@ -699,7 +826,7 @@ def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = 
     Returns:
         The matplotlib figure.
     """
-    from .stats import t_interval
+    from .evaluation.stats import t_interval
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.6, 4.4), layout="constrained")
@@ -710,9 +837,17 @@ def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = 
         c = colours(i % 10)
         ax.scatter(group[clean], group[robust], s=12, color=c, alpha=0.5)
         xi, yi = t_interval(group[clean]), t_interval(group[robust])
-        ax.errorbar(xi.mean, yi.mean, xerr=None if np.isnan(xi.low) else [[xi.mean - xi.low], [xi.high - xi.mean]],
-                    yerr=None if np.isnan(yi.low) else [[yi.mean - yi.low], [yi.high - yi.mean]], fmt="o", ms=7,
-                    color=c, capsize=3, label=name)
+        ax.errorbar(
+            xi.mean,
+            yi.mean,
+            xerr=None if np.isnan(xi.low) else [[xi.mean - xi.low], [xi.high - xi.mean]],
+            yerr=None if np.isnan(yi.low) else [[yi.mean - yi.low], [yi.high - yi.mean]],
+            fmt="o",
+            ms=7,
+            color=c,
+            capsize=3,
+            label=name,
+        )
     ax.set_xlabel(f"{clean.replace('_', ' ')}")
     ax.set_ylabel(f"{robust.replace('_', ' ')}")
     ax.set_title("Robustness vs accuracy (points: seeds; markers: mean, 95% CI)", fontsize=9)
@@ -720,9 +855,15 @@ def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = 
     return fig
 
 
-def plot_paired_effects(effects, metrics=(("pgd10_train_eps", "PGD-10 at the training eps"),
-                                          ("ensemble_train_eps", "ensemble at the training eps"),
-                                          ("clean_accuracy", "natural accuracy")), title: str | None = None):
+def plot_paired_effects(
+    effects,
+    metrics=(
+        ("pgd10_train_eps", "PGD-10 at the training eps"),
+        ("ensemble_train_eps", "ensemble at the training eps"),
+        ("clean_accuracy", "natural accuracy"),
+    ),
+    title: str | None = None,
+):
     """Paired per-seed effects (row minus reference) with their 95% t-intervals, one panel per metric, one line
     per comparison; an interval that crosses the dotted zero line is no measured effect.
 
@@ -737,16 +878,27 @@ def plot_paired_effects(effects, metrics=(("pgd10_train_eps", "PGD-10 at the tra
     """
     metrics = [(m, t) for m, t in metrics if m in set(effects["metric"])]
     labels = list(dict.fromkeys(f"{r} - {ref}" for r, ref in zip(effects["row"], effects["reference"])))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics) + 1.8, 0.32 * len(labels) + 1.2),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(3.4 * len(metrics) + 1.8, 0.32 * len(labels) + 1.2),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (metric, panel_title) in zip(axes[0], metrics):
-        part = effects[effects["metric"] == metric].assign(
-            label=lambda d: [f"{r} - {ref}" for r, ref in zip(d["row"], d["reference"])]).set_index("label")
+        part = (
+            effects[effects["metric"] == metric]
+            .assign(label=lambda d: [f"{r} - {ref}" for r, ref in zip(d["row"], d["reference"])])
+            .set_index("label")
+        )
         part = part.reindex(labels)
         y = np.arange(len(labels))[::-1]
         mean = part["gain_mean"].to_numpy(float)
-        err = np.nan_to_num(np.vstack([mean - part["gain_ci_low"].to_numpy(float),
-                                       part["gain_ci_high"].to_numpy(float) - mean]), nan=0.0)
+        err = np.nan_to_num(
+            np.vstack([mean - part["gain_ci_low"].to_numpy(float), part["gain_ci_high"].to_numpy(float) - mean]),
+            nan=0.0,
+        )
         ax.errorbar(mean, y, xerr=err, fmt="o", color="C0", capsize=3, ms=4)
         ax.axvline(0, color="grey", lw=0.8, ls=":")
         ax.set_yticks(y, labels, fontsize=7)

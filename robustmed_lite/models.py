@@ -46,9 +46,22 @@ def tiny_visformer(num_classes: int = 2, img_size: int = 64, in_chans: int = 1) 
     proxy attention noise perturbs."""
     from timm.models.visformer import Visformer
 
-    return Visformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, init_channels=16,
-                     embed_dim=96, depth=(1, 2, 2), num_heads=3, mlp_ratio=2.0, group=8, attn_stage="011",
-                     spatial_conv="100", norm_layer=nn.BatchNorm2d, conv_init=True, embed_norm=nn.BatchNorm2d)
+    return Visformer(
+        img_size=img_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        init_channels=16,
+        embed_dim=96,
+        depth=(1, 2, 2),
+        num_heads=3,
+        mlp_ratio=2.0,
+        group=8,
+        attn_stage="011",
+        spatial_conv="100",
+        norm_layer=nn.BatchNorm2d,
+        conv_init=True,
+        embed_norm=nn.BatchNorm2d,
+    )
 
 
 class NormalizedClassifier(nn.Module):
@@ -70,8 +83,9 @@ class NormalizedClassifier(nn.Module):
         return self.backbone(x)
 
 
-def create_model(name: str, num_classes: int = 2, img_size: int = 224, in_chans: int = 1,
-                 pretrained: bool = False, **kwargs) -> NormalizedClassifier:
+def create_model(
+    name: str, num_classes: int = 2, img_size: int = 224, in_chans: int = 1, pretrained: bool = False, **kwargs
+) -> NormalizedClassifier:
     """Builds a classifier that takes (N,1,S,S) images in [0,1].
 
     Args:
@@ -89,8 +103,10 @@ def create_model(name: str, num_classes: int = 2, img_size: int = 224, in_chans:
         return NormalizedClassifier(tiny_visformer(num_classes, img_size, in_chans), in_chans)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(name, list(MODEL_NAMES) + timm.list_models(), n=3)
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(MODEL_NAMES)} or a timm architecture "
-                         f"(timm.list_models()); did you mean {close}?")
+        raise ValueError(
+            f"unknown model {name!r}: use one of {sorted(MODEL_NAMES)} or a timm architecture "
+            f"(timm.list_models()); did you mean {close}?"
+        )
     args = dict(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
     try:
         try:
@@ -100,9 +116,11 @@ def create_model(name: str, num_classes: int = 2, img_size: int = 224, in_chans:
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise
-        raise RuntimeError(f"could not load pretrained weights for {arch!r} ({err}). This needs internet access "
-                           "(Colab has it) or the weights in the Hugging Face cache; otherwise use "
-                           "pretrained=False.") from err
+        raise RuntimeError(
+            f"could not load pretrained weights for {arch!r} ({err}). This needs internet access "
+            "(Colab has it) or the weights in the Hugging Face cache; otherwise use "
+            "pretrained=False."
+        ) from err
     return NormalizedClassifier(backbone, in_chans)
 
 
@@ -116,7 +134,10 @@ def attention_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     for module_name, module in model.named_modules():
         leaf = module_name.rsplit(".", 1)[-1]
         parent = module_name.rsplit(".", 1)[0] if "." in module_name else ""
-        if leaf in ("qkv", "q", "k", "v", "proj") and parent.endswith("attn") \
-                and isinstance(module, (nn.Linear, nn.Conv2d)):
+        if (
+            leaf in ("qkv", "q", "k", "v", "proj")
+            and parent.endswith("attn")
+            and isinstance(module, (nn.Linear, nn.Conv2d))
+        ):
             found[f"{module_name}.weight"] = module.weight
     return found

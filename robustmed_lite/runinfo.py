@@ -14,8 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_PACKAGES = ("robustmed-lite", "torch", "torchvision", "timm", "numpy", "opencv-contrib-python-headless",
-             "opencv-python", "opencv-python-headless", "pillow", "pandas", "scipy", "scikit-learn")
+_PACKAGES = (
+    "robustmed-lite",
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "opencv-contrib-python-headless",
+    "opencv-python",
+    "opencv-python-headless",
+    "pillow",
+    "pandas",
+    "scipy",
+    "scikit-learn",
+)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -136,37 +148,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def notebook_setup(verbose: bool = True, fetch=()):
-    """What every notebook needs first: the device, the profile and the real-data folder (or None).
-
-    Args:
-        verbose: Print one line with the three.
-        fetch: Real CT sets to download where they are missing, ``"ucsd"`` (public) and ``"sarscov2"`` (Kaggle
-            credentials), as ``python -m robustmed_lite data fetch`` does: into the data folder found, else into
-            ``ROBUSTMED_DATA`` or ``~/robustmed-data``, which ``ROBUSTMED_DATA`` then names. Every notebook's
-            setup cell offers it for Colab.
-
-    Returns:
-        ``(device, profile, data_dir)``; profile is 'fast' on a CPU and 'full' on a GPU unless
-        ``ROBUSTMED_PROFILE`` says otherwise, and data_dir comes from ``ROBUSTMED_DATA`` or ``../shared/data``.
-    """
-    from .data import find_shared_data
-
-    device = get_device()
-    profile = default_profile(device)
-    if fetch:
-        from . import fetch as fetching
-
-        env = os.environ.get("ROBUSTMED_DATA")
-        dest = Path(env).expanduser() if env else find_shared_data() or Path.home() / "robustmed-data"
-        for name in fetch:
-            fetching.fetch(name, dest)
-        os.environ["ROBUSTMED_DATA"] = str(dest)
-    data_dir = find_shared_data()
-    if verbose:
-        name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-        found = data_dir or "not found, phantom only (FETCH = ['ucsd'] in the setup cell downloads UCSD COVID-CT)"
-        print(f"device: {device} ({name}) | profile: {profile} | real CT: {found}")
-    return device, profile, data_dir

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from robustmed_lite import distributed
-from robustmed_lite import trainer as trainer_module
+from robustmed_lite import checkpoints, distributed
 from robustmed_lite.config import load_config
+from robustmed_lite.data import splits
 from robustmed_lite.trainer import Trainer
 
 
@@ -39,7 +39,7 @@ def _record_writes(folder: Path, rank: int):
     """Makes every checkpoint and log write of this process append its file name to writes-RANK.json."""
     path = folder / f"writes-{rank}.json"
     path.write_text("[]")
-    save, append = trainer_module._atomic_save, trainer_module._append_log
+    save, append = checkpoints._atomic_save, checkpoints._append_log
 
     def note(name: str) -> None:
         path.write_text(json.dumps([*json.loads(path.read_text()), name]))
@@ -52,7 +52,7 @@ def _record_writes(folder: Path, rank: int):
         note("log")
         append(run_dir, row)
 
-    trainer_module._atomic_save, trainer_module._append_log = recorded_save, recorded_append
+    checkpoints._atomic_save, checkpoints._append_log = recorded_save, recorded_append
 
 
 def all_runs(rank: int, folder: Path, erm: dict, robustmed: dict) -> None:
@@ -85,8 +85,16 @@ def all_runs(rank: int, folder: Path, erm: dict, robustmed: dict) -> None:
         stats = steps.train_step(x, x_aug, y, epoch=0, attack=attack)
         losses.append(distributed.sum_over_ranks([stats["loss"] / 2])[0])
         gammas.append(stats["gamma_scale"])
-    torch.save({"losses": losses, "gamma_scale": gammas, "directions": directions, "images": x,
-                "weights": dict(steps.model.named_parameters())}, folder / f"steps-{rank}.pt")
+    torch.save(
+        {
+            "losses": losses,
+            "gamma_scale": gammas,
+            "directions": directions,
+            "images": x,
+            "weights": dict(steps.model.named_parameters()),
+        },
+        folder / f"steps-{rank}.pt",
+    )
 
     Trainer(_config(folder, "robustmed-full", robustmed)).fit()
     Trainer(_config(folder, "robustmed-split", robustmed)).fit(stop_after=1)
@@ -95,6 +103,6 @@ def all_runs(rank: int, folder: Path, erm: dict, robustmed: dict) -> None:
 def store_batches(rank: int, folder: Path, overrides: dict) -> None:
     """Builds the data as a rank of ``train`` does (opening the slice store itself) and saves its share of every
     batch of epoch 0 as store-batches-RANK.pt."""
-    splits = trainer_module.build_data(_config(folder, f"store-{rank}", overrides))
-    shares = splits.train.batches(overrides["batch_size"], epoch=0, rank=rank, ranks=distributed.world_size())
+    data = splits.build_data(_config(folder, f"store-{rank}", overrides))
+    shares = data.train.batches(overrides["batch_size"], epoch=0, rank=rank, ranks=distributed.world_size())
     torch.save([{"x": x, "x_aug": x_aug, "y": y} for x, x_aug, y in shares], folder / f"store-batches-{rank}.pt")

@@ -17,9 +17,17 @@ def nibabel_or_skip():
     return pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install 'robustmed-lite[dicom]'")
 
 
-def write_dicom(path: Path, stored=None, *, slope: float | None = 1.0, intercept: float | None = -1024.0,
-                photometric: str = "MONOCHROME2", frames: int = 1, pixel_data: bool = True,
-                compressed: bool = False) -> Path:
+def write_dicom(
+    path: Path,
+    stored=None,
+    *,
+    slope: float | None = 1.0,
+    intercept: float | None = -1024.0,
+    photometric: str = "MONOCHROME2",
+    frames: int = 1,
+    pixel_data: bool = True,
+    compressed: bool = False,
+) -> Path:
     """A CT slice of signed 16-bit stored values (default a 4x5 ramp), single-frame unless ``frames`` > 1.
 
     Args:
@@ -69,8 +77,7 @@ def write_dicom(path: Path, stored=None, *, slope: float | None = 1.0, intercept
     return path
 
 
-def write_nifti(path: Path, volume: np.ndarray, affine=None, slope: float | None = None,
-                inter: float = 0.0) -> Path:
+def write_nifti(path: Path, volume: np.ndarray, affine=None, slope: float | None = None, inter: float = 0.0) -> Path:
     """A NIfTI-1 file of ``volume`` (stored with its own dtype) with ``affine`` (default RAS+ identity).
 
     ``slope`` and ``inter`` are written into the header of an uncompressed ``.nii`` afterwards (scl_slope and

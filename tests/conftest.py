@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from robustmed_lite import fidelity
-from robustmed_lite.data import find_shared_data
+from robustmed_lite.data.loaders import find_shared_data
+from robustmed_lite.studies import fidelity
 
 # Two threads, shared out among pytest-xdist's workers (`make test` runs one per core): more threads than cores
 # make every worker slower.

@@ -8,14 +8,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustmed_lite import ablation
 from robustmed_lite.config import METHOD_FIELDS, load_config
-from robustmed_lite.summary import find_results
+from robustmed_lite.studies import ablation
+from robustmed_lite.studies.summary import find_results
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "results" / "ablation" / "cpu-phantom"
-SWITCHED = {"cap": "feedback", "robustmed-prior": "prior", "robustmed-weight_noise": "weight_noise",
-            "robustmed-square_loss": "loss"}
+SWITCHED = {
+    "cap": "feedback",
+    "robustmed-prior": "prior",
+    "robustmed-weight_noise": "weight_noise",
+    "robustmed-square_loss": "loss",
+}
 
 
 @pytest.mark.parametrize("row", list(ablation.ABLATIONS))
@@ -86,7 +90,9 @@ def test_find_results_downloads_files_in_subfolders(monkeypatch, tmp_path):
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("ROBUSTMED_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("robustmed_lite.summary.__file__", str(tmp_path / "site-packages/robustmed_lite/summary.py"))
+    monkeypatch.setattr(
+        "robustmed_lite.studies.summary.__file__", str(tmp_path / "site-packages/robustmed_lite/studies/summary.py")
+    )
     folder = find_results("cpu-phantom", study="ablation", names=["effects.csv", "all_runs/runs.csv"])
     assert folder == tmp_path / "cache" / "results" / "ablation" / "cpu-phantom"
     assert (folder / "all_runs" / "runs.csv").read_text().endswith("/ablation/cpu-phantom/all_runs/runs.csv")
@@ -95,7 +101,7 @@ def test_find_results_downloads_files_in_subfolders(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("study", ["ablation", "fidelity"])
 def test_the_command_line_runs_each_paired_study(study, reproduce_calls, tmp_path):
-    from robustmed_lite.__main__ import main
+    from robustmed_lite.cli import main
 
     calls = reproduce_calls
     assert main([study, "--data", "phantom", "--seeds", "0,1", "--quiet"]) == 0

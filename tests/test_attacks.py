@@ -5,11 +5,21 @@ import pytest
 import torch
 from torch import nn
 
-from robustmed_lite.attacks import (APGD, FGSM, MIM, PGD, RFGSM, CWLinf, FeedbackPGD, RandomNoise, TargetedPGD,
-                                    apgd_checkpoints, eval_mode,
-                                    format_eps, parse_eps)
+from robustmed_lite.common import eval_mode, format_eps, parse_eps
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.attacks import (
+    APGD,
+    FGSM,
+    MIM,
+    PGD,
+    RFGSM,
+    CWLinf,
+    RandomNoise,
+    TargetedPGD,
+    apgd_checkpoints,
+)
+from robustmed_lite.method.feedback_attack import FeedbackPGD
 from robustmed_lite.models import create_model
-from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.trainer import fit_erm
 
 EPS = 8 / 255
@@ -70,7 +80,7 @@ def _accuracy(model, x, y, attack=None, chunk=128):
     """Accuracy, under ``attack`` if given; in chunks of 128 (twice as fast per image as 256 on this CPU)."""
     correct = 0
     for i in range(0, len(x), chunk):
-        xi, yi = x[i:i + chunk], y[i:i + chunk]
+        xi, yi = x[i : i + chunk], y[i : i + chunk]
         if attack is not None:
             xi = attack(model, xi, yi)
         with torch.no_grad():
@@ -87,8 +97,10 @@ def pgd10_accuracy(trained):
 
 # ---------------------------------------------------------------------------------------------- eps handling
 
-@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), (" 4 / 255 ", 4 / 255), ("0.03", 0.03), (0.5, 0.5),
-                                        ("1e-2", 0.01), (0, 0.0)])
+
+@pytest.mark.parametrize(
+    "text,value", [("8/255", 8 / 255), (" 4 / 255 ", 4 / 255), ("0.03", 0.03), (0.5, 0.5), ("1e-2", 0.01), (0, 0.0)]
+)
 def test_parse_eps(text, value):
     assert parse_eps(text) == pytest.approx(value)
 
@@ -118,6 +130,7 @@ def test_kl_without_random_start_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------------------ invariants
+
 
 @pytest.mark.parametrize("name", ATTACKS)
 def test_output_in_ball_in_range_and_mode_restored(name, model, batch):
@@ -199,16 +212,22 @@ def test_eval_mode_is_active_during_the_attack(batch):
     assert seen and not any(seen) and model.training
 
 
-@pytest.mark.parametrize("x,y,match", [
-    (torch.rand(2, 1, 8, 8) * 2 - 0.5, torch.tensor([0, 1]), r"\[0, 1\]"),
-    (torch.rand(2, 1, 8, 8), torch.tensor([0, 1, 1]), "one integer class label"),
-    (torch.rand(2, 1, 8, 8), torch.tensor([0.0, 1.0]), "one integer class label"),
-    (torch.randint(0, 2, (2, 1, 8, 8)), torch.tensor([0, 1]), "float tensor"),
-    # NaN is false in every comparison, so a range check alone let it through (and came back as NaN images).
-    (torch.full((2, 1, 8, 8), float("nan")), torch.tensor([0, 1]), r"128 non-finite values \(128 NaN, 0 inf\)"),
-    (torch.rand(2, 1, 8, 8).index_put_((torch.tensor([1]),), torch.tensor(float("inf"))), torch.tensor([0, 1]),
-     r"64 non-finite values \(0 NaN, 64 inf\) in 1 image\(s\) \(first images \[1\]"),
-])
+@pytest.mark.parametrize(
+    "x,y,match",
+    [
+        (torch.rand(2, 1, 8, 8) * 2 - 0.5, torch.tensor([0, 1]), r"\[0, 1\]"),
+        (torch.rand(2, 1, 8, 8), torch.tensor([0, 1, 1]), "one integer class label"),
+        (torch.rand(2, 1, 8, 8), torch.tensor([0.0, 1.0]), "one integer class label"),
+        (torch.randint(0, 2, (2, 1, 8, 8)), torch.tensor([0, 1]), "float tensor"),
+        # NaN is false in every comparison, so a range check alone let it through (and came back as NaN images).
+        (torch.full((2, 1, 8, 8), float("nan")), torch.tensor([0, 1]), r"128 non-finite values \(128 NaN, 0 inf\)"),
+        (
+            torch.rand(2, 1, 8, 8).index_put_((torch.tensor([1]),), torch.tensor(float("inf"))),
+            torch.tensor([0, 1]),
+            r"64 non-finite values \(0 NaN, 64 inf\) in 1 image\(s\) \(first images \[1\]",
+        ),
+    ],
+)
 def test_bad_inputs_are_clear_errors(x, y, match):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     with pytest.raises(ValueError, match=match):
@@ -224,6 +243,7 @@ def test_eval_mode_context_restores_mixed_modes():
 
 
 # ----------------------------------------------------------------------------------------------------- APGD
+
 
 def test_apgd_checkpoints_follow_the_paper():
     # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (then 1.05 > 1)
@@ -268,6 +288,7 @@ def test_random_noise_moves_every_pixel_by_eps_in_a_random_direction():
 
 # ------------------------------------------------------------------------------ consistency on a trained model
 
+
 def test_the_trained_model_is_good_enough(trained):
     model, x, y = trained
     assert _accuracy(model, x, y) > 0.8
@@ -276,8 +297,14 @@ def test_the_trained_model_is_good_enough(trained):
 def test_robust_accuracy_never_exceeds_clean(trained):
     model, x, y = trained
     clean = _accuracy(model, x, y)
-    for attack in (FGSM("2/255"), RFGSM("2/255", seed=0), PGD("2/255", steps=5, seed=0),
-                   CWLinf("2/255", steps=5, seed=0), APGD("2/255", steps=10, seed=0), MIM("2/255", steps=5)):
+    for attack in (
+        FGSM("2/255"),
+        RFGSM("2/255", seed=0),
+        PGD("2/255", steps=5, seed=0),
+        CWLinf("2/255", steps=5, seed=0),
+        APGD("2/255", steps=10, seed=0),
+        MIM("2/255", steps=5),
+    ):
         assert _accuracy(model, x, y, attack) <= clean, attack.describe()
 
 
@@ -302,6 +329,7 @@ def test_agrees_with_torchattacks_pgd(trained, pgd10_accuracy):
 
 
 # -------------------------------------------------------------------------------------- early-stopped PGD
+
 
 def test_feedback_keeps_batch_order_aligned_with_views_and_labels(trained):
     model, x, y = trained
@@ -368,15 +396,19 @@ def test_feedback_frozen_samples_leave_the_forward_passes(trained):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_attacks_stay_in_the_ball(dtype):
-    from robustmed_lite.attacks import APGD, PGD, FeedbackPGD
+    from robustmed_lite.evaluation.attacks import APGD, PGD
+    from robustmed_lite.method.feedback_attack import FeedbackPGD
     from robustmed_lite.models import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny_visformer", img_size=64).cuda().eval()
     x = torch.rand(16, 1, 64, 64, device="cuda")
     y = torch.randint(0, 2, (16,), device="cuda")
-    for attack in (PGD(8 / 255, steps=5, seed=0), APGD(8 / 255, steps=10, seed=0),
-                   FeedbackPGD(8 / 255, steps=5, seed=0)):
+    for attack in (
+        PGD(8 / 255, steps=5, seed=0),
+        APGD(8 / 255, steps=10, seed=0),
+        FeedbackPGD(8 / 255, steps=5, seed=0),
+    ):
         with torch.autocast("cuda", dtype=dtype):
             x_adv = attack(model, x, y)
         assert x_adv.dtype == x.dtype and x_adv.is_cuda

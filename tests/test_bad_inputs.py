@@ -19,16 +19,36 @@ from _medical_files import nibabel_or_skip, pydicom_or_skip, write_dicom, write_
 from PIL import Image
 from torch import nn
 
-from robustmed_lite.__main__ import main
-from robustmed_lite.attacks import FGSM, PGD, parse_eps
+from robustmed_lite.checkpoints import RESUME_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
+from robustmed_lite.cli import main
+from robustmed_lite.common import parse_eps
 from robustmed_lite.config import load_config
-from robustmed_lite.data import DataError, load_images, read_gray, stratified_subset
-from robustmed_lite.evaluate import accuracy, evaluate
+from robustmed_lite.data.loaders import DataError, load_images, read_gray, stratified_subset
+from robustmed_lite.data.splits import build_data
+from robustmed_lite.evaluation.attacks import FGSM, PGD
+from robustmed_lite.evaluation.metrics import accuracy, evaluate
 from robustmed_lite.runinfo import LOG_PROGRESS_INTERVAL, progress_options
-from robustmed_lite.trainer import RESUME_KEYS, CheckpointError, build_data, load_checkpoint, model_from_checkpoint
 
-TINY = ["--model", "small_cnn", "--img_size", "32", "--n_train", "64", "--n_val", "32", "--n_test", "32",
-        "--batch_size", "32", "--eval_n", "16", "--eval_attack_steps", "1", "--progress", "false"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--img_size",
+    "32",
+    "--n_train",
+    "64",
+    "--n_val",
+    "32",
+    "--n_test",
+    "32",
+    "--batch_size",
+    "32",
+    "--eval_n",
+    "16",
+    "--eval_attack_steps",
+    "1",
+    "--progress",
+    "false",
+]
 
 
 def _png(path: Path, array=None) -> Path:
@@ -90,11 +110,24 @@ class Constant(nn.Module):
 
 # ======================================================= 1. evaluation subsets: seeded, stratified, per class
 
+
 def test_evaluate_n_is_a_stratified_sample_not_the_first_n(run, tmp_path, capsys):
     data = _tree(tmp_path / "sorted", n_covid=12, n_non=12)  # the first 8 files are all COVID
     out = tmp_path / "table.csv"
-    code, err = _cli(capsys, "evaluate", "--checkpoint", str(run / "best_clean.pt"), "--data", str(data),
-                     "--attacks", "fgsm", "--n", "8", "--out", str(out))
+    code, err = _cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(run / "best_clean.pt"),
+        "--data",
+        str(data),
+        "--attacks",
+        "fgsm",
+        "--n",
+        "8",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     table = pd.read_csv(out)
     assert (table["n"] == 8).all() and (table["n_covid"] == 4).all() and (table["n_noncovid"] == 4).all()
@@ -106,10 +139,11 @@ def test_evaluate_n_is_a_stratified_sample_not_the_first_n(run, tmp_path, capsys
 
 
 def test_run_ood_n_is_stratified_and_says_n_per_class(run, tmp_path):
-    from robustmed_lite.experiments import run_ood
+    from robustmed_lite.evaluation.checkpoint_eval import run_ood
 
-    results = run_ood([run / "best_clean.pt"], out_dir=tmp_path / "ood", corruptions=["jpeg"], severities=[1],
-                      n=10, progress=False)
+    results = run_ood(
+        [run / "best_clean.pt"], out_dir=tmp_path / "ood", corruptions=["jpeg"], severities=[1], n=10, progress=False
+    )
     shift = results["shift"]
     assert (shift["n"] == 10).all() and (shift["n_covid"] + shift["n_noncovid"] == 10).all()
     assert (shift["n_covid"] > 0).all() and (shift["n_noncovid"] > 0).all()
@@ -122,14 +156,25 @@ def test_one_class_metrics_say_why_they_are_undefined(run, tmp_path, capsys):
         _png(only_covid / "COVID" / f"c{i}.png")
     out = tmp_path / "t.csv"
     with pytest.warns(UserWarning, match="only COVID images .*AUC and specificity are undefined"):
-        code, err = _cli(capsys, "evaluate", "--checkpoint", str(run / "best_clean.pt"), "--data", str(only_covid),
-                         "--attacks", "fgsm", "--out", str(out))
+        code, err = _cli(
+            capsys,
+            "evaluate",
+            "--checkpoint",
+            str(run / "best_clean.pt"),
+            "--data",
+            str(only_covid),
+            "--attacks",
+            "fgsm",
+            "--out",
+            str(out),
+        )
     assert code == 0, err
     table = pd.read_csv(out)
     assert table["auc"].isna().all() and table["note"].str.contains("accuracy is the sensitivity").all()
 
 
 # ============================================================================= 2. non-finite values
+
 
 @pytest.fixture
 def batch():
@@ -178,6 +223,7 @@ def test_float_tiff_with_a_non_finite_pixel_names_the_file(tmp_path, bad):
 
 # ======================================================================== 3. training data with one class
 
+
 def test_training_split_with_one_class_is_refused_and_no_run_folder_is_made(tmp_path, capsys):
     misnamed = tmp_path / "misnamed"
     for i in range(10):
@@ -199,16 +245,21 @@ def test_small_validation_and_test_splits_are_warned_about(tmp_path):
 
 # =============================================================================== 4. config values by type
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "true"], "epochs takes an integer, got 'true'"),
-    (["--epochs", "1.5"], "epochs takes an integer, got '1.5'"),
-    (["--eps", "8/0"], "eps='8/0' divides by zero"),
-    (["--pretrained", "maybe"], "pretrained takes true or false, got 'maybe'"),
-    (["--lr", "nan"], "lr takes a finite number, got 'nan'"),
-    (["--batch_size", "0"], "batch_size must be >= 1, got 0"),
-    (["--method", "magic"], "unknown method 'magic'"),
-    (["--model", "resnet9000"], "unknown model 'resnet9000'"),
-], ids=["epochs-true", "epochs-1.5", "eps-8/0", "bool-maybe", "lr-nan", "batch-0", "method", "model"])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "true"], "epochs takes an integer, got 'true'"),
+        (["--epochs", "1.5"], "epochs takes an integer, got '1.5'"),
+        (["--eps", "8/0"], "eps='8/0' divides by zero"),
+        (["--pretrained", "maybe"], "pretrained takes true or false, got 'maybe'"),
+        (["--lr", "nan"], "lr takes a finite number, got 'nan'"),
+        (["--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    ],
+    ids=["epochs-true", "epochs-1.5", "eps-8/0", "bool-maybe", "lr-nan", "batch-0", "method", "model"],
+)
 def test_bad_config_values_are_one_line_errors_and_leave_no_run(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     code, err = _cli(capsys, "train", "--epochs", "1", "--out_dir", str(out), *TINY, *args)
@@ -235,6 +286,7 @@ def test_component_none_means_none_not_the_methods_default():
 
 # ================================================================================== 5. checkpoints
 
+
 def _ckpt(tmp_path, kind: str) -> Path:
     path = tmp_path / "model.pt"
     if kind == "empty":
@@ -252,14 +304,17 @@ def _ckpt(tmp_path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, why", [
-    ("empty", r"\(empty\): the file has 0 bytes"),
-    ("text", r"\(not a torch file\): \w+"),
-    ("random", r"\(not a torch file\): \w+"),
-    ("folder", r"\(a folder\)"),
-    ("no-keys", r"\(missing keys model, config\)"),
-    ("tensor", r"\(not a dict of model and config\)"),
-])
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("empty", r"\(empty\): the file has 0 bytes"),
+        ("text", r"\(not a torch file\): \w+"),
+        ("random", r"\(not a torch file\): \w+"),
+        ("folder", r"\(a folder\)"),
+        ("no-keys", r"\(missing keys model, config\)"),
+        ("tensor", r"\(not a dict of model and config\)"),
+    ],
+)
 def test_bad_checkpoints_say_what_they_are(tmp_path, kind, why):
     path = _ckpt(tmp_path, kind)
     with pytest.raises(CheckpointError, match=rf"model\.pt is not a robustmed_lite checkpoint {why}.*Fix"):
@@ -289,11 +344,15 @@ def test_weights_that_do_not_fit_the_model(run, tmp_path):
 
 # ====================================================================== 6. ambiguous roots, tiny images
 
+
 def test_class_folders_beside_an_index_csv_say_which_is_used(tmp_path):
     root = _tree(tmp_path / "both")
     (root / "labels.csv").write_text("path,label\nCOVID/c00.png,0\n")
-    with pytest.warns(UserWarning, match=r"class folders .* and CSV file\(s\) \(labels\.csv\): the labels come from "
-                                         r"the folders.*pass the CSV itself"):
+    with pytest.warns(
+        UserWarning,
+        match=r"class folders .* and CSV file\(s\) \(labels\.csv\): the labels come from "
+        r"the folders.*pass the CSV itself",
+    ):
         data = _load(root)
     assert data.layout == "kaggle" and data.labels.tolist() == [1, 1, 1, 0, 0, 0]
     with warnings.catch_warnings():
@@ -313,6 +372,7 @@ def test_images_smaller_than_8_px_are_named(tmp_path):
 
 # =========================================================================================== 7. the CLI
 
+
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     code, err = _cli(capsys, "evaluate", "--checkpoint", str(tmp_path / "missing.pt"))
     assert code == 2 and "missing.pt does not exist" in _one_error_line(err)
@@ -323,9 +383,13 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_python_dash_m_prints_one_line_and_exits_2(tmp_path):
     import subprocess
 
-    result = subprocess.run([sys.executable, "-m", "robustmed_lite", "evaluate", "--checkpoint",
-                             str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "robustmed_lite", "evaluate", "--checkpoint", str(tmp_path / "missing.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: checkpoint") and len(result.stderr.strip().splitlines()) == 1
 
@@ -339,10 +403,13 @@ def test_help_lists_the_choices(capsys):
     assert "one of none, fat, last_correct" in text and "small_cnn, tiny_visformer or any timm" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--n", "0"], "argument --n: takes an integer >= 1, got '0'"),
-    (["--ood", "--severities", "a,b"], "--severities takes comma-separated integers 1..5, got 'a,b'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "0"], "argument --n: takes an integer >= 1, got '0'"),
+        (["--ood", "--severities", "a,b"], "--severities takes comma-separated integers 1..5, got 'a,b'"),
+    ],
+)
 def test_bad_evaluation_options(run, capsys, argv, message):
     try:
         code = main(["evaluate", "--checkpoint", str(run / "best_clean.pt"), *argv])
@@ -354,8 +421,9 @@ def test_bad_evaluation_options(run, capsys, argv, message):
 def test_existing_run_without_resume_and_resume_with_another_config(run, capsys):
     code, err = _cli(capsys, "train", "--method", "erm", "--epochs", "1", "--out_dir", str(run), *TINY)
     assert code == 2 and "already holds" in _one_error_line(err) and "--resume" in err
-    code, err = _cli(capsys, "train", "--resume", "--method", "erm", "--epochs", "1", "--out_dir", str(run), *TINY,
-                     "--lr", "0.5")
+    code, err = _cli(
+        capsys, "train", "--resume", "--method", "erm", "--epochs", "1", "--out_dir", str(run), *TINY, "--lr", "0.5"
+    )
     assert code == 2 and "other settings (lr)" in _one_error_line(err)
 
 
@@ -390,6 +458,7 @@ def test_evaluate_progress_to_a_log_writes_few_updates(monkeypatch):
 
 
 # ======================================================== inputs that already worked: keep them working
+
 
 def test_missing_root(tmp_path):
     with pytest.raises(DataError, match=r"nowhere does not exist\. Fix"):
@@ -446,11 +515,15 @@ def test_non_image_files_are_named_in_a_warning(tmp_path):
 
 # ============================================================= hospital formats that cannot be read
 
+
 def test_dicom_compressed_without_a_decoder(tmp_path):
     pydicom_or_skip()
     path = write_dicom(tmp_path / "jls.dcm", compressed=True)
-    with pytest.raises(DataError, match=r"jls\.dcm is compressed \(JPEG-LS Lossless.*\) and no installed decoder.*"
-                                        r"Fix: pip install pylibjpeg"):
+    with pytest.raises(
+        DataError,
+        match=r"jls\.dcm is compressed \(JPEG-LS Lossless.*\) and no installed decoder.*"
+        r"Fix: pip install pylibjpeg",
+    ):
         read_gray(path)
 
 

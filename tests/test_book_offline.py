@@ -11,15 +11,18 @@ check_offline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_offline)
 
 
-@pytest.mark.parametrize("tag, remote", [
-    ('<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>', True),
-    ('<img alt="Open In Colab" src="https://colab.research.google.com/assets/colab-badge.svg" />', True),
-    ('<link rel="stylesheet" href="//fonts.example.org/a.css" />', True),
-    ('<script src="_static/mathjax/tex-chtml.js"></script>', False),
-    ('<img src="../_images/colab-badge.svg" />', False),
-    ('<a href="https://colab.research.google.com/github/x/y/blob/main/notebooks/a.ipynb">open</a>', False),
-    ('<link rel="canonical" href="https://example.org/page.html" />', False),
-])
+@pytest.mark.parametrize(
+    "tag, remote",
+    [
+        ('<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>', True),
+        ('<img alt="Open In Colab" src="https://colab.research.google.com/assets/colab-badge.svg" />', True),
+        ('<link rel="stylesheet" href="//fonts.example.org/a.css" />', True),
+        ('<script src="_static/mathjax/tex-chtml.js"></script>', False),
+        ('<img src="../_images/colab-badge.svg" />', False),
+        ('<a href="https://colab.research.google.com/github/x/y/blob/main/notebooks/a.ipynb">open</a>', False),
+        ('<link rel="canonical" href="https://example.org/page.html" />', False),
+    ],
+)
 def test_remote_loads(tag, remote):
     assert bool(check_offline.remote_loads(f"<html><body>{tag}</body></html>")) is remote
 
@@ -45,12 +48,13 @@ _spec_shots.loader.exec_module(screenshots)
 
 
 def test_the_screenshot_check_tells_rendered_math_from_raw_latex():
-    rendered = ('<p>the loss <mjx-container class="MathJax"><mjx-math>x</mjx-math></mjx-container></p>'
-                '<script>var tex = "\\\\[x\\\\]";</script><img src="../_static/colab-badge.svg">')
+    rendered = (
+        '<p>the loss <mjx-container class="MathJax"><mjx-math>x</mjx-math></mjx-container></p>'
+        '<script>var tex = "\\\\[x\\\\]";</script><img src="../_static/colab-badge.svg">'
+    )
     seen = screenshots.inspect_dom(rendered)
     assert seen["mathjax_containers"] == 1 and seen["raw_latex"] == 0 and not seen["remote_badges"]
-    raw = ('<p>\\[x_{adv} = x + \\delta\\]</p>'
-           '<img src="https://colab.research.google.com/assets/colab-badge.svg">')
+    raw = '<p>\\[x_{adv} = x + \\delta\\]</p><img src="https://colab.research.google.com/assets/colab-badge.svg">'
     seen = screenshots.inspect_dom(raw)
     assert seen["mathjax_containers"] == 0 and seen["raw_latex"] == 1
     assert seen["remote_badges"] == ["https://colab.research.google.com/assets/colab-badge.svg"]

@@ -6,13 +6,26 @@ import json
 import pytest
 import torch
 
-from robustmed_lite import bookruns
+from robustmed_lite.book import bookruns
+from robustmed_lite.book.runs import train_or_load
+from robustmed_lite.checkpoints import CheckpointError, load_checkpoint
 from robustmed_lite.config import load_config
-from robustmed_lite.experiments import train_or_load
-from robustmed_lite.trainer import CheckpointError, Trainer, load_checkpoint
+from robustmed_lite.trainer import Trainer
 
-SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
-             eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255")
+SMALL = dict(
+    img_size=32,
+    n_train=64,
+    n_val=32,
+    n_test=32,
+    batch_size=32,
+    epochs=2,
+    eval_n=16,
+    attack_steps=2,
+    eval_attack_steps=2,
+    progress=False,
+    eps="8/255",
+    step_size="2/255",
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +36,15 @@ def packed(tmp_path_factory):
     folder = root / "shipped"
     folder.mkdir()
     bookruns.pack_run(trainer.run_dir, folder / "trades-seed0.pt")
-    (folder / "manifest.json").write_text(json.dumps({
-        "generated": "test", "environment": {"torch": torch.__version__},
-        "runs": {"trades-seed0": {"file": "trades-seed0.pt"}}}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "generated": "test",
+                "environment": {"torch": torch.__version__},
+                "runs": {"trades-seed0": {"file": "trades-seed0.pt"}},
+            }
+        )
+    )
     return trainer, folder
 
 
@@ -61,8 +80,7 @@ def test_restore_only_for_exactly_that_config_and_an_empty_folder(packed, tmp_pa
     assert not bookruns.restore(_cfg(tmp_path / "a", beta=6.0), folder)  # another setting
     assert not (tmp_path / "a" / "run").exists()
     assert not bookruns.restore(_cfg(tmp_path / "b", seed=1), folder)  # another seed: not shipped
-    assert not bookruns.restore(load_config("cpu-demo", dict(SMALL, method="erm", out_dir=str(tmp_path / "c"))),
-                                folder)
+    assert not bookruns.restore(load_config("cpu-demo", dict(SMALL, method="erm", out_dir=str(tmp_path / "c"))), folder)
     cfg = _cfg(tmp_path / "d")
     cfg.run_dir().mkdir(parents=True)
     (cfg.run_dir() / "best_clean.pt").write_bytes(b"mine")
@@ -121,4 +139,5 @@ def test_a_drift_beyond_the_tolerance_is_reported():
     recorded = {"test_clean": 0.80, "test_pgd": 0.40}
     assert bookruns._compare("erm", {"test_clean": 0.81, "test_pgd": 0.39}, recorded) == []
     assert bookruns._compare("erm", {"test_clean": 0.80, "test_pgd": 0.43}, recorded) == [
-        "erm: test_pgd 0.4300, recorded 0.4000 (tolerance 0.02)"]
+        "erm: test_pgd 0.4300, recorded 0.4000 (tolerance 0.02)"
+    ]

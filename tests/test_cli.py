@@ -3,10 +3,28 @@
 import pandas as pd
 import pytest
 
-from robustmed_lite.__main__ import main
+from robustmed_lite.cli import main
 
-TINY = ["--img_size", "32", "--n_train", "64", "--n_val", "32", "--n_test", "32", "--batch_size", "32",
-        "--eval_n", "16", "--attack_steps", "2", "--eval_attack_steps", "2", "--progress", "false"]
+TINY = [
+    "--img_size",
+    "32",
+    "--n_train",
+    "64",
+    "--n_val",
+    "32",
+    "--n_test",
+    "32",
+    "--batch_size",
+    "32",
+    "--eval_n",
+    "16",
+    "--attack_steps",
+    "2",
+    "--eval_attack_steps",
+    "2",
+    "--progress",
+    "false",
+]
 
 
 def test_train_resume_and_evaluate(tmp_path, capsys):
@@ -22,8 +40,22 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     assert main(["train", "--resume", "--method", "trades", "--epochs", "1", "--out_dir", out, *TINY]) == 0
     capsys.readouterr()
     csv = tmp_path / "table.csv"
-    assert main(["evaluate", "--checkpoint", f"{out}/best_robust.pt", "--attacks", "fgsm,pgd10", "--n", "16",
-                 "--out", str(csv)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                f"{out}/best_robust.pt",
+                "--attacks",
+                "fgsm,pgd10",
+                "--n",
+                "16",
+                "--out",
+                str(csv),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "PGD-10" in printed and "worst case" in printed and "4/255" in printed  # cpu-demo trains at 4/255
     # The phantom's 32 test slices are 15 COVID and 17 non-COVID: a stratified 16 keeps that mix.
@@ -40,9 +72,26 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
         runs[method] = str(tmp_path / method)
         assert main(["train", "--method", method, "--epochs", "1", "--out_dir", runs[method], *TINY]) == 0
     out = tmp_path / "ood"
-    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt",
-                 f"{runs['trades']}/best_robust.pt", "--n", "16", "--corruptions", "jpeg,low_dose",
-                 "--severities", "1,5", "--out_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--ood",
+                "--checkpoint",
+                f"{runs['erm']}/best_clean.pt",
+                f"{runs['trades']}/best_robust.pt",
+                "--n",
+                "16",
+                "--corruptions",
+                "jpeg,low_dose",
+                "--severities",
+                "1,5",
+                "--out_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for name in ("corruptions.csv", "summary.csv", "shift.csv", "corruption_heatmap.png", "shift.png"):
         assert (out / name).stat().st_size > 0, name
     summary = pd.read_csv(out / "summary.csv").set_index("model")
@@ -54,9 +103,34 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
     other = str(tmp_path / "other")
     assert main(["train", "--method", "erm", "--epochs", "1", "--out_dir", other, *TINY, "--n_test", "24"]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", f"{other}/best_clean.pt",
-                 "--out_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--ood",
+                "--checkpoint",
+                f"{runs['erm']}/best_clean.pt",
+                f"{other}/best_clean.pt",
+                "--out_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "different data (n_test)" in capsys.readouterr().err
-    assert main(["evaluate", "--ood", "--checkpoint", f"{runs['erm']}/best_clean.pt", "--severities", "0,6",
-                 "--out_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--ood",
+                "--checkpoint",
+                f"{runs['erm']}/best_clean.pt",
+                "--severities",
+                "0,6",
+                "--out_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "1..5" in capsys.readouterr().err

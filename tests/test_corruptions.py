@@ -7,11 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from robustmed_lite.corruptions import (CAP_IMAGENET_C, CORRUPTIONS, FAMILIES, SEVERITIES, _crop_like,
-                                        _frost_texture, _pad_square, corrupt, fbp, n_angles, radon)
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.corruptions import (
+    CAP_IMAGENET_C,
+    CORRUPTIONS,
+    FAMILIES,
+    SEVERITIES,
+    _crop_like,
+    _frost_texture,
+    _pad_square,
+    corrupt,
+    fbp,
+    n_angles,
+    radon,
+)
+from robustmed_lite.evaluation.ood import corruption_summary, corruption_table, shift_table
 from robustmed_lite.ops import gaussian_blur
-from robustmed_lite.ood import corruption_summary, corruption_table, shift_table
-from robustmed_lite.phantom import make_phantom_dataset
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +34,16 @@ def test_every_family_of_the_issue_is_there():
     assert set(FAMILIES["noise"]) == {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"}
     assert set(FAMILIES["blur"]) == {"defocus_blur", "gaussian_blur", "motion_blur", "zoom_blur", "glass_blur"}
     assert set(FAMILIES["weather"]) == {"snow", "frost", "fog"}
-    assert {"low_dose", "sparse_view", "ring", "beam_hardening", "window_shift", "sharp_kernel", "smooth_kernel",
-            "slice_thickness"} == set(FAMILIES["ct_physics"])
+    assert {
+        "low_dose",
+        "sparse_view",
+        "ring",
+        "beam_hardening",
+        "window_shift",
+        "sharp_kernel",
+        "smooth_kernel",
+        "slice_thickness",
+    } == set(FAMILIES["ct_physics"])
     assert all(len(SEVERITIES[c]) == 5 for c in CORRUPTIONS)
     assert len(CORRUPTIONS) == len(set(CORRUPTIONS)) == 26
 
@@ -50,8 +69,21 @@ def test_effect_grows_with_severity(name, slices):
     assert all(b > a for a, b in zip(change, change[1:])), f"{name}: {change}"
 
 
-RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "glass_blur", "snow",
-          "frost", "fog", "elastic", "low_dose", "ring", "window_shift")
+RANDOM = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "motion_blur",
+    "glass_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic",
+    "low_dose",
+    "ring",
+    "window_shift",
+)
 
 
 def test_random_corruptions_depend_on_the_seed_and_the_others_do_not(slices):
@@ -167,8 +199,9 @@ def test_corruption_tables_and_mce():
     data = make_phantom_dataset(64, 32, "A", seed=0)
     t = data.images.mean((1, 2, 3)).median().item()
     models = {"ref": _Threshold(t), "other": _Threshold(t + 0.02)}
-    table = corruption_table(models, data.images, data.labels, corruptions=("brightness", "jpeg"),
-                             severities=(1, 5), progress=False)
+    table = corruption_table(
+        models, data.images, data.labels, corruptions=("brightness", "jpeg"), severities=(1, 5), progress=False
+    )
     assert len(table) == 2 * (1 + 2 * 2) and set(table["n"]) == {64}
     assert table["accuracy"].between(0, 1).all()
     summary = corruption_summary(table, reference="ref").set_index("model")
@@ -176,23 +209,37 @@ def test_corruption_tables_and_mce():
     ref = table[table["model"] == "ref"]
     assert summary.loc["ref", "mCA"] == pytest.approx(ref[ref["severity"] > 0]["accuracy"].mean())
     assert summary.loc["ref", "relative_robustness"] == pytest.approx(
-        summary.loc["ref", "mCA"] / summary.loc["ref", "clean"])
-    again = corruption_table(models, data.images, data.labels, corruptions=("brightness", "jpeg"),
-                             severities=(1, 5), progress=False)
+        summary.loc["ref", "mCA"] / summary.loc["ref", "clean"]
+    )
+    again = corruption_table(
+        models, data.images, data.labels, corruptions=("brightness", "jpeg"), severities=(1, 5), progress=False
+    )
     pd.testing.assert_frame_equal(table, again)
 
 
 def _table(rows):
-    return pd.DataFrame([{"model": m, "corruption": c, "family": "x", "severity": s, "accuracy": a, "n": 100}
-                         for m, c, s, a in rows])
+    return pd.DataFrame(
+        [{"model": m, "corruption": c, "family": "x", "severity": s, "accuracy": a, "n": 100} for m, c, s, a in rows]
+    )
 
 
 def test_mce_and_relative_mce_by_hand():
     # Errors (1 - accuracy). ref: clean 0.1; a: 0.2, 0.4 (sum 0.6); b: 0.3, 0.5 (sum 0.8).
     # other: clean 0.05; a: 0.3, 0.3 (sum 0.6); b: 0.6, 0.6 (sum 1.2).
-    table = _table([("ref", "clean", 0, 0.9), ("ref", "a", 1, 0.8), ("ref", "a", 5, 0.6), ("ref", "b", 1, 0.7),
-                    ("ref", "b", 5, 0.5), ("other", "clean", 0, 0.95), ("other", "a", 1, 0.7),
-                    ("other", "a", 5, 0.7), ("other", "b", 1, 0.4), ("other", "b", 5, 0.4)])
+    table = _table(
+        [
+            ("ref", "clean", 0, 0.9),
+            ("ref", "a", 1, 0.8),
+            ("ref", "a", 5, 0.6),
+            ("ref", "b", 1, 0.7),
+            ("ref", "b", 5, 0.5),
+            ("other", "clean", 0, 0.95),
+            ("other", "a", 1, 0.7),
+            ("other", "a", 5, 0.7),
+            ("other", "b", 1, 0.4),
+            ("other", "b", 5, 0.4),
+        ]
+    )
     summary = corruption_summary(table, reference="ref").set_index("model")
     # mCE = mean(0.6 / 0.6, 1.2 / 0.8) = 1.25; relative: excess ref a 0.6 - 0.2 = 0.4, b 0.8 - 0.2 = 0.6;
     # other a 0.6 - 0.1 = 0.5, b 1.2 - 0.1 = 1.1; mean(0.5 / 0.4, 1.1 / 0.6) = 1.5417.
@@ -205,8 +252,16 @@ def test_mce_and_relative_mce_by_hand():
 
 def test_mce_says_which_corruptions_it_cannot_use():
     # The reference makes no error under corruption b: b has no ratio, is left out, and the user is told.
-    table = _table([("ref", "clean", 0, 1.0), ("ref", "a", 1, 0.8), ("ref", "b", 1, 1.0),
-                    ("other", "clean", 0, 1.0), ("other", "a", 1, 0.6), ("other", "b", 1, 0.1)])
+    table = _table(
+        [
+            ("ref", "clean", 0, 1.0),
+            ("ref", "a", 1, 0.8),
+            ("ref", "b", 1, 1.0),
+            ("other", "clean", 0, 1.0),
+            ("other", "a", 1, 0.6),
+            ("other", "b", 1, 0.1),
+        ]
+    )
     with pytest.warns(UserWarning) as record:
         summary = corruption_summary(table, reference="ref").set_index("model")
     messages = sorted(str(w.message) for w in record)
@@ -236,14 +291,14 @@ def test_shift_table_reports_the_drop_from_the_source():
 def test_covid19c_layout_with_subsets_and_backslashes(tmp_path):
     from PIL import Image
 
-    from robustmed_lite.data import DataError, load_covid19c
+    from robustmed_lite.data.loaders import DataError, load_covid19c
 
     for subset, n in (("COV_C", 3), ("COV_R", 2)):
         folder = tmp_path / subset / "images" / "covid"
         folder.mkdir(parents=True)
         rows = ["path,label"]
         for i in range(n):
-            Image.fromarray(((torch.rand(20, 24) * 255).byte().numpy())).convert("RGB").save(folder / f"{i}.png")
+            Image.fromarray((torch.rand(20, 24) * 255).byte().numpy()).convert("RGB").save(folder / f"{i}.png")
             rows.append(f"images\\covid\\{i}.png,{i % 2}")  # Windows paths
         (tmp_path / subset / "MetaInfo.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "COV_R" / "notes.csv").write_text("a,b\n1,2\n")  # another CSV beside MetaInfo.csv is not the index

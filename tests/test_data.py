@@ -14,9 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from robustmed_lite import data
-from robustmed_lite.data import (CLASS_NAMES, DataError, DownloadError, ImageSet, download_sarscov2, find_shared_data,
-                                 load_images, official_splits, read_gray, split_indices)
+from robustmed_lite.common import CLASS_NAMES
+from robustmed_lite.data import loaders as data
+from robustmed_lite.data.loaders import (
+    DataError,
+    DownloadError,
+    ImageSet,
+    download_sarscov2,
+    find_shared_data,
+    load_images,
+    official_splits,
+    read_gray,
+    split_indices,
+)
 
 # A horizontal ramp 0..255: any correct conversion keeps it a ramp, scaled to [0, 1].
 RAMP = np.tile(np.linspace(0, 255, 20).round().astype(np.uint8), (16, 1))
@@ -42,6 +52,7 @@ def _load(root, size=8, **kwargs) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- real data
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
@@ -115,6 +126,7 @@ def test_rgb_and_rgba_originals_come_out_alike(shared_data, tmp_path):
 
 # ------------------------------------------------------------------------------------------- PIL modes
 
+
 def _modes(tmp_path: Path) -> dict[str, Path]:
     rgb = np.stack([RAMP] * 3, axis=-1)
     opaque = np.full(RAMP.shape, 255, np.uint8)
@@ -131,8 +143,10 @@ def _modes(tmp_path: Path) -> dict[str, Path]:
         "F": Image.fromarray(RAMP.astype(np.float32) / 255),
     }
     suffix = {"CMYK": ".tif", "F": ".tif"}
-    return {mode: _save(tmp_path / "modes" / f"{mode.replace(';', '_')}{suffix.get(mode, '.png')}", img)
-            for mode, img in files.items()}
+    return {
+        mode: _save(tmp_path / "modes" / f"{mode.replace(';', '_')}{suffix.get(mode, '.png')}", img)
+        for mode, img in files.items()
+    }
 
 
 def test_every_mode_becomes_the_same_gray_ramp(tmp_path):
@@ -175,6 +189,7 @@ def test_mixed_modes_load_as_one_channel(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- layouts
 
+
 def test_kaggle_layout(tmp_path):
     s = _load(_kaggle_tree(tmp_path / "k"))
     assert s.layout == "kaggle" and len(s) == 6
@@ -187,8 +202,9 @@ def test_csv_path_label_with_backslashes(tmp_path):
     _save(root / "imgs" / "gauss" / "a.png", np.full((9, 9), 255, np.uint8))
     _save(root / "imgs" / "gauss" / "b.png", np.zeros((9, 9), np.uint8))
     _save(root / "imgs" / "blur" / "c.png")
-    (root / "index.csv").write_text("path,label\nimgs\\gauss\\a.png,COVID\nimgs\\gauss\\b.png,non-COVID\n"
-                                    "imgs/blur/c.png,1\n")
+    (root / "index.csv").write_text(
+        "path,label\nimgs\\gauss\\a.png,COVID\nimgs\\gauss\\b.png,non-COVID\nimgs/blur/c.png,1\n"
+    )
     for where in (root / "index.csv", root):  # the CSV itself, or the folder holding it
         s = _load(where)
         assert s.layout == "csv"
@@ -204,7 +220,11 @@ def test_csv_filename_label_case_insensitive(tmp_path):
     (root / "labels.csv").write_text("Filename , LABEL\np1.png,positive\np2.png,1.0\nn1.png,Normal\nn2.png,0\n")
     s = _load(root, layout="csv")
     assert dict(zip((Path(p).name for p in s.paths), s.labels.tolist())) == {
-        "n1.png": 0, "n2.png": 0, "p1.png": 1, "p2.png": 1}
+        "n1.png": 0,
+        "n2.png": 0,
+        "p1.png": 1,
+        "p2.png": 1,
+    }
 
 
 def test_nested_alias_folders_record_their_split(tmp_path):
@@ -260,8 +280,14 @@ def test_ucsd_split_text_files(tmp_path):
     s = _load(_ucsd_tree(tmp_path / "COVID-CT"))
     assert s.layout == "ucsd" and s.patient_ids is None
     by_name = {Path(p).name: split for p, split in zip(s.paths, s.official_split)}
-    assert by_name == {"c1.png": "train", "c2.png": "val", "c3.png": "test",
-                       "n1.png": "train", "n2.png": "val", "n3.png": "test"}
+    assert by_name == {
+        "c1.png": "train",
+        "c2.png": "val",
+        "c3.png": "test",
+        "n1.png": "train",
+        "n2.png": "val",
+        "n3.png": "test",
+    }
     assert _load(tmp_path / "COVID-CT" / "Images-processed").official_split == s.official_split
 
 
@@ -274,6 +300,7 @@ def test_subset_keeps_everything_aligned(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ cache
+
 
 def _count_decodes(monkeypatch) -> list:
     calls, real = [], data._decode
@@ -334,6 +361,7 @@ def test_cache_location_and_switch(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- splits
 
+
 def test_stratified_split_is_disjoint_complete_and_seeded():
     labels = np.array([0] * 100 + [1] * 60)
     parts = split_indices(labels, val=0.15, test=0.15, seed=3)
@@ -383,6 +411,7 @@ def test_official_splits_needs_a_recorded_split(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- bad input
+
 
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match=r"nowhere does not exist\. Fix"):
@@ -458,6 +487,7 @@ def test_no_recognisable_class_folders(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ finding and download
+
 
 def test_find_shared_data_env_and_search(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUSTMED_DATA", str(tmp_path / "absent"))

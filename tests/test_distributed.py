@@ -18,16 +18,30 @@ from _distributed_workers import all_runs, launch
 from filelock import FileLock
 
 from robustmed_lite import distributed
+from robustmed_lite.checkpoints import load_checkpoint
 from robustmed_lite.components import WEIGHT_NOISE, register_weight_noise
 from robustmed_lite.config import load_config
-from robustmed_lite.dataset import PriorDataset
-from robustmed_lite.trainer import Trainer, load_checkpoint
+from robustmed_lite.data.dataset import PriorDataset
+from robustmed_lite.trainer import Trainer
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
-             eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255", gamma=0.01)
+SMALL = dict(
+    img_size=32,
+    n_train=64,
+    n_val=32,
+    n_test=32,
+    batch_size=32,
+    epochs=2,
+    eval_n=16,
+    attack_steps=2,
+    eval_attack_steps=2,
+    progress=False,
+    eps="8/255",
+    step_size="2/255",
+    gamma=0.01,
+)
 # ERM against one process, weights within 1e-5:
 # - deit_tiny has LayerNorm only: without SyncBatchNorm each rank's BatchNorm normalises with its own half of the
 #   batch, which legitimately differs from one process normalising the whole batch;
@@ -35,8 +49,18 @@ SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs
 #   attention's key bias) into steps of size lr, so with AdamW those weights differ by lr per step;
 # - 69 training images make batches of 32, 32 and 5, the last split 3 + 2 over the ranks (weighted by share);
 # - 300 validation images and eval_n 260 make two validation blocks, one per rank.
-ERM = dict(SMALL, method="erm", model="deit_tiny", deterministic=True, optimizer="sgd", lr=0.05, n_train=69,
-           n_val=300, eval_n=260, eval_attack_steps=1)
+ERM = dict(
+    SMALL,
+    method="erm",
+    model="deit_tiny",
+    deterministic=True,
+    optimizer="sgd",
+    lr=0.05,
+    n_train=69,
+    n_val=300,
+    eval_n=260,
+    eval_attack_steps=1,
+)
 ROBUSTMED = dict(SMALL, method="robustmed", weight_noise_warmup=0)
 
 
@@ -140,10 +164,25 @@ def test_torchrun_resumes_a_run_bitwise(runs):
     ended (the same number of ranks: bitwise), with the AdamW proxy's moments carried over."""
     split = runs / "robustmed-split"
     assert load_checkpoint(split / "last.pt", required=("weight_noise",))["weight_noise"]["proxy_optim"]["state"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "robustmed_lite", "train", "--config", "cpu-demo", "--resume", "--out_dir", str(split)]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "robustmed_lite",
+        "train",
+        "--config",
+        "cpu-demo",
+        "--resume",
+        "--out_dir",
+        str(split),
+    ]
     command += [arg for key, value in ROBUSTMED.items() for arg in (f"--{key}", str(value))]
     result = subprocess.run(command, env=env, cwd=runs, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,8 +6,8 @@ from importlib import metadata
 
 import pytest
 
-from robustmed_lite import doctor
-from robustmed_lite.__main__ import main
+from robustmed_lite.book import doctor
+from robustmed_lite.cli import main
 
 
 @pytest.fixture

@@ -9,11 +9,17 @@ from sklearn.metrics import f1_score, recall_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustmed_lite.attacks import FGSM, PGD, Attack
-from robustmed_lite.evaluate import (TABLE_COLUMNS, accuracy, accuracy_vs_eps, clinical_metrics, evaluate,
-                                     undefined_metrics_note)
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.attacks import FGSM, PGD, Attack
+from robustmed_lite.evaluation.metrics import (
+    TABLE_COLUMNS,
+    accuracy,
+    accuracy_vs_eps,
+    clinical_metrics,
+    evaluate,
+    undefined_metrics_note,
+)
 from robustmed_lite.models import create_model
-from robustmed_lite.phantom import make_phantom_dataset
 
 N = 40
 
@@ -64,14 +70,20 @@ def phantom():
 
 def _sk_metrics(y, p1):
     pred = (p1 > 0.5).astype(int)
-    return {"accuracy": (pred == y).mean(), "auc": roc_auc_score(y, p1), "sensitivity": recall_score(y, pred),
-            "specificity": recall_score(y, pred, pos_label=0), "f1": f1_score(y, pred)}
+    return {
+        "accuracy": (pred == y).mean(),
+        "auc": roc_auc_score(y, p1),
+        "sensitivity": recall_score(y, pred),
+        "specificity": recall_score(y, pred, pos_label=0),
+        "f1": f1_score(y, pred),
+    }
 
 
 def test_table_layout(toy):
     x, y = toy
-    table = evaluate(Threshold(), (x, y), {"A": Flip([6, 7]), "PGD": PGD("2/255", steps=2, seed=0)},
-                     batch_size=16, progress=False)
+    table = evaluate(
+        Threshold(), (x, y), {"A": Flip([6, 7]), "PGD": PGD("2/255", steps=2, seed=0)}, batch_size=16, progress=False
+    )
     assert list(table.columns) == list(TABLE_COLUMNS)
     assert list(table.condition) == ["clean", "A", "PGD", "worst case"]
     assert (table.n == N).all()
@@ -105,8 +117,9 @@ def test_macro_metrics_for_three_classes():
 
 def test_worst_case_combines_samples_across_attacks(toy):
     x, y = toy
-    table = evaluate(Threshold(), (x, y), {"A": Flip([1, 6, 7, 8]), "B": Flip([8, 9, 10])}, batch_size=16,
-                     progress=False).set_index("condition")
+    table = evaluate(
+        Threshold(), (x, y), {"A": Flip([1, 6, 7, 8]), "B": Flip([8, 9, 10])}, batch_size=16, progress=False
+    ).set_index("condition")
     # Clean: 0-4 wrong. A fools 6, 7, 8 (1 is already wrong); B fools 8, 9, 10; together 6-10.
     assert table.loc["clean", "accuracy"] == pytest.approx((N - 5) / N)
     assert table.loc["A", "accuracy"] == pytest.approx((N - 8) / N)
@@ -143,8 +156,10 @@ def test_data_forms_agree(phantom):
         "loader (x, y)": DataLoader(TensorDataset(images, labels), batch_size=32),
         "loader (x, mask, y)": DataLoader(TensorDataset(images, masks, labels), batch_size=32),
     }
-    tables = {name: evaluate(model, data, {"FGSM": FGSM("2/255")}, batch_size=32, progress=False)
-              for name, data in forms.items()}
+    tables = {
+        name: evaluate(model, data, {"FGSM": FGSM("2/255")}, batch_size=32, progress=False)
+        for name, data in forms.items()
+    }
     reference = tables.pop("pair")
     for name, table in tables.items():
         pd.testing.assert_frame_equal(table.drop(columns="seconds"), reference.drop(columns="seconds"), obj=name)
@@ -170,8 +185,13 @@ def test_progress_bar_can_be_silenced(toy, capsys):
 
 def test_accuracy_vs_eps(toy):
     x, y = toy
-    curve = accuracy_vs_eps(Threshold(), (x, y), {"FGSM": FGSM, "PGD": lambda e: PGD(e, steps=2, seed=0)},
-                            [0, "2/255", "60/255"], progress=False)
+    curve = accuracy_vs_eps(
+        Threshold(),
+        (x, y),
+        {"FGSM": FGSM, "PGD": lambda e: PGD(e, steps=2, seed=0)},
+        [0, "2/255", "60/255"],
+        progress=False,
+    )
     assert list(curve.condition) == ["FGSM", "PGD", "worst case"] * 3
     assert list(curve.eps) == ["0/255"] * 3 + ["2/255"] * 3 + ["60/255"] * 3
     at_zero = curve[curve.eps == "0/255"].accuracy
@@ -196,8 +216,10 @@ def test_non_finite_images_and_logits_are_refused(toy):
     x, y = toy
     bad = x.clone()
     bad[7, 0, 2, 3] = float("nan")
-    for call in (lambda: evaluate(Threshold(), (bad, y), batch_size=4, progress=False),
-                 lambda: accuracy(Threshold(), bad, y, batch_size=4)):
+    for call in (
+        lambda: evaluate(Threshold(), (bad, y), batch_size=4, progress=False),
+        lambda: accuracy(Threshold(), bad, y, batch_size=4),
+    ):
         with pytest.raises(ValueError, match=r"1 non-finite values \(1 NaN, 0 inf\).*first images \[7\]"):
             call()
 
@@ -219,7 +241,7 @@ def test_bad_calls_are_clear_errors(toy):
 
 
 def test_threshold_sweep_counts_sensitivity_and_specificity_at_each_threshold():
-    from robustmed_lite.evaluate import clinical_metrics, threshold_sweep
+    from robustmed_lite.evaluation.metrics import clinical_metrics, threshold_sweep
 
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     p_covid = np.array([0.9, 0.7, 0.45, 0.2, 0.6, 0.3, 0.1, 0.5])
@@ -231,17 +253,22 @@ def test_threshold_sweep_counts_sensitivity_and_specificity_at_each_threshold():
     assert table.loc[1.0, "sensitivity"] == 0.0 and table.loc[1.0, "specificity"] == 1.0
     probs = np.stack([1 - p_covid, p_covid], 1)
     metrics = clinical_metrics(labels, probs)
-    assert (table.loc[0.5, "sensitivity"], table.loc[0.5, "specificity"]) == (metrics["sensitivity"],
-                                                                              metrics["specificity"])
+    assert (table.loc[0.5, "sensitivity"], table.loc[0.5, "specificity"]) == (
+        metrics["sensitivity"],
+        metrics["specificity"],
+    )
     assert len(threshold_sweep(labels, p_covid)) == 101
 
 
-@pytest.mark.parametrize("labels, probs, message", [
-    ([1, 1, 1], [0.2, 0.5, 0.9], "0 non-COVID"),
-    ([0, 1], [0.2, 0.5, 0.9], "2 labels but 3 probabilities"),
-])
+@pytest.mark.parametrize(
+    "labels, probs, message",
+    [
+        ([1, 1, 1], [0.2, 0.5, 0.9], "0 non-COVID"),
+        ([0, 1], [0.2, 0.5, 0.9], "2 labels but 3 probabilities"),
+    ],
+)
 def test_threshold_sweep_refuses_what_it_cannot_score(labels, probs, message):
-    from robustmed_lite.evaluate import threshold_sweep
+    from robustmed_lite.evaluation.metrics import threshold_sweep
 
     with pytest.raises(ValueError, match=message):
         threshold_sweep(labels, probs)

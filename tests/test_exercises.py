@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from robustmed_lite.workshop import EXERCISES, NOT_YET, RIGHT, check
+from robustmed_lite.book.workshop import EXERCISES, NOT_YET, RIGHT, check
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 EXERCISE = re.compile(r"```\{exercise\}[^\n]*\n:label: (\S+)")
@@ -23,8 +23,13 @@ def _exercises():
         for label in (m for c in cells if c.cell_type == "markdown" for m in EXERCISE.findall(c.source)):
             starter = [c.source for c in cells if c.cell_type == "code" and f"# Exercise {label}:" in c.source]
             checks = [m for c in cells if c.cell_type == "code" for m in CHECK.findall(c.source) if m[0] == label]
-            solutions = [code for c in cells if c.cell_type == "markdown" for lab, code in SOLUTION.findall(c.source)
-                         if lab == label]
+            solutions = [
+                code
+                for c in cells
+                if c.cell_type == "markdown"
+                for lab, code in SOLUTION.findall(c.source)
+                if lab == label
+            ]
             found[label] = (path.name, starter, checks, solutions)
     return found
 
@@ -45,7 +50,7 @@ def test_every_exercise_has_a_starter_a_check_and_a_solution():
     assert EXERCISES_IN_NOTEBOOKS, "no exercises found in the notebooks"
     for label, (notebook, starter, checks, solutions) in EXERCISES_IN_NOTEBOOKS.items():
         assert label.startswith(notebook[:2].join(("nb", "-"))), f"{label}: labels start with the notebook's number"
-        assert label in EXERCISES, f"{notebook}: {label} has no checker in robustmed_lite.workshop"
+        assert label in EXERCISES, f"{notebook}: {label} has no checker in robustmed_lite.book.workshop"
         assert len(starter) == 1 and len(checks) == 1 and len(solutions) == 1, (notebook, label)
 
 

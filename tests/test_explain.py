@@ -6,12 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from robustmed_lite import explain
-from robustmed_lite.explain import (attention_noise_magnitudes, attention_ratios, attention_summary, for_display,
-                                    mass_ratio, pointing_game, saliency, saliency_maps, saliency_under_noise,
-                                    supported_methods)
+from robustmed_lite.evaluation import saliency as explain
+from robustmed_lite.evaluation.saliency import (
+    attention_noise_magnitudes,
+    attention_ratios,
+    attention_summary,
+    for_display,
+    mass_ratio,
+    pointing_game,
+    saliency,
+    saliency_maps,
+    saliency_under_noise,
+    supported_methods,
+)
+from robustmed_lite.method.weight_perturbation import WeightPerturbation
 from robustmed_lite.models import attention_weights, create_model
-from robustmed_lite.perturbation import WeightPerturbation
 
 SIZE = 32
 
@@ -19,10 +28,12 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {"small_cnn": create_model("small_cnn"),
-            "tiny_visformer": create_model("tiny_visformer", img_size=2 * SIZE),
-            "vit": create_model("vit_tiny", img_size=SIZE, patch_size=8, depth=2),
-            "resnet18": create_model("resnet18")}
+    return {
+        "small_cnn": create_model("small_cnn"),
+        "tiny_visformer": create_model("tiny_visformer", img_size=2 * SIZE),
+        "vit": create_model("vit_tiny", img_size=SIZE, patch_size=8, depth=2),
+        "resnet18": create_model("resnet18"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +45,16 @@ def _size(name):
     return 2 * SIZE if name == "tiny_visformer" else SIZE  # Visformer needs 64 px for a 2x2 last stage
 
 
-CASES = [(name, method) for name, methods in (("small_cnn", ("gradcam", "input_grad")),
-                                              ("resnet18", ("gradcam", "input_grad")),
-                                              ("tiny_visformer", ("gradcam", "attention", "input_grad")),
-                                              ("vit", explain.METHODS)) for method in methods]
+CASES = [
+    (name, method)
+    for name, methods in (
+        ("small_cnn", ("gradcam", "input_grad")),
+        ("resnet18", ("gradcam", "input_grad")),
+        ("tiny_visformer", ("gradcam", "attention", "input_grad")),
+        ("vit", explain.METHODS),
+    )
+    for method in methods
+]
 
 
 @pytest.mark.parametrize("name,method", CASES)
@@ -134,9 +151,8 @@ def test_rollout_of_two_blocks_by_hand():
         steps.append(0.5 * attn + 0.5 * torch.eye(n))
     rollout = steps[1] @ steps[0]
     grid = vit.backbone.patch_embed.grid_size
-    raw = rollout[:, 0, vit.backbone.num_prefix_tokens:].reshape(b, 1, *grid)
-    torch.testing.assert_close(saliency(vit, x, "rollout"), explain._normalise(raw, x.shape[-2:]), rtol=1e-4,
-                               atol=1e-7)
+    raw = rollout[:, 0, vit.backbone.num_prefix_tokens :].reshape(b, 1, *grid)
+    torch.testing.assert_close(saliency(vit, x, "rollout"), explain._normalise(raw, x.shape[-2:]), rtol=1e-4, atol=1e-7)
 
 
 class RegionModel(nn.Module):
@@ -238,17 +254,17 @@ def test_noise_magnitudes_add_up(models, name):
     heads = attention_noise_magnitudes(model, noise, gamma=0.1)
     layers = attention_noise_magnitudes(model, noise, gamma=0.1, by="layer").set_index("parameter")
     assert set(layers.index) == set(attention_weights(model))
-    squared = heads.assign(n2=heads.noise_norm ** 2, w2=heads.weight_norm ** 2).groupby("parameter")[["n2", "w2"]].sum()
+    squared = heads.assign(n2=heads.noise_norm**2, w2=heads.weight_norm**2).groupby("parameter")[["n2", "w2"]].sum()
     for name_, row in layers.iterrows():
-        assert squared.loc[name_, "n2"] == pytest.approx(row.noise_norm ** 2, rel=1e-5)
-        assert squared.loc[name_, "w2"] == pytest.approx(row.weight_norm ** 2, rel=1e-5)
+        assert squared.loc[name_, "n2"] == pytest.approx(row.noise_norm**2, rel=1e-5)
+        assert squared.loc[name_, "w2"] == pytest.approx(row.weight_norm**2, rel=1e-5)
         assert row.noise_norm == pytest.approx(0.1 * noise[name_].norm().item(), rel=1e-5)
     attn = model.get_submodule(heads.block.iloc[0])
     qkv = heads[heads.parameter.str.endswith("qkv.weight")]
     assert set(qkv.part) == {"q", "k", "v"} and set(heads["head"]) == set(range(attn.num_heads))
     first = heads[(heads.parameter == qkv.parameter.iloc[0]) & (heads.part == "k") & (heads["head"] == 1)]
     hd, c = attn.head_dim, attn.num_heads * attn.head_dim  # head 1 of k owns rows C' + hd ... C' + 2 hd
-    rows = noise[qkv.parameter.iloc[0]].reshape(3 * c, -1)[c + hd:c + 2 * hd]
+    rows = noise[qkv.parameter.iloc[0]].reshape(3 * c, -1)[c + hd : c + 2 * hd]
     assert first.noise_norm.item() == pytest.approx(0.1 * rows.norm().item(), rel=1e-5)
 
 
@@ -269,6 +285,7 @@ def test_saliency_under_noise_restores_the_weights(models, images):
 
 def test_figures(models, images):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustmed_lite import fetch as fetch_module
-from robustmed_lite.__main__ import main
-from robustmed_lite.data import DownloadError, load_images
-from robustmed_lite.fetch import check_counts, download, fetch
+from robustmed_lite.cli import main
+from robustmed_lite.data import fetch as fetch_module
+from robustmed_lite.data.fetch import check_counts, download, fetch
+from robustmed_lite.data.loaders import DownloadError, load_images
 
 SMALL = {"sarscov2": {"non-COVID": (2, 2), "COVID": (3, 3)}, "ucsd": {"non-COVID": (4, 4), "COVID": (3, 3)}}
 SPLIT = ("train", "train", "val", "test")  # the split of the i-th image of each class
@@ -99,7 +99,7 @@ class _Response:
     def read(self, n):
         if self.break_after is not None and self.pos >= self.break_after:
             raise http.client.IncompleteRead(b"", len(self.body) - self.pos)
-        chunk = self.body[self.pos:self.pos + min(n, self.break_after or n)]
+        chunk = self.body[self.pos : self.pos + min(n, self.break_after or n)]
         self.pos += len(chunk)
         return chunk
 
@@ -184,15 +184,16 @@ def test_sarscov2_through_kaggle(tmp_path, monkeypatch, capsys):
             for i in range(n):
                 (folder / f"{cls} ({i}).png").write_bytes(_png(i))
 
-    monkeypatch.setitem(sys.modules, "kaggle", types.SimpleNamespace(
-        api=types.SimpleNamespace(dataset_download_files=download_files)))
+    monkeypatch.setitem(
+        sys.modules, "kaggle", types.SimpleNamespace(api=types.SimpleNamespace(dataset_download_files=download_files))
+    )
     assert main(["data", "fetch", "sarscov2", "--dest", str(tmp_path / "data")]) == 0
     assert check_counts("sarscov2", tmp_path / "data" / "sarscov2") == {"non-COVID": 2, "COVID": 3}
     assert "export ROBUSTMED_DATA=" in capsys.readouterr().out
 
 
 def test_the_notebook_setup_fetches_where_asked(tmp_path, monkeypatch, capsys):
-    from robustmed_lite.runinfo import notebook_setup
+    from robustmed_lite.book.setup import notebook_setup
 
     archive = ucsd_archive(tmp_path / "upstream.zip")
     calls = []

@@ -22,29 +22,91 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from robustmed_lite import attacks, common, data as data_module, evaluate as evaluate_module
-from robustmed_lite.__main__ import main
-from robustmed_lite.components import (ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, Batch,
-                                       register_feedback, register_loss, register_method, register_prior_view)
-from robustmed_lite.attacks import FeedbackPGD, FeedbackRule
-from robustmed_lite.config import (ADDED_FIELDS, CHOICES, METHOD_FIELDS, METHODS, PAPER_ADDITIONS, PRESETS, load_config,
-                                   methods_table, paper_additions_table)
-from robustmed_lite.data import load_images
-from robustmed_lite.dataset import PriorDataset
-from robustmed_lite.experiments import load_selected, train_or_load
+from robustmed_lite import common
+from robustmed_lite.book.runs import load_selected, train_or_load
+from robustmed_lite.checkpoints import config_differences, load_checkpoint
+from robustmed_lite.cli import main
+from robustmed_lite.components import (
+    ATTACKS,
+    FEEDBACK,
+    LOSSES,
+    METHOD_REGISTRY,
+    PRIOR_VIEWS,
+    WEIGHT_NOISE,
+    Batch,
+    register_feedback,
+    register_loss,
+    register_method,
+    register_prior_view,
+)
+from robustmed_lite.config import (
+    ADDED_FIELDS,
+    CHOICES,
+    METHOD_FIELDS,
+    METHODS,
+    PAPER_ADDITIONS,
+    PRESETS,
+    load_config,
+    methods_table,
+    paper_additions_table,
+)
+from robustmed_lite.data import loaders as data_module
+from robustmed_lite.data.dataset import PriorDataset
+from robustmed_lite.data.loaders import load_images
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.data.splits import build_data
+from robustmed_lite.evaluation import attacks
+from robustmed_lite.evaluation import metrics as evaluate_module
+from robustmed_lite.method.feedback_attack import FeedbackPGD, FeedbackRule
+from robustmed_lite.method.objectives import trades_loss
+from robustmed_lite.method.prior import _cap_box_torch, cap_guided_filter, cap_window, lung_prior
+from robustmed_lite.method.weight_perturbation import (
+    WeightPerturbation,
+    perturbed_names,
+    random_direction,
+    relative_diff,
+)
 from robustmed_lite.models import create_model
-from robustmed_lite.objectives import trades_loss
-from robustmed_lite.perturbation import WeightPerturbation, perturbed_names, random_direction, relative_diff
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.prior import _cap_box_torch, cap_guided_filter, cap_window, lung_prior
-from robustmed_lite.fidelity import FORMER
-from robustmed_lite.trainer import Trainer, build_data, config_differences, load_checkpoint
+from robustmed_lite.studies.fidelity import FORMER
+from robustmed_lite.trainer import Trainer
 
-SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
-             eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255", gamma=0.01)
-TINY_CLI = ["--img_size", "32", "--n_train", "64", "--n_val", "32", "--n_test", "32", "--batch_size", "32",
-            "--eval_n", "16", "--attack_steps", "2", "--eval_attack_steps", "2", "--progress", "false",
-            "--epochs", "1"]
+SMALL = dict(
+    img_size=32,
+    n_train=64,
+    n_val=32,
+    n_test=32,
+    batch_size=32,
+    epochs=2,
+    eval_n=16,
+    attack_steps=2,
+    eval_attack_steps=2,
+    progress=False,
+    eps="8/255",
+    step_size="2/255",
+    gamma=0.01,
+)
+TINY_CLI = [
+    "--img_size",
+    "32",
+    "--n_train",
+    "64",
+    "--n_val",
+    "32",
+    "--n_test",
+    "32",
+    "--batch_size",
+    "32",
+    "--eval_n",
+    "16",
+    "--attack_steps",
+    "2",
+    "--eval_attack_steps",
+    "2",
+    "--progress",
+    "false",
+    "--epochs",
+    "1",
+]
 
 
 def _config(tmp_path, **overrides):
@@ -99,8 +161,9 @@ def cap_prior_restated(G: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def soares_8bit(shared_data, tmp_path_factory):
     """Five Soares slices at CAP's 224 px, on the 8-bit grid CAP's G lives on."""
-    images = load_images(shared_data / "sarscov2", 224, cache_dir=tmp_path_factory.mktemp("cache"),
-                         progress=False).images[torch.tensor([0, 1, 700, 1500, 2400])]
+    images = load_images(
+        shared_data / "sarscov2", 224, cache_dir=tmp_path_factory.mktemp("cache"), progress=False
+    ).images[torch.tensor([0, 1, 700, 1500, 2400])]
     return np.round(images[:, 0].numpy() * 255).astype(np.uint8)
 
 
@@ -160,8 +223,11 @@ def test_the_training_data_holds_the_configured_view(view):
 # ------------------------------------------------------------------------------------ 2. the proxy optimiser
 def _two_batches():
     data = make_phantom_dataset(32, 32, seed=0)
-    return (data.images[:16], data.images[:16].flip(-1), data.labels[:16]), \
-           (data.images[16:], data.images[16:].flip(-1), data.labels[16:])
+    return (data.images[:16], data.images[:16].flip(-1), data.labels[:16]), (
+        data.images[16:],
+        data.images[16:].flip(-1),
+        data.labels[16:],
+    )
 
 
 def test_adamw_proxy_keeps_its_moments_across_batches_and_sgd_keeps_none():
@@ -219,6 +285,7 @@ def test_proxy_lr_is_the_models_initial_lr_and_is_not_scheduled(tmp_path, small_
 def test_proxy_state_is_in_last_pt_and_resume_needs_it(method, tmp_path, small_data):
     """With the noise on from epoch 2, a run split after epoch 2 resumes bitwise (test_trainer checks it); here:
     last.pt holds AdamW's moments, and a resume that drops them trains to other weights."""
+
     def cfg(where):
         return _config(tmp_path / where, method=method, epochs=3, weight_noise_warmup=1)
 
@@ -231,8 +298,9 @@ def test_proxy_state_is_in_last_pt_and_resume_needs_it(method, tmp_path, small_d
     forgetful = Trainer(cfg("split"), data=small_data, resume=True)
     forgetful.weight_noise.proxy_optim.state.clear()  # as if last.pt had not kept the proxy's moments
     forgetful.fit()
-    assert any(not torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
-                                                     forgetful.model.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), forgetful.model.state_dict().values())
+    )
 
 
 # ------------------------------------------------------------------------------- 3. the soft-target gradient
@@ -274,9 +342,19 @@ def test_the_readings_are_switches_that_default_off_and_are_documented():
 
 @pytest.mark.parametrize("share,expected", [(0.0, 1 / 8), (1.0, 1.0)])
 def test_weight_feedback_halves_gamma_while_the_perturbed_model_errs(share, expected, tmp_path, small_data):
-    trainer = Trainer(_config(tmp_path, method="robustmed", weight_noise_warmup=0, weight_feedback=True,
-                              weight_feedback_share=share, weight_feedback_halvings=3, lr=0.0, weight_decay=0.0),
-                      data=small_data)
+    trainer = Trainer(
+        _config(
+            tmp_path,
+            method="robustmed",
+            weight_noise_warmup=0,
+            weight_feedback=True,
+            weight_feedback_share=share,
+            weight_feedback_halvings=3,
+            lr=0.0,
+            weight_decay=0.0,
+        ),
+        data=small_data,
+    )
     noise = trainer.weight_noise
     used = []
     perturb = noise.perturb
@@ -286,7 +364,7 @@ def test_weight_feedback_halves_gamma_while_the_perturbed_model_errs(share, expe
     stats = trainer.train_step(x, x_aug, y, epoch=0, attack=trainer.sample_attack(0))
     # share 0: any error at all halves gamma, three times; share 1: never
     assert stats["gamma_scale"] == expected and used[-1] == pytest.approx(0.01 * expected)
-    assert used == [0.01 * 0.5 ** k for k in range(len(used))]
+    assert used == [0.01 * 0.5**k for k in range(len(used))]
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()), "restored bitwise"
 
 
@@ -316,8 +394,13 @@ def test_prior_samples_join_the_batch_as_labelled_training_samples(tmp_path, sma
 
 # --------------------------------------------------------------------------------------- 5. the registries
 def test_choices_and_the_methods_table_are_read_from_the_registries():
-    for key, registry in (("attack", ATTACKS), ("feedback", FEEDBACK), ("weight_noise", WEIGHT_NOISE),
-                          ("loss", LOSSES), ("prior_view", PRIOR_VIEWS)):
+    for key, registry in (
+        ("attack", ATTACKS),
+        ("feedback", FEEDBACK),
+        ("weight_noise", WEIGHT_NOISE),
+        ("loss", LOSSES),
+        ("prior_view", PRIOR_VIEWS),
+    ):
         assert CHOICES[key] == registry.names() and len(registry.names()) >= 2
     assert set(CHOICES["loss"]) >= {"ce", "trades", "mart", "score", "square_kl"}
     table = methods_table()
@@ -336,8 +419,10 @@ def my_defence():
     def my_loss(model, batch, cfg):
         calls.append(len(batch.y))
         logits = model(batch.x).float()
-        return trades_loss(logits, model(batch.x_adv).float(), batch.y, cfg.beta) + 0.1 * F.relu(
-            1 - model(batch.x_aug).float().gather(1, batch.y[:, None])).mean()
+        return (
+            trades_loss(logits, model(batch.x_adv).float(), batch.y, cfg.beta)
+            + 0.1 * F.relu(1 - model(batch.x_aug).float().gather(1, batch.y[:, None])).mean()
+        )
 
     register_method("my_defence", attack="trades", loss="my_loss", prior=True, prior_view="package")
     yield calls
@@ -345,24 +430,27 @@ def my_defence():
     METHOD_REGISTRY.unregister("my_defence")
 
 
-def test_a_loss_registered_in_a_test_trains_with_the_trainer_and_the_cli(my_defence, tmp_path, capsys,
-                                                                          small_data):
+def test_a_loss_registered_in_a_test_trains_with_the_trainer_and_the_cli(my_defence, tmp_path, capsys, small_data):
     assert "my_loss" in CHOICES["loss"] and "my_defence" in METHODS
     history = Trainer(_config(tmp_path / "a", method="trades", loss="my_loss", epochs=1), data=small_data).fit()
     assert my_defence and len(history) == 1
     calls = len(my_defence)
-    assert main(["train", "--method", "trades", "--loss", "my_loss", "--out_dir", str(tmp_path / "cli"),
-                 *TINY_CLI]) == 0
+    assert (
+        main(["train", "--method", "trades", "--loss", "my_loss", "--out_dir", str(tmp_path / "cli"), *TINY_CLI]) == 0
+    )
     assert len(my_defence) > calls
     assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["loss"] == "my_loss"
     # The registered method too, from the command line; its fields come from its row.
     assert main(["train", "--method", "my_defence", "--out_dir", str(tmp_path / "method"), *TINY_CLI]) == 0
     saved = yaml.safe_load((tmp_path / "method" / "config.yaml").read_text())
-    assert (saved["loss"], saved["prior"], saved["prior_view"], saved["weight_noise"]) == ("my_loss", True,
-                                                                                          "package", "none")
+    assert (saved["loss"], saved["prior"], saved["prior_view"], saved["weight_noise"]) == (
+        "my_loss",
+        True,
+        "package",
+        "none",
+    )
     capsys.readouterr()
-    assert main(["train", "--method", "trades", "--loss", "nope", "--out_dir", str(tmp_path / "bad"),
-                 *TINY_CLI]) == 2
+    assert main(["train", "--method", "trades", "--loss", "nope", "--out_dir", str(tmp_path / "bad"), *TINY_CLI]) == 2
     assert "my_loss" in capsys.readouterr().err  # the choices listed in the error come from the registry
 
 
@@ -405,8 +493,7 @@ def test_robustmed_differs_from_cap_only_by_the_papers_additions(preset, tmp_pat
     table = paper_additions_table()
     assert list(table.columns[:3]) == ["awp", "cap", "robustmed"]
     shown = table[table["cap"] != table["robustmed"]].index
-    assert set(shown) <= set(PAPER_ADDITIONS) and all(table.loc[k, "paper's addition to CAP"]
-                                                      for k in PAPER_ADDITIONS)
+    assert set(shown) <= set(PAPER_ADDITIONS) and all(table.loc[k, "paper's addition to CAP"] for k in PAPER_ADDITIONS)
 
 
 # ---------------------------------------------------------------------------------------------- 6. helpers
@@ -473,7 +560,7 @@ def test_load_selected_loads_each_runs_validation_chosen_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------- the measurement behind the defaults
 def test_the_fidelity_rows_differ_from_their_method_only_where_named():
-    from robustmed_lite.fidelity import FORMER, variants
+    from robustmed_lite.studies.fidelity import FORMER, variants
 
     rows = variants(epochs=10)
     for name, row in rows.items():
@@ -484,35 +571,55 @@ def test_the_fidelity_rows_differ_from_their_method_only_where_named():
         derived = {"proxy_lr"} if "proxy_optimizer" in settings else set()  # each optimizer's own default lr
         assert changed - derived == set(settings), name  # each named setting changes something, nothing else
     assert {k: rows["robustmed_v0"][k] for k in FORMER} == FORMER
-    assert rows["awp+warmup"]["weight_noise_warmup"] == 1 and variants(epochs=200)["awp+warmup"][
-        "weight_noise_warmup"] == 20  # AWP: 10 of 200 epochs
+    assert (
+        rows["awp+warmup"]["weight_noise_warmup"] == 1
+        and variants(epochs=200)["awp+warmup"]["weight_noise_warmup"] == 20
+    )  # AWP: 10 of 200 epochs
 
 
 def test_fidelity_rows_share_the_plain_clean_run(tmp_path):
     """The rows differ only in robust-stage settings, so every one starts from the same seed's plain ERM run."""
-    from robustmed_lite.fidelity import variants
-    from robustmed_lite.reproduce import PROFILES, build_plan
+    from robustmed_lite.studies.fidelity import variants
+    from robustmed_lite.studies.plan import PROFILES, build_plan
 
-    plan = build_plan(PROFILES["cpu"], "phantom", ["trades", "awp", "cap", "robustmed"], [0], tmp_path,
-                      variants=variants(10))
+    plan = build_plan(
+        PROFILES["cpu"], "phantom", ["trades", "awp", "cap", "robustmed"], [0], tmp_path, variants=variants(10)
+    )
     assert [s.name for s in plan if s.init_from is None] == ["erm"]
-    assert all(s.reference == "erm" and s.init_from == tmp_path / "erm-seed0" / "best_clean.pt"
-               for s in plan if s.init_from is not None)
+    assert all(
+        s.reference == "erm" and s.init_from == tmp_path / "erm-seed0" / "best_clean.pt"
+        for s in plan
+        if s.init_from is not None
+    )
     # A data setting still gets its own clean run (the cross-site study's rows).
-    sites = build_plan(PROFILES["cpu"], "phantom", ["trades"], [0], tmp_path,
-                       variants={"trades+crop": {"method": "trades", "lung_crop": True}})
+    sites = build_plan(
+        PROFILES["cpu"],
+        "phantom",
+        ["trades"],
+        [0],
+        tmp_path,
+        variants={"trades+crop": {"method": "trades", "lung_crop": True}},
+    )
     assert sorted(s.name for s in sites if s.init_from is None) == ["erm", "erm+crop"]
 
 
 def test_summarise_fidelity_pairs_rows_by_seed():
-    from robustmed_lite.fidelity import comparisons, effects_markdown, summarise_fidelity
+    from robustmed_lite.studies.fidelity import comparisons, effects_markdown, summarise_fidelity
 
     rows = []
     for seed in (0, 1, 2):
         for _, row, reference in comparisons():
             for name, shift in ((row, 0.02 * (seed + 1)), (reference, 0.0)):
-                rows.append({"name": name, "seed": seed, "clean_accuracy": 0.8 + shift,
-                             "pgd10_train_eps": 0.5 - shift, "pgd10_8_255": 0.3, "ensemble_train_eps": 0.45})
+                rows.append(
+                    {
+                        "name": name,
+                        "seed": seed,
+                        "clean_accuracy": 0.8 + shift,
+                        "pgd10_train_eps": 0.5 - shift,
+                        "pgd10_8_255": 0.3,
+                        "ensemble_train_eps": 0.45,
+                    }
+                )
     runs = pd.DataFrame(rows).drop_duplicates(["name", "seed"])
     effects = summarise_fidelity(runs)
     cap = effects[(effects["row"] == "cap") & (effects["metric"] == "clean_accuracy")].iloc[0]
@@ -529,18 +636,24 @@ def _saved_before_the_new_fields(cfg) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in ADDED_FIELDS}
 
 
-@pytest.mark.parametrize("method,overrides,expected", [
-    ("trades", {}, []),  # the new fields have no effect on TRADES: its old runs are reused
-    ("awp", {}, []),  # AWP's proxy was and is the stateless SGD step
-    ("cap", FORMER, []),  # the former defaults, stated: the old run is exactly this
-    ("cap", {}, ["prior_view", "proxy_lr", "proxy_optimizer", "proxy_weight_decay", "target_grad"]),
-    ("robustmed", {**FORMER, "weight_feedback": True},
-     ["weight_feedback", "weight_feedback_halvings", "weight_feedback_share"]),
-])
-def test_a_run_saved_before_a_field_existed_matches_only_the_settings_it_was_trained_with(method, overrides,
-                                                                                          expected):
-    old = load_config("cpu-demo", {"method": method, **FORMER} if method in ("cap", "robustmed") else
-                      {"method": method})
+@pytest.mark.parametrize(
+    "method,overrides,expected",
+    [
+        ("trades", {}, []),  # the new fields have no effect on TRADES: its old runs are reused
+        ("awp", {}, []),  # AWP's proxy was and is the stateless SGD step
+        ("cap", FORMER, []),  # the former defaults, stated: the old run is exactly this
+        ("cap", {}, ["prior_view", "proxy_lr", "proxy_optimizer", "proxy_weight_decay", "target_grad"]),
+        (
+            "robustmed",
+            {**FORMER, "weight_feedback": True},
+            ["weight_feedback", "weight_feedback_halvings", "weight_feedback_share"],
+        ),
+    ],
+)
+def test_a_run_saved_before_a_field_existed_matches_only_the_settings_it_was_trained_with(method, overrides, expected):
+    old = load_config(
+        "cpu-demo", {"method": method, **FORMER} if method in ("cap", "robustmed") else {"method": method}
+    )
     saved = _saved_before_the_new_fields(old)
     assert config_differences(saved, load_config("cpu-demo", {"method": method, **overrides})) == expected
 
@@ -553,7 +666,7 @@ def test_a_missing_key_that_is_not_a_known_added_field_is_a_difference():
 
 
 def test_the_phantom_study_trains_only_the_rows_of_its_questions(reproduce_calls, tmp_path):
-    from robustmed_lite import fidelity
+    from robustmed_lite.studies import fidelity
 
     calls = reproduce_calls
     fidelity.run_fidelity("cpu", data="phantom", out=tmp_path / "phantom", runs=tmp_path / "runs")
@@ -566,9 +679,9 @@ def test_the_phantom_study_trains_only_the_rows_of_its_questions(reproduce_calls
 def test_a_renamed_run_folder_is_summarised_under_the_plans_name(tmp_path):
     """Old runs reused under a new row name (the former defaults as ``cap_v0``) keep the record written when the
     folder was called ``cap``: the summary names the row as the plan does, and mCE finds its reference."""
-    from robustmed_lite.runeval import EvalSettings, write_json
-    from robustmed_lite.runplan import RunSpec
-    from robustmed_lite.summary import collect_rows
+    from robustmed_lite.studies.plan import RunSpec
+    from robustmed_lite.studies.run_evaluation import EvalSettings, write_json
+    from robustmed_lite.studies.summary import collect_rows
 
     settings = EvalSettings((4 / 255,), 0, 1, 1, 1, (), None)
     corruptions = pd.DataFrame({"corruption": ["gaussian_noise"] * 2, "severity": [0, 1], "accuracy": [0.9, 0.6]})
@@ -576,9 +689,13 @@ def test_a_renamed_run_folder_is_summarised_under_the_plans_name(tmp_path):
     for name, stored, seed in (("erm", "erm", 0), ("cap_v0", "cap", 0)):
         run_dir = tmp_path / f"{name}-seed{seed}"
         run_dir.mkdir()
-        write_json(settings.eval_file(run_dir), {"settings": settings.to_dict(),
-                                                 "row": {"name": stored, "method": stored.split("_")[0],
-                                                         "seed": seed, "clean_accuracy": 0.8}})
+        write_json(
+            settings.eval_file(run_dir),
+            {
+                "settings": settings.to_dict(),
+                "row": {"name": stored, "method": stored.split("_")[0], "seed": seed, "clean_accuracy": 0.8},
+            },
+        )
         corruptions.to_csv(settings.corruption_file(run_dir), index=False)
         specs.append(RunSpec(name, seed, "cpu-demo", {"method": stored}, run_dir, None))
     rows = collect_rows(specs, settings)
@@ -587,7 +704,7 @@ def test_a_renamed_run_folder_is_summarised_under_the_plans_name(tmp_path):
 
 
 def test_a_run_that_trains_on_prior_views_is_evaluated_on_the_plain_splits(tmp_path):
-    from robustmed_lite.experiments import _evaluation_splits
+    from robustmed_lite.evaluation.checkpoint_eval import _evaluation_splits
 
     cfg = _config(tmp_path, method="robustmed", prior_samples=0.5)
     splits = _evaluation_splits(cfg)

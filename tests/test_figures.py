@@ -14,11 +14,22 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 def test_the_effects_figure_draws_one_interval_per_comparison_and_metric():
     from robustmed_lite.figures import plot_paired_effects
 
-    effects = pd.DataFrame([
-        {"group": "g", "row": row, "reference": "robustmed", "metric": metric, "gain_mean": mean,
-         "gain_ci_low": mean - 0.05, "gain_ci_high": mean + 0.05, "n_pairs": 3}
-        for row, mean in (("robustmed+a", 0.1), ("robustmed+b", -0.2))
-        for metric in ("pgd10_train_eps", "clean_accuracy")])
+    effects = pd.DataFrame(
+        [
+            {
+                "group": "g",
+                "row": row,
+                "reference": "robustmed",
+                "metric": metric,
+                "gain_mean": mean,
+                "gain_ci_low": mean - 0.05,
+                "gain_ci_high": mean + 0.05,
+                "n_pairs": 3,
+            }
+            for row, mean in (("robustmed+a", 0.1), ("robustmed+b", -0.2))
+            for metric in ("pgd10_train_eps", "clean_accuracy")
+        ]
+    )
     fig = plot_paired_effects(effects)
     assert len(fig.axes) == 2  # the metric missing from the effects (the ensemble) is skipped
     ax = fig.axes[0]
@@ -52,12 +63,13 @@ def test_interactive_figure_redraws_the_image_when_a_slider_moves():
 
 
 def test_the_threshold_figure_marks_the_values_at_the_chosen_threshold():
-    from robustmed_lite.evaluate import threshold_sweep
+    from robustmed_lite.evaluation.metrics import threshold_sweep
     from robustmed_lite.figures import plot_threshold_sweep
 
     labels = np.array([1, 1, 0, 0])
-    sweeps = {"erm": {"A": threshold_sweep(labels, [0.9, 0.6, 0.4, 0.1]),
-                      "B": threshold_sweep(labels, [0.9, 0.3, 0.7, 0.1])}}
+    sweeps = {
+        "erm": {"A": threshold_sweep(labels, [0.9, 0.6, 0.4, 0.1]), "B": threshold_sweep(labels, [0.9, 0.3, 0.7, 0.1])}
+    }
     fig = plot_threshold_sweep(sweeps, threshold=0.5)
     ax = fig.axes[0]
     markers = [line.get_xydata()[0] for line in ax.lines if line.get_marker() == "o"]
@@ -73,9 +85,12 @@ def test_the_corruption_figure_titles_each_panel_with_every_models_prediction():
     from robustmed_lite.figures import plot_corruption_predictions
 
     image = torch.rand(1, 16, 16)
-    fig = plot_corruption_predictions(image, 1, {"low_dose, 3": image * 0.5},
-                                      {"erm": {"clean": 0.8, "low_dose, 3": 0.3},
-                                       "trades": {"clean": 0.6, "low_dose, 3": 0.7}})
+    fig = plot_corruption_predictions(
+        image,
+        1,
+        {"low_dose, 3": image * 0.5},
+        {"erm": {"clean": 0.8, "low_dose, 3": 0.3}, "trades": {"clean": 0.6, "low_dose, 3": 0.7}},
+    )
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "clean\nerm: 0.80 ✓\ntrades: 0.60 ✓"
     assert titles[1] == "low_dose, 3\nerm: 0.30 ✗\ntrades: 0.70 ✓"

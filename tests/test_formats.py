@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from _medical_files import nibabel_or_skip, pydicom_or_skip, write_dicom, write_nifti
 
-from robustmed_lite.data import LUNG_WINDOW, load_images, read_dicom, read_gray, read_nifti_slices, window_hu
+from robustmed_lite.data.loaders import LUNG_WINDOW, load_images, read_dicom, read_gray, read_nifti_slices, window_hu
 
 # The files are a few pixels wide so that every value can be checked by hand; the loader warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:.*smaller than 8 px:UserWarning")
@@ -18,6 +18,7 @@ def _load(root, size, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------- window
+
 
 def test_lung_window_by_hand():
     # (HU - (L - W/2)) / W with W 1500, L -600: -1350 -> 0, -600 -> 0.5, +150 -> 1, air -1000 -> 350/1500.
@@ -30,6 +31,7 @@ def test_lung_window_by_hand():
 
 
 # -------------------------------------------------------------------------------------------------- DICOM
+
 
 def test_dicom_hu_window_and_orientation(tmp_path):
     pydicom_or_skip()
@@ -77,6 +79,7 @@ def test_dicom_folders_load_with_their_labels_and_extensionless_files(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- NIfTI
+
 
 def _volume(nx=5, ny=4, nz=3) -> np.ndarray:
     """int16 HU, air (-1000) everywhere; per axial slice z a 0-HU marker at the patient's right-anterior corner

@@ -6,8 +6,9 @@ import torch
 from robustmed_lite.models import GRAY_MEAN, GRAY_STD, attention_weights, create_model
 
 
-@pytest.mark.parametrize("name,n_attn", [("visformer_tiny", 16), ("deit_tiny", 24), ("vit_tiny", 24),
-                                         ("resnet18", 0), ("small_cnn", 0)])
+@pytest.mark.parametrize(
+    "name,n_attn", [("visformer_tiny", 16), ("deit_tiny", 24), ("vit_tiny", 24), ("resnet18", 0), ("small_cnn", 0)]
+)
 def test_models_take_gray_inputs(name, n_attn):
     model = create_model(name, num_classes=2, img_size=64).eval()
     with torch.no_grad():

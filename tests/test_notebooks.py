@@ -48,8 +48,13 @@ CODE_COLUMNS = 88  # the rendered book shows this many columns of a code cell wi
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_code_wraps_at_88_columns(path):
     nb = nbformat.read(path, as_version=4)
-    long = [f"cell {i}: {line[:60]}... ({len(line)})" for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
-            for line in cell.source.splitlines() if len(line) > CODE_COLUMNS]
+    long = [
+        f"cell {i}: {line[:60]}... ({len(line)})"
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > CODE_COLUMNS
+    ]
     assert not long, f"{len(long)} code lines are wider than {CODE_COLUMNS} columns:\n" + "\n".join(long)
 
 
@@ -100,8 +105,10 @@ def test_every_launch_and_badge_url_opens_a_real_file_in_git():
     colab = config["launch_buttons"]["colab_url"]
     for path in NOTEBOOKS:
         in_book = f"{config['repository']['path_to_book']}/notebooks/{path.name}"  # the theme's path_rel_repo
-        for url in (f"{colab}/github/{repo}/blob/{branch}/{in_book}",
-                    f"https://github.com/{repo}/blob/{branch}/{in_book}"):
+        for url in (
+            f"{colab}/github/{repo}/blob/{branch}/{in_book}",
+            f"https://github.com/{repo}/blob/{branch}/{in_book}",
+        ):
             fixed = launch_paths.real_url(url, repo)
             target = fixed.split(f"/blob/{branch}/", 1)[1]
             assert files.get(target) not in (None, "120000"), f"{url} -> {fixed}: not a regular file in git"
@@ -113,22 +120,40 @@ def test_every_launch_and_badge_url_opens_a_real_file_in_git():
 def test_the_launch_rewrite_touches_only_this_repositorys_files():
     launch_paths = _load_launch_paths()
     repo = "org/name"
-    buttons = [{"type": "group", "buttons": [
-        {"url": "https://colab.research.google.com/github/org/name/blob/main/book/notebooks/x.ipynb"},
-        {"url": "https://github.com/org/name/edit/main/book/intro.md?plain=1"},
-        {"url": "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"}]}]
+    buttons = [
+        {
+            "type": "group",
+            "buttons": [
+                {"url": "https://colab.research.google.com/github/org/name/blob/main/book/notebooks/x.ipynb"},
+                {"url": "https://github.com/org/name/edit/main/book/intro.md?plain=1"},
+                {"url": "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"},
+            ],
+        }
+    ]
     launch_paths._rewrite(buttons, repo)
     urls = [b["url"] for b in buttons[0]["buttons"]]
-    assert urls == ["https://colab.research.google.com/github/org/name/blob/main/notebooks/x.ipynb",
-                    "https://github.com/org/name/edit/main/book/intro.md?plain=1",
-                    "https://github.com/other/name/blob/main/book/notebooks/x.ipynb"]
+    assert urls == [
+        "https://colab.research.google.com/github/org/name/blob/main/notebooks/x.ipynb",
+        "https://github.com/org/name/edit/main/book/intro.md?plain=1",
+        "https://github.com/other/name/blob/main/book/notebooks/x.ipynb",
+    ]
 
 
 def test_the_glossary_defines_the_terms_the_chapters_use():
     glossary = (ROOT / "book" / "glossary.md").read_text()
     terms = [line for line in glossary.split("```{glossary}", 1)[1].splitlines() if line and not line[0].isspace()]
-    for needed in ("Hounsfield unit (HU)", "Window and level", "Ground-glass opacity (GGO)", "PGD", "TRADES", "AWP",
-                   "FAT", "mCE", "Pointing game", "AdaBN"):
+    for needed in (
+        "Hounsfield unit (HU)",
+        "Window and level",
+        "Ground-glass opacity (GGO)",
+        "PGD",
+        "TRADES",
+        "AWP",
+        "FAT",
+        "mCE",
+        "Pointing game",
+        "AdaBN",
+    ):
         assert needed in terms, f"the glossary lacks {needed!r}"
     assert "file: glossary" in BOOK_TOC.read_text(), "the glossary is in the book"
 
@@ -183,7 +208,8 @@ def test_every_chapter_opens_with_objectives_and_prerequisites_and_ends_with_tak
         if target.endswith(".ipynb"):
             assert document in chapters, f"{target} is not a chapter of the book"
             assert chapters.index(document) < chapters.index(f"notebooks/{path.stem}"), (
-                f"'Know first' links {target}, which is not an earlier chapter")
+                f"'Know first' links {target}, which is not an earlier chapter"
+            )
     markdown = [i for i, c in enumerate(cells) if c.cell_type == "markdown"]
     takeaways = [i for i in markdown if cells[i].source.startswith("## Takeaways\n")]
     assert len(takeaways) == 1, "one '## Takeaways' cell"
@@ -221,7 +247,7 @@ def test_the_pitfalls_page_is_in_the_book_and_each_pitfall_links_the_chapter_tha
 
 
 def test_the_tour_explains_hounsfield_units_and_windows_before_the_site_table():
-    from robustmed_lite.phantom import SITES, Site
+    from robustmed_lite.data.phantom import SITES, Site
 
     cells = nbformat.read(ROOT / "notebooks" / "00_tour.ipynb", as_version=4).cells
     table = next(i for i, c in enumerate(cells) if c.cell_type == "code" and "SITES.values()" in c.source)
@@ -248,15 +274,19 @@ def test_make_book_executes_every_chapter_of_the_table_of_contents_longest_first
     sys.path.insert(0, str(ROOT / "book"))
     import execute_notebooks
 
-    toc = [line.split("file: ")[1].strip() for line in (ROOT / "book" / "_toc.yml").read_text().splitlines()
-           if "file: notebooks/" in line]
+    toc = [
+        line.split("file: ")[1].strip()
+        for line in (ROOT / "book" / "_toc.yml").read_text().splitlines()
+        if "file: notebooks/" in line
+    ]
     found = execute_notebooks.book_notebooks()
     assert [f"notebooks/{path.stem}" for path in found] == toc and all(path.exists() for path in found)
     ordered = execute_notebooks.longest_first(found)
     assert sorted(ordered) == sorted(found)
     times = {r["notebook"]: r["seconds"] for r in json.loads(execute_notebooks.TIMES.read_text())["notebooks"]}
     assert [times.get(p.name, float("inf")) for p in ordered] == sorted(
-        (times.get(p.name, float("inf")) for p in ordered), reverse=True)
+        (times.get(p.name, float("inf")) for p in ordered), reverse=True
+    )
 
 
 def test_uv_gets_the_indexes_and_constraints_pip_is_configured_with():
@@ -264,11 +294,24 @@ def test_uv_gets_the_indexes_and_constraints_pip_is_configured_with():
     import pip_config_for_uv as tool
 
     assert tool.uv_arguments([]) == []
-    settings = [("find-links", "/opt/wheels"), ("extra-index-url", "file:///a/simple"),
-                ("extra-index-url", "file:///b/simple"), ("constraint", "/etc/c.txt")]
+    settings = [
+        ("find-links", "/opt/wheels"),
+        ("extra-index-url", "file:///a/simple"),
+        ("extra-index-url", "file:///b/simple"),
+        ("constraint", "/etc/c.txt"),
+    ]
     assert tool.uv_arguments(settings) == [
-        "--find-links", "/opt/wheels", "--extra-index-url", "file:///a/simple", "--extra-index-url",
-        "file:///b/simple", "--constraint", "/etc/c.txt", "--index-strategy", "unsafe-best-match"]
+        "--find-links",
+        "/opt/wheels",
+        "--extra-index-url",
+        "file:///a/simple",
+        "--extra-index-url",
+        "file:///b/simple",
+        "--constraint",
+        "/etc/c.txt",
+        "--index-strategy",
+        "unsafe-best-match",
+    ]
     assert tool.uv_arguments([("find-links", "/opt/wheels")]) == ["--find-links", "/opt/wheels"]
 
 
@@ -276,9 +319,15 @@ def test_pip_config_lines_are_read_as_pip_prints_them(monkeypatch):
     sys.path.insert(0, str(ROOT / "tools"))
     import pip_config_for_uv as tool
 
-    listing = ("global.cert='/etc/ssl/certs/ca.crt'\n:env:.find-links='/opt/wheels'\n"
-               "global.extra-index-url='file:///a/simple file:///b/simple'\nglobal.find-links='/opt/wheels'\n")
-    monkeypatch.setattr(tool.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing, stderr=""))
-    assert tool.pip_settings() == [("find-links", "/opt/wheels"), ("extra-index-url", "file:///a/simple"),
-                                   ("extra-index-url", "file:///b/simple")]
+    listing = (
+        "global.cert='/etc/ssl/certs/ca.crt'\n:env:.find-links='/opt/wheels'\n"
+        "global.extra-index-url='file:///a/simple file:///b/simple'\nglobal.find-links='/opt/wheels'\n"
+    )
+    monkeypatch.setattr(
+        tool.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing, stderr="")
+    )
+    assert tool.pip_settings() == [
+        ("find-links", "/opt/wheels"),
+        ("extra-index-url", "file:///a/simple"),
+        ("extra-index-url", "file:///b/simple"),
+    ]

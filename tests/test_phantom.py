@@ -4,11 +4,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from robustmed_lite.bookruns import restore
+from robustmed_lite.book.bookruns import restore
+from robustmed_lite.checkpoints import model_from_checkpoint
 from robustmed_lite.config import load_config
-from robustmed_lite.evaluate import accuracy
-from robustmed_lite.phantom import SITES, make_phantom_dataset
-from robustmed_lite.trainer import model_from_checkpoint
+from robustmed_lite.data.phantom import SITES, make_phantom_dataset
+from robustmed_lite.evaluation.metrics import accuracy
 
 
 @pytest.fixture(scope="module")

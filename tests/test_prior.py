@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustmed_lite.data import load_images
-from robustmed_lite.dataset import PriorDataset
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.prior import (box_filter, dice, fast_guided_filter, guided_filter, lung_prior,
-                                  otsu_threshold)
+from robustmed_lite.data.dataset import PriorDataset
+from robustmed_lite.data.loaders import load_images
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.method.prior import box_filter, dice, fast_guided_filter, guided_filter, lung_prior, otsu_threshold
 
 RADII_EPS = [(1, 1e-4), (2, 0.003), (4, 0.003), (8, 0.1), (16, 0.01)]
 
@@ -27,7 +26,7 @@ def naive_guided_filter(I: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.
         total = np.zeros_like(x)
         for dy in range(2 * r + 1):
             for dx in range(2 * r + 1):
-                total += padded[dy:dy + h, dx:dx + w]
+                total += padded[dy : dy + h, dx : dx + w]
         return total / (2 * r + 1) ** 2
 
     mean_i, mean_p = box(I), box(p)
@@ -104,7 +103,7 @@ def test_box_filter_windows_wider_than_the_image():
     x = torch.rand(1, 1, 5, 4, dtype=torch.float64)
     ref = naive_guided_filter(x[0, 0].numpy(), x[0, 0].numpy(), 7, 1e9)  # huge eps: q -> box(box(p))
     padded = np.pad(x[0, 0].numpy(), 7, mode="symmetric")
-    box_ref = np.array([[padded[i:i + 15, j:j + 15].mean() for j in range(4)] for i in range(5)])
+    box_ref = np.array([[padded[i : i + 15, j : j + 15].mean() for j in range(4)] for i in range(5)])
     assert np.allclose(box_filter(x, 7)[0, 0].numpy(), box_ref)
     assert np.isfinite(ref).all()
 
@@ -223,8 +222,7 @@ def test_no_bright_artefacts_at_the_lung_wall(prior_views):
 
 @pytest.mark.parametrize("view", ["cap", "package"])
 def test_no_bright_artefacts_on_real_ct(shared_data, tmp_path_factory, view):
-    x = load_images(shared_data / "ucsd_covidct", 224, cache_dir=tmp_path_factory.mktemp("ucsd"),
-                    progress=False).images
+    x = load_images(shared_data / "ucsd_covidct", 224, cache_dir=tmp_path_factory.mktemp("ucsd"), progress=False).images
     _assert_no_bright_artefacts(x, lung_prior(x, with_mask=False, view=view)[0], OVERSHOOT[view])
 
 
@@ -234,7 +232,7 @@ def test_negative_filter_outputs_clip_to_black_not_wrap(monkeypatch, prior_views
     x, _, view = prior_views
     if (view == "cap") != (filter_name == "cap_guided_filter"):
         pytest.skip("each view uses its own filter")
-    import robustmed_lite.prior as prior
+    import robustmed_lite.method.prior as prior
 
     monkeypatch.setattr(prior, filter_name, lambda I, p, *a, **k: p - 0.2)
     x_aug, _ = prior.lung_prior(x, with_mask=False, view=view)
@@ -251,8 +249,16 @@ def test_negative_filter_outputs_clip_to_black_not_wrap(monkeypatch, prior_views
 @pytest.mark.parametrize("view", ["cap", "package"])
 def test_dataset_yields_aligned_views_and_flips(view):
     data = make_phantom_dataset(16, 64, "A", seed=5)
-    ds = PriorDataset(data.images, data.labels, data.lung_masks, data.lesion_masks, hflip=True, vflip=True, seed=1,
-                      prior_kwargs={"view": view})
+    ds = PriorDataset(
+        data.images,
+        data.labels,
+        data.lung_masks,
+        data.lesion_masks,
+        hflip=True,
+        vflip=True,
+        seed=1,
+        prior_kwargs={"view": view},
+    )
     prior_view = lung_prior(data.images, with_mask=False, view=view)[0]
     flipped = differs = 0
     for i in range(len(ds)):

@@ -17,8 +17,8 @@ PLUS_MINUS = re.compile(r"(\d\.\d{3}) ± (\d\.\d{3})")
 
 def _table_after(marker: str, document: str = README) -> list[list[str]]:
     """The rows (cells) of the first Markdown table after ``marker``."""
-    text = document[document.index(marker):]
-    lines = text[text.index("\n|"):].strip().splitlines()
+    text = document[document.index(marker) :]
+    lines = text[text.index("\n|") :].strip().splitlines()
     rows = []
     for line in lines:
         if not line.startswith("|"):
@@ -28,25 +28,44 @@ def _table_after(marker: str, document: str = README) -> list[list[str]]:
 
 
 FIDELITY_ROWS = {
-    "`cap` after - before": "cap", "`robustmed` after - before": "robustmed",
-    "`robustmed`, earlier prior view": "robustmed-prior_view", "`robustmed`, SGD proxy": "robustmed-proxy_optimizer",
+    "`cap` after - before": "cap",
+    "`robustmed` after - before": "robustmed",
+    "`robustmed`, earlier prior view": "robustmed-prior_view",
+    "`robustmed`, SGD proxy": "robustmed-proxy_optimizer",
     "`robustmed`, stop-gradient soft target": "robustmed-target_grad",
     "`robustmed` + weight-level feedback": "robustmed+weight_feedback",
-    "`robustmed` + training on prior views": "robustmed+prior_samples", "`awp` - `trades`": "awp",
-    "`awp` with warm-up - `trades`": "awp+warmup", "`awp` with gamma 1e-3 - `trades`": "awp+gamma1e-3"}
+    "`robustmed` + training on prior views": "robustmed+prior_samples",
+    "`awp` - `trades`": "awp",
+    "`awp` with warm-up - `trades`": "awp+warmup",
+    "`awp` with gamma 1e-3 - `trades`": "awp+gamma1e-3",
+}
 
 
-PHANTOM_ROWS = {label: row for label, row in FIDELITY_ROWS.items()
-                if row in ("cap", "robustmed", "robustmed-proxy_optimizer", "robustmed+weight_feedback",
-                           "robustmed+prior_samples")}
+PHANTOM_ROWS = {
+    label: row
+    for label, row in FIDELITY_ROWS.items()
+    if row in ("cap", "robustmed", "robustmed-proxy_optimizer", "robustmed+weight_feedback", "robustmed+prior_samples")
+}
 
 
-@pytest.mark.parametrize("results, marker, labels, metrics", [
-    ("results/fidelity/cpu", "**The committed measurement** (`results/fidelity/cpu/table.md`", FIDELITY_ROWS,
-     ("ensemble_train_eps", "clean_accuracy")),
-    ("results/fidelity/cpu-phantom", "**On the phantom** (`results/fidelity/cpu-phantom/table.md`", PHANTOM_ROWS,
-     ("ensemble_train_eps", "pgd10_train_eps", "clean_accuracy")),
-], ids=["soares", "phantom"])
+@pytest.mark.parametrize(
+    "results, marker, labels, metrics",
+    [
+        (
+            "results/fidelity/cpu",
+            "**The committed measurement** (`results/fidelity/cpu/table.md`",
+            FIDELITY_ROWS,
+            ("ensemble_train_eps", "clean_accuracy"),
+        ),
+        (
+            "results/fidelity/cpu-phantom",
+            "**On the phantom** (`results/fidelity/cpu-phantom/table.md`",
+            PHANTOM_ROWS,
+            ("ensemble_train_eps", "pgd10_train_eps", "clean_accuracy"),
+        ),
+    ],
+    ids=["soares", "phantom"],
+)
 def test_the_fidelity_tables_quote_the_committed_effects(results, marker, labels, metrics):
     effects = pd.read_csv(ROOT / results / "effects.csv").set_index(["row", "metric"])
     rows = _table_after(marker)
@@ -59,9 +78,12 @@ def test_the_fidelity_tables_quote_the_committed_effects(results, marker, labels
             assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
 
 
-ABLATION_ROWS = {"without the prediction feedback (`cap`)": "cap", "without the lung-prior view": "robustmed-prior",
-                 "without the proxy attention noise": "robustmed-weight_noise",
-                 "TRADES' loss instead of the square loss": "robustmed-square_loss"}
+ABLATION_ROWS = {
+    "without the prediction feedback (`cap`)": "cap",
+    "without the lung-prior view": "robustmed-prior",
+    "without the proxy attention noise": "robustmed-weight_noise",
+    "TRADES' loss instead of the square loss": "robustmed-square_loss",
+}
 ABLATION_METRICS = ("clean_accuracy", "pgd10_train_eps", "ensemble_train_eps", "ood_mean_accuracy", "corruption_all")
 
 
@@ -78,25 +100,34 @@ def test_the_ablation_tables_quote_the_committed_effects(folder):
             assert quoted == pytest.approx(measured.round(3).tolist(), abs=5e-4), (label, metric)
 
 
-@pytest.mark.parametrize("folder, sentence, method_lowest", [
-    ("cpu-phantom", "({method}, against {low}-{high})", True),  # "the full method has the lowest mean ..."
-    ("cpu", "the full method's mean ensemble accuracy is {method}, the variants' {low}-{high}", False),
-], ids=["phantom", "soares"])
+@pytest.mark.parametrize(
+    "folder, sentence, method_lowest",
+    [
+        ("cpu-phantom", "({method}, against {low}-{high})", True),  # "the full method has the lowest mean ..."
+        ("cpu", "the full method's mean ensemble accuracy is {method}, the variants' {low}-{high}", False),
+    ],
+    ids=["phantom", "soares"],
+)
 def test_the_ablation_paragraphs_quote_the_ensemble_accuracies(folder, sentence, method_lowest):
     runs = pd.read_csv(ROOT / "results" / "ablation" / folder / "all_runs" / "runs.csv")
     ensemble = runs.groupby("name")["ensemble_train_eps"].mean().drop("erm").round(3)
     others = ensemble.drop("robustmed")
     if method_lowest:
         assert ensemble.idxmin() == "robustmed"
-    quoted = sentence.format(method=f"{ensemble['robustmed']:.3f}", low=f"{others.min():.3f}",
-                             high=f"{others.max():.3f}")
+    quoted = sentence.format(
+        method=f"{ensemble['robustmed']:.3f}", low=f"{others.min():.3f}", high=f"{others.max():.3f}"
+    )
     assert quoted in " ".join(README.split())
 
 
-REPRODUCTION_ROWS = {"natural accuracy": "clean_accuracy", "ensemble @ 4/255": "ensemble_train_eps",
-                     "ensemble @ 8/255": "ensemble_8_255", "corruptions, CAP's 15 types": "corruption_cap15",
-                     "corruptions, CT physics": "corruption_ct",
-                     "UCSD (all 746), balanced accuracy": "ucsd_covidct_balanced_accuracy"}
+REPRODUCTION_ROWS = {
+    "natural accuracy": "clean_accuracy",
+    "ensemble @ 4/255": "ensemble_train_eps",
+    "ensemble @ 8/255": "ensemble_8_255",
+    "corruptions, CAP's 15 types": "corruption_cap15",
+    "corruptions, CT physics": "corruption_ct",
+    "UCSD (all 746), balanced accuracy": "ucsd_covidct_balanced_accuracy",
+}
 
 
 def test_the_reproduction_table_quotes_the_committed_summary():
@@ -108,8 +139,9 @@ def test_the_reproduction_table_quotes_the_committed_summary():
         for name, cell in zip(names, cells):
             mean, half = (float(v) for v in PLUS_MINUS.search(cell).groups())
             row = table.loc[(name, REPRODUCTION_ROWS[label])]
-            assert (mean, half) == pytest.approx((round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)),
-                                                 abs=5e-4), (label, name)
+            assert (mean, half) == pytest.approx(
+                (round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)), abs=5e-4
+            ), (label, name)
 
 
 def _seconds(text: str) -> int:
@@ -123,9 +155,15 @@ def test_the_notebook_times_quote_the_benchmark():
     """The README's per-notebook times are the ones benchmarks/notebooks.py recorded, for both data settings."""
     import json
 
-    recorded = {data: {row["notebook"]: row["seconds"] for row in json.loads(
-        (ROOT / "benchmarks" / "results" / f"notebooks_cpu_{data}.json").read_text())["notebooks"]}
-        for data in ("phantom", "found")}
+    recorded = {
+        data: {
+            row["notebook"]: row["seconds"]
+            for row in json.loads((ROOT / "benchmarks" / "results" / f"notebooks_cpu_{data}.json").read_text())[
+                "notebooks"
+            ]
+        }
+        for data in ("phantom", "found")
+    }
     rows = _table_after("**How long each notebook takes.**")
     assert [r[0].strip("`") for r in rows] == sorted(recorded["phantom"]), "one row per notebook, in book order"
     for name, phantom, found in rows:
@@ -134,7 +172,8 @@ def test_the_notebook_times_quote_the_benchmark():
         assert _seconds(found) == round(recorded["found"][name]), name
     guide = _table_after("**How long the notebooks run.**", (ROOT / "book" / "workshop.md").read_text())
     assert {r[0].strip("`"): _seconds(r[1]) for r in guide} == {
-        name: round(seconds) for name, seconds in recorded["phantom"].items()}, "the instructor guide's times"
+        name: round(seconds) for name, seconds in recorded["phantom"].items()
+    }, "the instructor guide's times"
 
 
 def test_the_large_data_table_quotes_the_benchmark():
@@ -155,15 +194,20 @@ def test_the_large_data_table_quotes_the_benchmark():
 
 
 SITE_METHODS = {"ERM": "erm", "TRADES": "trades", "the method": "robustmed"}
-SITE_COMPONENTS = {"": "baseline", " + lung crop": "crop", " + intensity (`anchor`)": "intensity",
-                   " + acquisition augmentation": "acq", " + multi-source (uses UCSD train labels)": "multi"}
+SITE_COMPONENTS = {
+    "": "baseline",
+    " + lung crop": "crop",
+    " + intensity (`anchor`)": "intensity",
+    " + acquisition augmentation": "acq",
+    " + multi-source (uses UCSD train labels)": "multi",
+}
 
 
 def _site_row(label: str) -> tuple[str, str]:
     """'TRADES + lung crop' -> ('trades', 'crop'); 'ERM, best (intensity + acq)' -> ('erm', 'best: intensity+acq')."""
     for name, method in SITE_METHODS.items():
         if label.startswith(name):
-            rest = label[len(name):]
+            rest = label[len(name) :]
             best = re.fullmatch(r", best \((.+)\)", rest)
             return method, ("best: " + best.group(1).replace(" + ", "+") if best else SITE_COMPONENTS[rest])
     raise AssertionError(f"not a row of the cross-site table: {label!r}")
@@ -172,7 +216,8 @@ def _site_row(label: str) -> tuple[str, str]:
 def test_the_cross_site_table_quotes_the_committed_study():
     table = pd.read_csv(ROOT / "results" / "sites" / "cpu" / "sites_table.csv")
     test = table[(table["split"] == "test") & (table["metric"] == "balanced_accuracy")].set_index(
-        ["method", "component", "adaptation"])
+        ["method", "component", "adaptation"]
+    )
     rows = _table_after("**The committed result** (`results/sites/cpu/table.md`")
     assert len(rows) == len(test) // 3, "one README row per method and component"
     for label, *cells in rows:
@@ -180,13 +225,14 @@ def test_the_cross_site_table_quotes_the_committed_study():
         for cell, adaptation in zip(cells, ("none", "adabn", "tent"), strict=True):
             mean, half = (float(v) for v in PLUS_MINUS.search(cell).groups())
             row = test.loc[(method, component, adaptation)]
-            assert (mean, half) == pytest.approx((round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)),
-                                                 abs=5e-4), (label, adaptation)
+            assert (mean, half) == pytest.approx(
+                (round(row["mean"], 3), round((row.ci_high - row.ci_low) / 2, 3)), abs=5e-4
+            ), (label, adaptation)
 
 
 def test_the_second_cross_site_call_is_quoted_against_the_first():
     """The README's table of the two calls of the cross-site study, and the goal it quotes, from the committed files."""
-    from robustmed_lite.sites import compare_studies
+    from robustmed_lite.studies.sites import compare_studies
 
     first, second = (ROOT / "results" / "sites" / name for name in ("cpu", "cpu-erm-robustmed"))
     rows = _table_after("**Measured again with the method's current defaults**")
@@ -194,15 +240,20 @@ def test_the_second_cross_site_call_is_quoted_against_the_first():
     for label, *_ in rows:
         method, component = _site_row(label)
         names[label] = method if component == "baseline" else f"{method}+{component.removeprefix('best: ')}"
-    table = compare_studies(pd.read_csv(first / "all_runs" / "runs.csv"), pd.read_csv(second / "all_runs" / "runs.csv"),
-                            list(names.values()), ["ucsd_covidct_test_balanced_accuracy"]).set_index("name")
+    table = compare_studies(
+        pd.read_csv(first / "all_runs" / "runs.csv"),
+        pd.read_csv(second / "all_runs" / "runs.csv"),
+        list(names.values()),
+        ["ucsd_covidct_test_balanced_accuracy"],
+    ).set_index("name")
     assert len(table) == len(rows) == 12, "ERM and the method, six rows each"
     for label, before, after, difference in rows:
         r = table.loc[names[label]]
         assert (float(before), float(after)) == pytest.approx((round(r["before"], 3), round(r["after"], 3)), abs=5e-4)
         quoted = [float(v) for v in INTERVAL.search(difference).groups()]
-        assert quoted == pytest.approx([round(r[c], 3) for c in ("gain_mean", "gain_ci_low", "gain_ci_high")],
-                                       abs=5e-4), label
+        assert quoted == pytest.approx(
+            [round(r[c], 3) for c in ("gain_mean", "gain_ci_low", "gain_ci_high")], abs=5e-4
+        ), label
     text = " ".join(README.split())
     goal = pd.read_csv(second / "goal.csv").set_index("method")
     for method, name in (("erm", "ERM"), ("robustmed", "the method")):

@@ -7,23 +7,50 @@ import pytest
 import torch
 from PIL import Image
 
-from robustmed_lite import reproduce as rep
-from robustmed_lite.__main__ import main
+from robustmed_lite.checkpoints import completed_epochs
+from robustmed_lite.cli import main
 from robustmed_lite.config import METHODS
-from robustmed_lite.data import DataError
-from robustmed_lite.trainer import Trainer, completed_epochs
+from robustmed_lite.data.loaders import DataError
+from robustmed_lite.studies import reproduce as rep
+from robustmed_lite.trainer import Trainer
 
-TINY = rep.Profile("tiny", "cpu-demo", dict(img_size=32, epochs=1, n_train=64, n_val=32, n_test=24, batch_size=32,
-                                           eval_n=16, attack_steps=2, eval_attack_steps=2, weight_noise_warmup=0),
-                   jobs=1, ensemble_n=12, apgd_steps=3, fab_steps=2, square_queries=10)
+TINY = rep.Profile(
+    "tiny",
+    "cpu-demo",
+    dict(
+        img_size=32,
+        epochs=1,
+        n_train=64,
+        n_val=32,
+        n_test=24,
+        batch_size=32,
+        eval_n=16,
+        attack_steps=2,
+        eval_attack_steps=2,
+        weight_noise_warmup=0,
+    ),
+    jobs=1,
+    ensemble_n=12,
+    apgd_steps=3,
+    fab_steps=2,
+    square_queries=10,
+)
 METHODS_RUN = ("erm", "trades", "robustmed")
 
 
 @pytest.fixture(scope="module")
 def reproduction(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduction")
-    results = rep.reproduce(TINY, data="phantom", methods=",".join(METHODS_RUN), seeds="0,1", out=root / "out",
-                            runs=root / "runs", progress=False, command=["test"])
+    results = rep.reproduce(
+        TINY,
+        data="phantom",
+        methods=",".join(METHODS_RUN),
+        seeds="0,1",
+        out=root / "out",
+        runs=root / "runs",
+        progress=False,
+        command=["test"],
+    )
     return root, results
 
 
@@ -32,10 +59,29 @@ def test_every_output_file_has_its_columns(reproduction):
     out = root / "out"
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(zip(runs["name"], runs["seed"])) == sorted((m, s) for m in METHODS_RUN for s in (0, 1))
-    for column in ("clean_accuracy", "clean_auc", "clean_sensitivity", "clean_specificity", "pgd10_train_eps",
-                   "pgd10_8_255", "ensemble_train_eps", "ensemble_8_255", "ensemble_n", "corruption_cap15",
-                   "corruption_ct", "corruption_all", "mce_cap15", "mce_ct", "mce_all", "phantom_site_b_accuracy",
-                   "phantom_site_b_auc", "ood_mean_accuracy", "train_minutes", "selected_epoch", "test_n"):
+    for column in (
+        "clean_accuracy",
+        "clean_auc",
+        "clean_sensitivity",
+        "clean_specificity",
+        "pgd10_train_eps",
+        "pgd10_8_255",
+        "ensemble_train_eps",
+        "ensemble_8_255",
+        "ensemble_n",
+        "corruption_cap15",
+        "corruption_ct",
+        "corruption_all",
+        "mce_cap15",
+        "mce_ct",
+        "mce_all",
+        "phantom_site_b_accuracy",
+        "phantom_site_b_auc",
+        "ood_mean_accuracy",
+        "train_minutes",
+        "selected_epoch",
+        "test_n",
+    ):
         assert column in runs, column
     assert (runs["ensemble_n"] == 12).all() and (runs["test_n"] == 24).all()
     assert (runs["pgd10_8_255"] <= runs["pgd10_train_eps"] + 1e-9).all()  # 8/255 > the training eps 4/255 here
@@ -52,8 +98,15 @@ def test_every_output_file_has_its_columns(reproduction):
     assert set(verdicts["claim"]) == {c.name for c in rep.CLAIMS}
     assert set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
     assert verdicts["rule"].str.contains("hi < claimed gain").all()
-    for name in ("table.md", "metrics.png", "robust_vs_clean.png", "environment.json", "profile.json",
-                 "commands.txt", "ensemble_check.csv"):
+    for name in (
+        "table.md",
+        "metrics.png",
+        "robust_vs_clean.png",
+        "environment.json",
+        "profile.json",
+        "commands.txt",
+        "ensemble_check.csv",
+    ):
         assert (out / name).stat().st_size > 0, name
     frames = rep.check_results(out)  # the schema the notebook checks too
     assert set(frames) == set(rep.SCHEMA)
@@ -97,11 +150,19 @@ def test_a_second_call_redoes_nothing(reproduction, monkeypatch):
 
     monkeypatch.setattr(Trainer, "fit", refuse)
     monkeypatch.setattr(rep, "evaluate_run", refuse)
-    monkeypatch.setattr("robustmed_lite.ood.corruption_table", refuse)
+    monkeypatch.setattr("robustmed_lite.evaluation.ood.corruption_table", refuse)
     monkeypatch.setattr(rep, "completed_epochs", refuse)  # finished runs are known by their marker alone
     monkeypatch.setattr(rep, "ensemble_check", refuse)
-    again = rep.reproduce(TINY, data="phantom", methods=",".join(METHODS_RUN), seeds="0,1", out=root / "out",
-                          runs=root / "runs", progress=False, command=["test"])
+    again = rep.reproduce(
+        TINY,
+        data="phantom",
+        methods=",".join(METHODS_RUN),
+        seeds="0,1",
+        out=root / "out",
+        runs=root / "runs",
+        progress=False,
+        command=["test"],
+    )
     pd.testing.assert_frame_equal(again["runs"], first["runs"])
     assert len((root / "out" / "commands.txt").read_text().splitlines()) == 2  # every call is recorded
 
@@ -111,8 +172,17 @@ def test_an_interrupted_run_resumes(tmp_path):
     interrupted = Trainer(plan[0].config())
     interrupted.fit(stop_after=1)  # as if killed after the first epoch
     assert completed_epochs(plan[0].run_dir) == 1
-    rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=tmp_path / "out", runs=tmp_path / "runs",
-                  overrides={"epochs": 2}, progress=False, command=["test"])
+    rep.reproduce(
+        TINY,
+        data="phantom",
+        methods="erm",
+        seeds="0",
+        out=tmp_path / "out",
+        runs=tmp_path / "runs",
+        overrides={"epochs": 2},
+        progress=False,
+        command=["test"],
+    )
     assert completed_epochs(plan[0].run_dir) == 2
     resumed = [json.loads(line) for line in (plan[0].run_dir / "resumed.jsonl").read_text().splitlines()]
     assert [r["from_epoch"] for r in resumed] == [1]
@@ -121,8 +191,17 @@ def test_an_interrupted_run_resumes(tmp_path):
 def test_a_finished_run_with_other_settings_is_not_reused(reproduction):
     root, _ = reproduction
     with pytest.raises(ValueError, match=r"erm-seed0 holds a run with other settings \(beta\)"):
-        rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=root / "other", runs=root / "runs",
-                      overrides={"beta": 1.0}, progress=False, command=["test"])
+        rep.reproduce(
+            TINY,
+            data="phantom",
+            methods="erm",
+            seeds="0",
+            out=root / "other",
+            runs=root / "runs",
+            overrides={"beta": 1.0},
+            progress=False,
+            command=["test"],
+        )
 
 
 def test_two_stages_start_robust_runs_from_the_clean_run(tmp_path):
@@ -154,8 +233,9 @@ def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
     assert variant.config().epochs == 3 and variant.reference == "erm+long"
     assert variant.init_from == tmp_path / "erm+long-seed0" / "best_clean.pt" and plan[1].config().epochs == 3
     # A setting of the robust stage only (beta) changes nothing of the clean run: the variant shares plain ERM's.
-    beta = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path,
-                          variants={"trades+beta3": {"method": "trades", "beta": "3"}})
+    beta = rep.build_plan(
+        TINY, "phantom", ("trades",), (0,), tmp_path, variants={"trades+beta3": {"method": "trades", "beta": "3"}}
+    )
     assert [s.name for s in beta] == ["erm", "trades", "trades+beta3"]
     assert beta[-1].config().beta == 3.0 and beta[-1].reference == "erm"
     with pytest.raises(ValueError, match="taken by a method"):
@@ -171,14 +251,17 @@ def _one_class_folder(root):
     return root
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(methods="erm,resnet_at"), ValueError, "unknown method"),
-    (dict(seeds="0,one"), ValueError, "cannot read seeds"),
-    (dict(seeds="1,1"), ValueError, "distinct"),
-    (dict(shard="3/2"), ValueError, "--shard"),
-    (dict(ood_data=["/nonexistent/ucsd"]), FileNotFoundError, "--ood_data /nonexistent/ucsd does not exist"),
-    (dict(profile="laptop"), ValueError, "unknown profile"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(methods="erm,resnet_at"), ValueError, "unknown method"),
+        (dict(seeds="0,one"), ValueError, "cannot read seeds"),
+        (dict(seeds="1,1"), ValueError, "distinct"),
+        (dict(shard="3/2"), ValueError, "--shard"),
+        (dict(ood_data=["/nonexistent/ucsd"]), FileNotFoundError, "--ood_data /nonexistent/ucsd does not exist"),
+        (dict(profile="laptop"), ValueError, "unknown profile"),
+    ],
+)
 def test_bad_input_is_a_clear_error(tmp_path, kwargs, error, match):
     args = dict(profile=TINY, data="phantom", out=tmp_path / "out", runs=tmp_path / "runs", progress=False)
     with pytest.raises(error, match=match):
@@ -196,11 +279,38 @@ def test_data_without_two_classes_is_refused(tmp_path):
 
 def test_the_cli_parses_its_options(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(rep, "reproduce", lambda *a, **k: seen.update(args=a, kwargs=k) or
-                        {"runs": pd.DataFrame(), "verdicts": pd.DataFrame()})
-    assert main(["reproduce", "--profile", "cpu", "--data", "phantom", "--methods", "erm,cap", "--seeds", "0-2",
-                 "--epochs", "3", "--set", "beta=2", "--variant", "cap+x=cap,gamma=0.01", "--ensemble_n", "all",
-                 "--out", str(tmp_path), "--quiet"]) == 0
+    monkeypatch.setattr(
+        rep,
+        "reproduce",
+        lambda *a, **k: seen.update(args=a, kwargs=k) or {"runs": pd.DataFrame(), "verdicts": pd.DataFrame()},
+    )
+    assert (
+        main(
+            [
+                "reproduce",
+                "--profile",
+                "cpu",
+                "--data",
+                "phantom",
+                "--methods",
+                "erm,cap",
+                "--seeds",
+                "0-2",
+                "--epochs",
+                "3",
+                "--set",
+                "beta=2",
+                "--variant",
+                "cap+x=cap,gamma=0.01",
+                "--ensemble_n",
+                "all",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     kwargs = seen["kwargs"]
     assert seen["args"] == ("cpu",) and kwargs["overrides"] == {"beta": 2.0, "epochs": 3}
     assert kwargs["variants"] == {"cap+x": {"method": "cap", "gamma": "0.01"}} and kwargs["ensemble_n"] is None
@@ -254,14 +364,23 @@ def test_caps_schedule_falls_to_zero_and_climbs_back():
 def test_new_evaluation_settings_rescore_without_retraining(reproduction, monkeypatch):
     root, _ = reproduction
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    again = rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=root / "rescored",
-                          runs=root / "runs", ensemble_n=6, progress=False, command=["test"])
+    again = rep.reproduce(
+        TINY,
+        data="phantom",
+        methods="erm",
+        seeds="0",
+        out=root / "rescored",
+        runs=root / "runs",
+        ensemble_n=6,
+        progress=False,
+        command=["test"],
+    )
     assert (again["runs"]["ensemble_n"] == 6).all()
     assert len(list((root / "runs" / "erm-seed0").glob("eval-*.json"))) == 2  # both evaluations are kept
 
 
 def test_gains_point_the_same_way_for_lower_is_better_metrics():
-    from robustmed_lite.summary import summarise
+    from robustmed_lite.studies.summary import summarise
 
     rows = []
     for seed, (ours, trades, mart) in enumerate(((0.8, 1.2, 1.1), (0.9, 1.3, 1.0), (1.0, 1.1, 1.2))):
@@ -275,8 +394,18 @@ def test_gains_point_the_same_way_for_lower_is_better_metrics():
 
 
 def test_several_jobs_train_the_clean_run_first(tmp_path):
-    results = rep.reproduce(TINY, data="phantom", methods="trades", seeds="0", out=tmp_path / "out",
-                            runs=tmp_path / "runs", jobs=2, ensemble_n=0, progress=False, command=["test"])
+    results = rep.reproduce(
+        TINY,
+        data="phantom",
+        methods="trades",
+        seeds="0",
+        out=tmp_path / "out",
+        runs=tmp_path / "runs",
+        jobs=2,
+        ensemble_n=0,
+        progress=False,
+        command=["test"],
+    )
     assert sorted(results["runs"]["name"]) == ["erm", "trades"]
     config = (tmp_path / "runs" / "trades-seed0" / "config.yaml").read_text()
     assert str(tmp_path / "runs" / "erm-seed0" / "best_clean.pt") in config
@@ -291,9 +420,18 @@ def test_a_shard_waits_for_the_clean_run_of_another_shard(tmp_path):
 
 
 def test_training_at_8_255_fills_both_eps_columns(tmp_path):
-    results = rep.reproduce(TINY, data="phantom", methods="erm", seeds="0", out=tmp_path / "out",
-                            runs=tmp_path / "runs", overrides={"eps": "8/255"}, ensemble_n=6, progress=False,
-                            command=["test"])
+    results = rep.reproduce(
+        TINY,
+        data="phantom",
+        methods="erm",
+        seeds="0",
+        out=tmp_path / "out",
+        runs=tmp_path / "runs",
+        overrides={"eps": "8/255"},
+        ensemble_n=6,
+        progress=False,
+        command=["test"],
+    )
     row = results["runs"].iloc[0]
     assert row["train_eps"] == "8/255"
     assert row["pgd10_train_eps"] == row["pgd10_8_255"] and row["ensemble_train_eps"] == row["ensemble_8_255"]
@@ -322,7 +460,7 @@ def test_a_resumed_run_repairs_a_log_that_missed_its_last_epoch(tmp_path):
 
 def test_a_site_the_run_trained_on_is_not_scored_as_another_site(shared_data):
     from robustmed_lite.config import load_config
-    from robustmed_lite.runeval import EvalSettings, _domains
+    from robustmed_lite.studies.run_evaluation import EvalSettings, _domains
 
     ucsd = str(shared_data / "ucsd_covidct")
     cfg = load_config("cpu-demo", {"data": str(shared_data / "sarscov2"), "extra_data": ucsd, "img_size": 32})

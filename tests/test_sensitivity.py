@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from robustmed_lite.attacks import PGD
-from robustmed_lite.evaluate import accuracy
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.evaluation.attacks import PGD
+from robustmed_lite.evaluation.metrics import accuracy
+from robustmed_lite.method.weight_perturbation import perturbed_names, weight_sensitivity
 from robustmed_lite.models import create_model
-from robustmed_lite.perturbation import perturbed_names, weight_sensitivity
-from robustmed_lite.phantom import make_phantom_dataset
 from robustmed_lite.trainer import fit_erm
 
 GAMMAS = [0, 0.05, 0.3, 1.0, 3.0]
@@ -69,8 +69,9 @@ def test_large_noise_degrades_a_trained_model(trained):
 def test_attack_rows_and_names(trained):
     model, x, y = trained
     attention_free = perturbed_names(model, "awp")[-1:]  # the head only
-    table = weight_sensitivity(model, x, y, [0, 0.2], draws=1, names=attention_free,
-                               attack=PGD("2/255", steps=3, seed=0), attack_n=48)
+    table = weight_sensitivity(
+        model, x, y, [0, 0.2], draws=1, names=attention_free, attack=PGD("2/255", steps=3, seed=0), attack_n=48
+    )
     wide = table.pivot_table(index="gamma", columns="condition", values="accuracy")
     assert set(wide.columns) == {"clean", "PGD-3"}
     assert (table[table.condition == "PGD-3"].n == 48).all()

@@ -6,12 +6,18 @@ import pandas as pd
 import pytest
 import torch
 
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.data.preprocess import lung_region, prepare
+from robustmed_lite.evaluation.shortcuts import (
+    body_mask,
+    domain_report,
+    expected_calibration_error,
+    intensity_histograms,
+    intensity_summary,
+    saliency_outside,
+)
 from robustmed_lite.models import create_model
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.preprocess import lung_region, prepare
-from robustmed_lite.shortcuts import (body_mask, domain_report, expected_calibration_error, intensity_histograms,
-                                      intensity_summary, saliency_outside)
-from robustmed_lite.sites import choose_best, components, screening_variants, summarise_sites
+from robustmed_lite.studies.sites import choose_best, components, screening_variants, summarise_sites
 
 
 def test_ece_against_a_hand_computation():
@@ -58,8 +64,8 @@ def test_intensity_summary_counts_the_outside_air():
 
 
 def test_lung_region_tests_remove_or_keep_the_lungs(slices):
-    from robustmed_lite.prior import dice
-    from robustmed_lite.preprocess import lungs
+    from robustmed_lite.data.preprocess import lungs
+    from robustmed_lite.method.prior import dice
 
     x = slices.images
     found = lungs(x)
@@ -96,9 +102,17 @@ def _runs(values: dict) -> pd.DataFrame:
     rows = []
     for name, (val, test) in values.items():
         for seed in (0, 1, 2):
-            row = {"name": name, "seed": seed, "clean_accuracy": 0.9, "clean_auc": 0.95, "test_n": 372,
-                   "ucsd_covidct_test_n": 203, "pgd10_train_eps": 0.5, "corruption_all": 0.7,
-                   "corruption_not_augmented": 0.7}
+            row = {
+                "name": name,
+                "seed": seed,
+                "clean_accuracy": 0.9,
+                "clean_auc": 0.95,
+                "test_n": 372,
+                "ucsd_covidct_test_n": 203,
+                "pgd10_train_eps": 0.5,
+                "corruption_all": 0.7,
+                "corruption_not_augmented": 0.7,
+            }
             for split, v in (("val", val), ("test", test)):
                 for adapt, bonus in (("", 0.0), ("_adabn", 0.02), ("_tent", -0.01)):
                     row[f"ucsd_covidct_{split}{adapt}_balanced_accuracy"] = v + bonus + 0.001 * seed
@@ -128,30 +142,88 @@ def test_screening_trains_single_components_only_for_the_screened_methods():
 
 
 def test_sites_summary_tables():
-    runs = _runs({"erm": (0.5, 0.5), "erm+crop": (0.6, 0.55), "robustmed": (0.52, 0.51),
-                  "robustmed+crop": (0.62, 0.58), "trades": (0.5, 0.5), "trades+crop": (0.6, 0.5),
-                  "erm+no_lungs": (0.5, 0.5), "erm+lungs_only": (0.5, 0.5)})
+    runs = _runs(
+        {
+            "erm": (0.5, 0.5),
+            "erm+crop": (0.6, 0.55),
+            "robustmed": (0.52, 0.51),
+            "robustmed+crop": (0.62, 0.58),
+            "trades": (0.5, 0.5),
+            "trades+crop": (0.6, 0.5),
+            "erm+no_lungs": (0.5, 0.5),
+            "erm+lungs_only": (0.5, 0.5),
+        }
+    )
     tables = summarise_sites(runs, ["erm", "trades", "robustmed"], ["baseline", "crop"], [])
     gains = tables["component_gains"]
-    crop = gains[(gains["method"] == "erm") & (gains["component"] == "crop") & (gains["split"] == "test")
-                 & (gains["adaptation"] == "none") & (gains["metric"] == "balanced_accuracy")].iloc[0]
+    crop = gains[
+        (gains["method"] == "erm")
+        & (gains["component"] == "crop")
+        & (gains["split"] == "test")
+        & (gains["adaptation"] == "none")
+        & (gains["metric"] == "balanced_accuracy")
+    ].iloc[0]
     assert crop["gain_mean"] == pytest.approx(0.05) and crop["n_pairs"] == 3
     edge = tables["method_gains"]
-    vs_erm = edge[(edge["component"] == "crop") & (edge["comparator"] == "erm") & (edge["adaptation"] == "none")
-                  & (edge["metric"] == "balanced_accuracy")].iloc[0]
+    vs_erm = edge[
+        (edge["component"] == "crop")
+        & (edge["comparator"] == "erm")
+        & (edge["adaptation"] == "none")
+        & (edge["metric"] == "balanced_accuracy")
+    ].iloc[0]
     assert vs_erm["gain_mean"] == pytest.approx(0.03)
     assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
 
 
 def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
-    from robustmed_lite.__main__ import main
+    from robustmed_lite.cli import main
 
     run = str(tmp_path / "run")
-    assert main(["train", "--method", "erm", "--epochs", "1", "--img_size", "32", "--n_train", "64", "--n_val", "32",
-                 "--n_test", "32", "--batch_size", "32", "--progress", "false", "--out_dir", run]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "erm",
+                "--epochs",
+                "1",
+                "--img_size",
+                "32",
+                "--n_train",
+                "64",
+                "--n_val",
+                "32",
+                "--n_test",
+                "32",
+                "--batch_size",
+                "32",
+                "--progress",
+                "false",
+                "--out_dir",
+                run,
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "diagnosis.csv"
-    assert main(["diagnose", "--checkpoint", f"{run}/best_clean.pt", "--data", f"{shared_data}/ucsd_covidct:test",
-                 f"{shared_data}/ucsd_covidct:val", "--n", "16", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "--checkpoint",
+                f"{run}/best_clean.pt",
+                "--data",
+                f"{shared_data}/ucsd_covidct:test",
+                f"{shared_data}/ucsd_covidct:val",
+                "--n",
+                "16",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert list(table["domain"]) == ["ucsd_covidct (test)", "ucsd_covidct (val)"]
     assert list(table["n"]) == [203, 118] and (table["saliency_n"] == 16).all()
@@ -166,13 +238,14 @@ def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
 
 
 def test_two_calls_of_the_study_compare_row_by_row_paired_by_seed():
-    from robustmed_lite.sites import compare_studies
+    from robustmed_lite.studies.sites import compare_studies
 
     before = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.50)})
     after = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.56), "robustmed+crop": (0.6, 0.6)})
     after.loc[(after["name"] == "robustmed") & (after["seed"] == 2), "ucsd_covidct_test_balanced_accuracy"] += 0.03
-    table = compare_studies(before, after, ["erm", "robustmed", "robustmed+crop"],
-                            ["ucsd_covidct_test_balanced_accuracy", "clean_accuracy"]).set_index(["name", "metric"])
+    table = compare_studies(
+        before, after, ["erm", "robustmed", "robustmed+crop"], ["ucsd_covidct_test_balanced_accuracy", "clean_accuracy"]
+    ).set_index(["name", "metric"])
     same = table.loc[("erm", "ucsd_covidct_test_balanced_accuracy")]
     assert same["gain_mean"] == 0 and same["n_pairs"] == 3
     moved = table.loc[("robustmed", "ucsd_covidct_test_balanced_accuracy")]

@@ -7,15 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from robustmed_lite.adapt import UnlabeledImages, adabn, adapt, tent
-from robustmed_lite.augment import ACQUISITION, acquisition_augment
 from robustmed_lite.config import load_config
-from robustmed_lite.dataset import PriorDataset
+from robustmed_lite.data.augment import ACQUISITION, acquisition_augment
+from robustmed_lite.data.dataset import PriorDataset
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.data.preprocess import (
+    AIR_LEVEL,
+    INTENSITY_MODES,
+    TISSUE_LEVEL,
+    lung_boxes,
+    lung_crop,
+    prepare,
+    split_spec,
+    standardise,
+)
+from robustmed_lite.data.splits import build_data
+from robustmed_lite.evaluation.adapt import UnlabeledImages, adabn, adapt, tent
 from robustmed_lite.models import create_model
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.preprocess import (AIR_LEVEL, INTENSITY_MODES, TISSUE_LEVEL, lung_boxes, lung_crop, prepare,
-                                       split_spec, standardise)
-from robustmed_lite.trainer import Trainer, build_data
+from robustmed_lite.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +38,7 @@ def test_the_crop_box_contains_the_phantom_lungs(phantom):
     assert fallback == []
     for (top, left, side), mask in zip(boxes.tolist(), phantom.lung_masks):
         inside = torch.zeros_like(mask)
-        inside[:, top:top + side, left:left + side] = True
+        inside[:, top : top + side, left : left + side] = True
         assert mask[~inside].sum() == 0, "lung pixels outside the crop"
         assert side < mask.shape[-1]  # the phantom has body around the lungs: the crop is a real crop
 
@@ -40,11 +49,11 @@ def test_lung_crop_frames_the_lungs_found_in_the_image(phantom):
     cropped, report = lung_crop(x, 64)
     assert cropped.shape == (12, 1, 64, 64) and report.n == 12 and report.n_fallback == 0
     assert 0 <= cropped.min() and cropped.max() <= 1
-    from robustmed_lite.preprocess import lungs
+    from robustmed_lite.data.preprocess import lungs
 
     boxes, _ = lung_boxes(lungs(x))
     for (top, left, side), mask in zip(boxes.tolist(), phantom.lung_masks):
-        covered = mask[:, top:top + side, left:left + side].sum() / mask.sum()
+        covered = mask[:, top : top + side, left : left + side].sum() / mask.sum()
         assert covered > 0.98
 
 
@@ -68,11 +77,11 @@ def test_standardisation_is_invariant_to_affine_intensity_changes(mode, phantom)
 
 def test_histogram_equalisation_is_invariant_to_any_increasing_map(phantom):
     x = phantom.images
-    torch.testing.assert_close(standardise(x ** 2.2, "histeq"), standardise(x, "histeq"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(standardise(x**2.2, "histeq"), standardise(x, "histeq"), atol=1e-6, rtol=0)
 
 
 def test_anchor_puts_lung_air_and_soft_tissue_where_a_lung_window_does(phantom):
-    from robustmed_lite.preprocess import _masked_median
+    from robustmed_lite.data.preprocess import _masked_median
 
     out = standardise(phantom.images, "anchor")
     lung_air = _masked_median(out, phantom.lung_masks)
@@ -99,16 +108,28 @@ def test_acquisition_augmentation_is_seeded_and_changes_only_drawn_slices(phanto
     assert torch.equal(a[~changed], x[~changed])
     assert all((a[i] != x[i]).any() for i in changed.nonzero().flatten())
     assert not torch.equal(acquisition_augment(x, 0.5, 2, seed=4)[0], a)
-    from robustmed_lite.corruptions import CORRUPTIONS
+    from robustmed_lite.evaluation.corruptions import CORRUPTIONS
 
     # corruption_not_augmented leaves these out of the evaluation corruptions: they must be among them.
     assert set(ACQUISITION) <= set(CORRUPTIONS)
 
 
 def test_training_with_acquisition_augmentation_is_deterministic(tmp_path):
-    tiny = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, eval_n=16, attack_steps=2,
-                eval_attack_steps=2, epochs=1, progress=False, method="robustmed", acq_aug=0.5,
-                weight_noise_warmup=0)
+    tiny = dict(
+        img_size=32,
+        n_train=64,
+        n_val=32,
+        n_test=32,
+        batch_size=32,
+        eval_n=16,
+        attack_steps=2,
+        eval_attack_steps=2,
+        epochs=1,
+        progress=False,
+        method="robustmed",
+        acq_aug=0.5,
+        weight_noise_warmup=0,
+    )
     weights = []
     for run in ("a", "b"):
         trainer = Trainer(load_config("cpu-demo", dict(tiny, out_dir=str(tmp_path / run))))
@@ -134,9 +155,16 @@ def test_site_balanced_batches_draw_both_sites_equally():
 
 
 def test_multi_source_pools_the_other_sites_train_split(shared_data):
-    cfg = load_config("cpu-demo", dict(data=str(shared_data / "sarscov2"), extra_data=str(shared_data / "ucsd_covidct"),
-                                       ood_data=str(shared_data / "ucsd_covidct") + ":test", img_size=32,
-                                       progress=False))
+    cfg = load_config(
+        "cpu-demo",
+        dict(
+            data=str(shared_data / "sarscov2"),
+            extra_data=str(shared_data / "ucsd_covidct"),
+            ood_data=str(shared_data / "ucsd_covidct") + ":test",
+            img_size=32,
+            progress=False,
+        ),
+    )
     splits = build_data(cfg)
     assert splits.extra_name == "ucsd_covidct (test)" and len(splits.extra_test[1]) == 203  # UCSD's official test
     assert splits.train.sites is not None and int((splits.train.sites == 1).sum()) == 425  # its official train
@@ -185,8 +213,12 @@ def test_tent_changes_only_batchnorm_affine_parameters_of_a_copy(trained):
     adapted = tent(model, target, steps=2, lr=1e-2, seed=0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, source[k]), k
-    bn_affine = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 for p in ("weight", "bias")}
+    bn_affine = {
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for p in ("weight", "bias")
+    }
     changed = {n for n, p in adapted.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])}
     assert changed and changed <= bn_affine
     again = tent(model, target, steps=2, lr=1e-2, seed=0)  # deterministic by seed
@@ -219,17 +251,51 @@ def test_adaptation_errors_are_clear(trained):
 def test_evaluate_with_adaptation_leaves_the_checkpoint_alone(tmp_path, capsys):
     import hashlib
 
-    from robustmed_lite.__main__ import main
+    from robustmed_lite.cli import main
 
     out = str(tmp_path / "run")
-    tiny = ["--img_size", "32", "--n_train", "64", "--n_val", "32", "--n_test", "32", "--batch_size", "32",
-            "--eval_n", "16", "--epochs", "1", "--progress", "false", "--lung_crop", "true", "--intensity", "anchor"]
+    tiny = [
+        "--img_size",
+        "32",
+        "--n_train",
+        "64",
+        "--n_val",
+        "32",
+        "--n_test",
+        "32",
+        "--batch_size",
+        "32",
+        "--eval_n",
+        "16",
+        "--epochs",
+        "1",
+        "--progress",
+        "false",
+        "--lung_crop",
+        "true",
+        "--intensity",
+        "anchor",
+    ]
     assert main(["train", "--method", "erm", "--out_dir", out, *tiny]) == 0
     checkpoint = tmp_path / "run" / "best_clean.pt"
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     capsys.readouterr()
     for method in ("adabn", "tent"):
-        assert main(["evaluate", "--checkpoint", str(checkpoint), "--split", "shift", "--attacks", "fgsm",
-                     "--adapt", method]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--split",
+                    "shift",
+                    "--attacks",
+                    "fgsm",
+                    "--adapt",
+                    method,
+                ]
+            )
+            == 0
+        )
     assert "FGSM" in capsys.readouterr().out
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before

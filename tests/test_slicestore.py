@@ -11,13 +11,14 @@ from _distributed_workers import launch, store_batches
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from robustmed_lite import phantom, slicestore
-from robustmed_lite.__main__ import main
+from robustmed_lite.cli import main
 from robustmed_lite.config import load_config
-from robustmed_lite.data import DataError, load_images
-from robustmed_lite.dataset import PriorDataset
-from robustmed_lite.slicestore import SliceStore, dequantize, quantize, write_folder_store, write_phantom_store
-from robustmed_lite.trainer import DataSplits, Trainer, build_data
+from robustmed_lite.data import phantom, slicestore
+from robustmed_lite.data.dataset import PriorDataset
+from robustmed_lite.data.loaders import DataError, load_images
+from robustmed_lite.data.slicestore import SliceStore, dequantize, quantize, write_folder_store, write_phantom_store
+from robustmed_lite.data.splits import DataSplits, build_data
+from robustmed_lite.trainer import Trainer
 
 SIZE = 32
 COUNTS = (200, 64, 64)  # train, val, test
@@ -29,8 +30,15 @@ def store(tmp_path_factory) -> SliceStore:
 
 
 def _in_memory_twin(dataset: PriorDataset, images: torch.Tensor) -> PriorDataset:
-    return PriorDataset(images, dataset.labels, prior=dataset.prior, hflip=dataset.hflip, vflip=dataset.vflip,
-                        seed=dataset.seed, prior_kwargs=dataset.prior_kwargs)
+    return PriorDataset(
+        images,
+        dataset.labels,
+        prior=dataset.prior,
+        hflip=dataset.hflip,
+        vflip=dataset.vflip,
+        seed=dataset.seed,
+        prior_kwargs=dataset.prior_kwargs,
+    )
 
 
 def test_a_phantom_store_holds_the_phantom_in_eight_bits(store):
@@ -64,8 +72,9 @@ def test_eight_bit_images_at_the_store_size_are_stored_exactly(tmp_path):
 @pytest.mark.parametrize("prior", [True, False])
 def test_batches_read_from_disk_equal_the_batches_in_memory(store, view, prior):
     train = store.splits()["train"]
-    on_disk = PriorDataset(store.view(train), store.labels[train], prior=prior, vflip=True, seed=5,
-                           prior_kwargs={"view": view})
+    on_disk = PriorDataset(
+        store.view(train), store.labels[train], prior=prior, vflip=True, seed=5, prior_kwargs={"view": view}
+    )
     in_memory = _in_memory_twin(on_disk, store.load(train))
     assert on_disk.on_demand and not in_memory.on_demand
     for epoch in (0, 1):
@@ -138,12 +147,23 @@ def test_an_interrupted_write_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_training_from_the_store_equals_training_in_memory(store, tmp_path):
-    overrides = {"data": str(store.root), "img_size": SIZE, "method": "pgd_at", "model": "small_cnn", "epochs": 1,
-                 "batch_size": 50, "eval_n": 32, "attack_steps": 2, "eval_attack_steps": 2, "progress": False,
-                 "prior": True}
+    overrides = {
+        "data": str(store.root),
+        "img_size": SIZE,
+        "method": "pgd_at",
+        "model": "small_cnn",
+        "epochs": 1,
+        "batch_size": 50,
+        "eval_n": 32,
+        "attack_steps": 2,
+        "eval_attack_steps": 2,
+        "progress": False,
+        "prior": True,
+    }
     splits = build_data(load_config("cpu-demo", dict(overrides, out_dir=str(tmp_path / "unused"))))
-    memory = DataSplits(_in_memory_twin(splits.train, store.load(splits.train.images.indices)), splits.val,
-                        splits.test, None, None)
+    memory = DataSplits(
+        _in_memory_twin(splits.train, store.load(splits.train.images.indices)), splits.val, splits.test, None, None
+    )
     on_disk = Trainer(load_config("cpu-demo", dict(overrides, out_dir=str(tmp_path / "disk"))))
     assert isinstance(on_disk.data.train.images, slicestore.StoredImages)
     on_disk.fit()
@@ -154,14 +174,19 @@ def test_training_from_the_store_equals_training_in_memory(store, tmp_path):
     assert on_disk.history[0]["train_loss"] == in_memory.history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("override, match", [
-    ({"img_size": 24}, "write the store at --size 24"),
-    ({"lung_crop": True}, "set lung_crop false"),
-    ({"intensity": "percentile"}, "set intensity none"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"img_size": 24}, "write the store at --size 24"),
+        ({"lung_crop": True}, "set lung_crop false"),
+        ({"intensity": "percentile"}, "set intensity none"),
+    ],
+)
 def test_settings_a_store_cannot_serve_are_clear_errors(store, tmp_path, override, match):
-    cfg = load_config("cpu-demo", {"data": str(store.root), "img_size": SIZE, "progress": False,
-                                   "out_dir": str(tmp_path / "r"), **override})
+    cfg = load_config(
+        "cpu-demo",
+        {"data": str(store.root), "img_size": SIZE, "progress": False, "out_dir": str(tmp_path / "r"), **override},
+    )
     with pytest.raises(DataError, match=match):
         build_data(cfg)
 
@@ -195,18 +220,40 @@ def test_broken_stores_are_clear_errors(store, tmp_path):
 
 def test_the_data_store_command_writes_a_store(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["data", "store", "--data", "phantom", "--size", "16", "--n_train", "64", "--n_val", "32",
-                 "--n_test", "32", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "store",
+                "--data",
+                "phantom",
+                "--size",
+                "16",
+                "--n_train",
+                "64",
+                "--n_val",
+                "32",
+                "--n_test",
+                "32",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "128 slices of 16 px" in printed and f"train --data {out}" in printed
     assert len(SliceStore(out)) == 128
-    assert main(["data", "store", "--data", str(tmp_path / "missing"), "--size", "16", "--out",
-                 str(tmp_path / "other")]) == 2  # a user's mistake: one line on stderr, exit code 2
+    assert (
+        main(["data", "store", "--data", str(tmp_path / "missing"), "--size", "16", "--out", str(tmp_path / "other")])
+        == 2
+    )  # a user's mistake: one line on stderr, exit code 2
     assert "missing" in capsys.readouterr().err
 
 
 def test_a_reproduction_reads_the_classes_of_a_store_from_its_index(store, tmp_path):
-    from robustmed_lite.reproduce import check_classes
+    from robustmed_lite.studies.reproduce import check_classes
 
     check_classes(str(store.root), SIZE)
     one_class = tmp_path / "one-class"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from robustmed_lite.stats import Interval, paired_differences, t_interval, verdict
+from robustmed_lite.evaluation.stats import Interval, paired_differences, t_interval, verdict
 
 T_975_2 = 4.302652729911275  # the t quantile at 0.975 with 2 degrees of freedom (tables: 4.303)
 
@@ -45,14 +45,17 @@ def test_paired_differences_and_their_interval():
         paired_differences({0: 1.0}, {1: 1.0})
 
 
-@pytest.mark.parametrize("low, high, claimed, expected", [
-    (0.05, 0.40, 0.25, "reproduced"),        # credibly better, the claim inside the interval
-    (0.30, 0.50, 0.25, "reproduced"),        # credibly better by more than claimed
-    (0.01, 0.10, 0.25, "not reproduced"),    # better, but credibly by less than claimed
-    (-0.20, -0.05, 0.034, "not reproduced"),  # credibly worse
-    (-0.05, 0.30, 0.25, "inconclusive"),     # too wide to tell
-    (0.0, 0.30, 0.25, "inconclusive"),       # lo must be > 0
-])
+@pytest.mark.parametrize(
+    "low, high, claimed, expected",
+    [
+        (0.05, 0.40, 0.25, "reproduced"),  # credibly better, the claim inside the interval
+        (0.30, 0.50, 0.25, "reproduced"),  # credibly better by more than claimed
+        (0.01, 0.10, 0.25, "not reproduced"),  # better, but credibly by less than claimed
+        (-0.20, -0.05, 0.034, "not reproduced"),  # credibly worse
+        (-0.05, 0.30, 0.25, "inconclusive"),  # too wide to tell
+        (0.0, 0.30, 0.25, "inconclusive"),  # lo must be > 0
+    ],
+)
 def test_verdict_rule(low, high, claimed, expected):
     assert verdict(Interval((low + high) / 2, low, high, 3, 0.1), claimed) == expected
 

@@ -5,17 +5,32 @@ import json
 import pytest
 import torch
 
-from robustmed_lite.attacks import PGD, FeedbackPGD
+from robustmed_lite.checkpoints import CHECKPOINTS, load_checkpoint
 from robustmed_lite.config import METHODS, load_config
-from robustmed_lite.data import DataError
+from robustmed_lite.data.loaders import DataError
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.data.splits import build_data, check_split_classes
+from robustmed_lite.evaluation.attacks import PGD
+from robustmed_lite.method.feedback_attack import FeedbackPGD
+from robustmed_lite.method.weight_perturbation import WeightPerturbation, perturbed_names
 from robustmed_lite.models import attention_weights, create_model
-from robustmed_lite.perturbation import WeightPerturbation, perturbed_names
-from robustmed_lite.phantom import make_phantom_dataset
-from robustmed_lite.trainer import (CHECKPOINTS, Trainer, attack_steps_at, build_data, check_split_classes, fit_erm,
-                                    load_checkpoint)
+from robustmed_lite.trainer import Trainer, attack_steps_at, fit_erm
 
-SMALL = dict(img_size=32, n_train=64, n_val=32, n_test=32, batch_size=32, epochs=2, eval_n=16, attack_steps=2,
-             eval_attack_steps=2, progress=False, eps="8/255", step_size="2/255", gamma=0.01)
+SMALL = dict(
+    img_size=32,
+    n_train=64,
+    n_val=32,
+    n_test=32,
+    batch_size=32,
+    epochs=2,
+    eval_n=16,
+    attack_steps=2,
+    eval_attack_steps=2,
+    progress=False,
+    eps="8/255",
+    step_size="2/255",
+    gamma=0.01,
+)
 
 
 def _config(tmp_path, **overrides):
@@ -54,7 +69,7 @@ def test_two_epochs_write_the_run_record(tmp_path, small_data):
         state = torch.load(run / name, weights_only=True)  # plain tensors and containers only
         assert state["config"]["method"] == "robustmed"
     best = load_checkpoint(run / "best_robust.pt")
-    assert best["best"]["robust"] == max(r["val_robust"] for r in history[:best["epoch"]])
+    assert best["best"]["robust"] == max(r["val_robust"] for r in history[: best["epoch"]])
 
 
 def test_existing_run_is_not_overwritten(tmp_path, small_data):
@@ -76,8 +91,7 @@ def test_resume_is_bitwise_identical(method, tmp_path, small_data):
     saved = load_checkpoint(tmp_path / "split" / "run" / "last.pt")["weight_noise"]
     assert saved["optimizer"] == ("sgd" if method == "awp" else "adamw")
     assert bool(saved["proxy_optim"]["state"]) == (method != "awp"), "AdamW keeps moments, SGD none"
-    resumed = Trainer(_config(tmp_path / "split", method=method, epochs=3, **noise_on), data=small_data,
-                      resume=True)
+    resumed = Trainer(_config(tmp_path / "split", method=method, epochs=3, **noise_on), data=small_data, resume=True)
     assert resumed.start_epoch == 2
     resumed.fit()
     assert (tmp_path / "split" / "run" / "env.json").read_text() == record, "the original record stays"
@@ -138,8 +152,9 @@ def test_proxy_reloads_bn_buffers_and_keeps_no_optimizer_state():
     data = make_phantom_dataset(16, 32, seed=0)
     model(data.images)  # move the model's BN running stats away from the proxy's initial copy
     noise = WeightPerturbation(model, "proxy_attention", gamma=0.01, beta=3.0)
-    noise.proxy.load_state_dict({k: torch.zeros_like(v) if v.is_floating_point() else v
-                                 for k, v in noise.proxy.state_dict().items()})
+    noise.proxy.load_state_dict(
+        {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in noise.proxy.state_dict().items()}
+    )
     noise.compute(data.images, data.images, data.labels)
     assert not noise.proxy_optim.state
     proxy_means = [b for n, b in noise.proxy.named_buffers() if n.endswith("running_mean")]
@@ -155,8 +170,9 @@ def test_feedback_rules_stop_where_specified():
     model.eval()
     data = make_phantom_dataset(64, 32, seed=3)
     x, y = data.images, data.labels
-    iterates = [PGD(8 / 255, alpha=2 / 255, steps=k, loss="kl", random_start="normal", seed=5)(model, x, y)
-                for k in range(1, 9)]
+    iterates = [
+        PGD(8 / 255, alpha=2 / 255, steps=k, loss="kl", random_start="normal", seed=5)(model, x, y) for k in range(1, 9)
+    ]
     with torch.no_grad():  # iterate 0 is the start, x + 0.001 N(0,1): wrong there iff wrong on x (checked below)
         logits = torch.stack([model(x)] + [model(it) for it in iterates])
     wrong = logits.argmax(2) != y

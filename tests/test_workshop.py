@@ -5,17 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustmed_lite.attacks import PGD
+from robustmed_lite.book.workshop import EXERCISES, NOT_YET, RIGHT, check
 from robustmed_lite.common import eval_mode
 from robustmed_lite.components import LOSSES, register_loss
-from robustmed_lite.objectives import trades_loss
-from robustmed_lite.workshop import EXERCISES, NOT_YET, RIGHT, check
+from robustmed_lite.evaluation.attacks import PGD
+from robustmed_lite.method.objectives import trades_loss
 
 
 def fgsm_solution(model, x, y, eps):
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x + eps * grad.sign()).clamp(0, 1).detach()
 
 
@@ -26,21 +26,21 @@ def fgsm_starter(model, x, y, eps):
 
 def fgsm_train_mode(model, x, y, eps):
     x = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x + eps * grad.sign()).clamp(0, 1).detach()
 
 
 def fgsm_descends(model, x, y, eps):
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x - eps * grad.sign()).clamp(0, 1).detach()
 
 
 def fgsm_unclamped(model, x, y, eps):
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x + eps * grad.sign()).detach()
 
 
@@ -48,15 +48,19 @@ def fgsm_crashes(model, x, y, eps):
     return x + eps * torch.sign(undefined_gradient)  # noqa: F821 - the mistake under test
 
 
-@pytest.mark.parametrize("answer, verdict, hint", [
-    (fgsm_solution, RIGHT, "one signed step"),
-    (fgsm_starter, NOT_YET, "replace the `...`"),
-    (..., NOT_YET, "replace the `...`"),
-    (fgsm_train_mode, NOT_YET, "eval mode"),
-    (fgsm_descends, NOT_YET, "goes down the loss"),
-    (fgsm_unclamped, NOT_YET, "clamp it"),
-    (fgsm_crashes, NOT_YET, "NameError: name 'undefined_gradient' is not defined (line"),
-], ids=["solution", "starter", "ellipsis", "train-mode", "descends", "unclamped", "crashes"])
+@pytest.mark.parametrize(
+    "answer, verdict, hint",
+    [
+        (fgsm_solution, RIGHT, "one signed step"),
+        (fgsm_starter, NOT_YET, "replace the `...`"),
+        (..., NOT_YET, "replace the `...`"),
+        (fgsm_train_mode, NOT_YET, "eval mode"),
+        (fgsm_descends, NOT_YET, "goes down the loss"),
+        (fgsm_unclamped, NOT_YET, "clamp it"),
+        (fgsm_crashes, NOT_YET, "NameError: name 'undefined_gradient' is not defined (line"),
+    ],
+    ids=["solution", "starter", "ellipsis", "train-mode", "descends", "unclamped", "crashes"],
+)
 def test_fgsm_check(answer, verdict, hint, capsys):
     assert check("nb02-fgsm", answer) is (verdict == RIGHT)
     out = capsys.readouterr().out
@@ -108,14 +112,16 @@ def window_solution(hu, width, level):
 
 def box_solution(x, r):
     import numpy as np
+
     padded = torch.from_numpy(np.pad(x.numpy(), [(0, 0), (0, 0), (r, r), (r, r)], mode="symmetric"))
     return F.avg_pool2d(padded, 2 * r + 1, stride=1)
 
 
 def guided_solution(I, p, r, eps):
-    from robustmed_lite.prior import box_filter
+    from robustmed_lite.method.prior import box_filter
+
     mean_I, mean_p = box_filter(I, r), box_filter(p, r)
-    a = (box_filter(I * p, r) - mean_I * mean_p) / (box_filter(I * I, r) - mean_I ** 2 + eps)
+    a = (box_filter(I * p, r) - mean_I * mean_p) / (box_filter(I * I, r) - mean_I**2 + eps)
     b = mean_p - a * mean_I
     return box_filter(a, r) * I + box_filter(b, r)
 
@@ -131,6 +137,7 @@ def mce_solution(errors, reference):
 
 def interval_solution(a, b):
     from scipy import stats
+
     d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
     half = stats.t.ppf(0.975, len(d) - 1) * d.std() / len(d) ** 0.5
     return d.mean().item(), (d.mean() - half).item(), (d.mean() + half).item()
@@ -138,10 +145,14 @@ def interval_solution(a, b):
 
 def ece_solution(probs, labels):
     import numpy as np
+
     confidence, correct = probs.max(1), probs.argmax(1) == labels
     which = np.clip(np.digitize(confidence, np.linspace(0, 1, 16)[1:-1], right=True), 0, 14)
-    return sum((which == b).mean() * abs(correct[which == b].mean() - confidence[which == b].mean())
-               for b in range(15) if (which == b).any())
+    return sum(
+        (which == b).mean() * abs(correct[which == b].mean() - confidence[which == b].mean())
+        for b in range(15)
+        if (which == b).any()
+    )
 
 
 def trades_solution(logits_nat, logits_adv, y, beta):
@@ -151,7 +162,8 @@ def trades_solution(logits_nat, logits_adv, y, beta):
 
 def trades_reversed_kl(logits_nat, logits_adv, y, beta):
     return trades_solution(logits_nat, logits_adv, y, 0.0) + beta * F.kl_div(
-        F.log_softmax(logits_nat, 1), F.softmax(logits_adv, 1), reduction="batchmean")
+        F.log_softmax(logits_nat, 1), F.softmax(logits_adv, 1), reduction="batchmean"
+    )
 
 
 def project_solution(x_adv, x, eps):
@@ -177,30 +189,49 @@ def rescale_solution(dw, w):
     return w.norm() / dw.norm() * dw
 
 
-@pytest.mark.parametrize("label, solution, mistake, hint", [
-    ("nb07-loss", method_loss_solution, method_loss_onehot_target, "plain one-hot label"),
-    ("nb07-loss", method_loss_solution, method_loss_on_logits, "compares logits"),
-    ("nb07-loss", method_loss_solution, lambda n, a, g, y, b, s: method_loss_solution(n, a, g, y, 1.0, s),
-     "beta is missing"),
-    ("nb07-rescale", rescale_solution, lambda dw, w: dw, "the proxy's step itself"),
-    ("nb07-rescale", rescale_solution, lambda dw, w: dw.norm() / w.norm() * dw, "upside down"),
-    ("nb07-rescale", rescale_solution, lambda dw, w: dw / dw.norm(), "unit norm"),
-    ("nb03-trades", trades_solution, trades_reversed_kl, "the other way round"),
-    ("nb03-trades", trades_solution, lambda n, a, y, b: F.cross_entropy(n, y, reduction="none"), "0-d tensor"),
-    ("nb03-project", project_solution, lambda x_adv, x, eps: x_adv.clamp(0, 1), "clamped to [0, 1] only"),
-    ("nb03-project", project_solution, lambda x_adv, x, eps: torch.min(torch.max(x_adv, x - eps), x + eps),
-     "not inside [0, 1]"),
-    ("nb00-window", window_solution, lambda hu, w, l: (hu - (l - w / 2)) / w, "clip"),
-    ("nb00-window", window_solution, lambda hu, w, l: ((hu - l) / w).clamp(0, 1), "should put L - W/2"),
-    ("nb01-box", box_solution, lambda x, r: F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1),
-     "the borders are not"),
-    ("nb01-guided", guided_solution, lambda I, p, r, eps: p, "Check a = cov(I, p)"),
-    ("nb05-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
-    ("nb06-mce", mce_solution, lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
-     "ratio of the total errors"),
-    ("nb08-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
-    ("nb09-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
-])
+@pytest.mark.parametrize(
+    "label, solution, mistake, hint",
+    [
+        ("nb07-loss", method_loss_solution, method_loss_onehot_target, "plain one-hot label"),
+        ("nb07-loss", method_loss_solution, method_loss_on_logits, "compares logits"),
+        (
+            "nb07-loss",
+            method_loss_solution,
+            lambda n, a, g, y, b, s: method_loss_solution(n, a, g, y, 1.0, s),
+            "beta is missing",
+        ),
+        ("nb07-rescale", rescale_solution, lambda dw, w: dw, "the proxy's step itself"),
+        ("nb07-rescale", rescale_solution, lambda dw, w: dw.norm() / w.norm() * dw, "upside down"),
+        ("nb07-rescale", rescale_solution, lambda dw, w: dw / dw.norm(), "unit norm"),
+        ("nb03-trades", trades_solution, trades_reversed_kl, "the other way round"),
+        ("nb03-trades", trades_solution, lambda n, a, y, b: F.cross_entropy(n, y, reduction="none"), "0-d tensor"),
+        ("nb03-project", project_solution, lambda x_adv, x, eps: x_adv.clamp(0, 1), "clamped to [0, 1] only"),
+        (
+            "nb03-project",
+            project_solution,
+            lambda x_adv, x, eps: torch.min(torch.max(x_adv, x - eps), x + eps),
+            "not inside [0, 1]",
+        ),
+        ("nb00-window", window_solution, lambda hu, w, l: (hu - (l - w / 2)) / w, "clip"),
+        ("nb00-window", window_solution, lambda hu, w, l: ((hu - l) / w).clamp(0, 1), "should put L - W/2"),
+        (
+            "nb01-box",
+            box_solution,
+            lambda x, r: F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1),
+            "the borders are not",
+        ),
+        ("nb01-guided", guided_solution, lambda I, p, r, eps: p, "Check a = cov(I, p)"),
+        ("nb05-pointing", pointing_solution, lambda maps, masks: torch.ones(len(maps)), "expected [1, 0, 1, 0"),
+        (
+            "nb06-mce",
+            mce_solution,
+            lambda e, r: sum(map(sum, e.values())) / sum(map(sum, r.values())),
+            "ratio of the total errors",
+        ),
+        ("nb08-interval", interval_solution, lambda a, b: (0.05, 0.0, 0.1), "expected"),
+        ("nb09-ece", ece_solution, lambda probs, labels: 0.0, "15 equal bins"),
+    ],
+)
 def test_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
     assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
@@ -224,16 +255,21 @@ def ratio_solution(maps, masks):
 
 
 def family_solution(table):
-    from robustmed_lite.corruptions import FAMILY_OF
+    from robustmed_lite.evaluation.corruptions import FAMILY_OF
+
     corrupted = table[table["severity"] > 0]
-    return corrupted.groupby(["model", corrupted["corruption"].map(FAMILY_OF).rename("family")])[
-        "accuracy"].mean().unstack()
+    return (
+        corrupted.groupby(["model", corrupted["corruption"].map(FAMILY_OF).rename("family")])["accuracy"]
+        .mean()
+        .unstack()
+    )
 
 
 def seeds_solution(sd, half_width):
     from scipy import stats
+
     n = 2
-    while stats.t.ppf(0.975, n - 1) * sd / n ** 0.5 > half_width:
+    while stats.t.ppf(0.975, n - 1) * sd / n**0.5 > half_width:
         n += 1
     return n
 
@@ -284,33 +320,60 @@ def adabn_eval_mode_pass(model, x_target):
     return model
 
 
-@pytest.mark.parametrize("label, solution, mistake, hint", [
-    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / width, "multiply by 255"),
-    ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / (width / 2) * 255, "not W/2"),
-    ("nb04-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
-    ("nb04-select", select_solution, lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
-     "the test split must choose nothing"),
-    ("nb04-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
-    ("nb04-select", select_solution, lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
-     "keeps the first"),
-    ("nb05-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
-    ("nb05-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
-     "image 4 has an empty mask"),
-    ("nb06-family", family_solution, lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])[
-        "accuracy"].mean().unstack(), "the columns are corruptions"),
-    ("nb06-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
-    ("nb06-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
-    ("nb06-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
-    ("nb08-seeds", seeds_solution, lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n ** 0.5 <= h),
-     "1.96 is the normal quantile"),
-    ("nb08-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
-    ("nb09-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
-    ("nb09-adabn", adabn_solution, lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
-     "put only the BatchNorm layers in train mode"),
-    ("nb09-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
-    ("nb09-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
-    ("nb09-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
-])
+@pytest.mark.parametrize(
+    "label, solution, mistake, hint",
+    [
+        ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / width, "multiply by 255"),
+        ("nb00-noise", noise_solution, lambda noise_hu, width: noise_hu / (width / 2) * 255, "not W/2"),
+        ("nb04-select", select_solution, lambda h: int(h["epoch"].iloc[-1]), "that is the last epoch"),
+        (
+            "nb04-select",
+            select_solution,
+            lambda h: int(h.loc[h["test_robust"].idxmax(), "epoch"]),
+            "the test split must choose nothing",
+        ),
+        ("nb04-select", select_solution, lambda h: int(h["val_robust"].idxmax()), "0-based position"),
+        (
+            "nb04-select",
+            select_solution,
+            lambda h: int(h.loc[h["val_robust"][::-1].idxmax(), "epoch"]),
+            "keeps the first",
+        ),
+        ("nb05-ratio", ratio_solution, lambda maps, masks: (maps * masks).flatten(1).sum(1), "not its share"),
+        (
+            "nb05-ratio",
+            ratio_solution,
+            lambda maps, masks: (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1),
+            "image 4 has an empty mask",
+        ),
+        (
+            "nb06-family",
+            family_solution,
+            lambda t: t[t["severity"] > 0].groupby(["model", "corruption"])["accuracy"].mean().unstack(),
+            "the columns are corruptions",
+        ),
+        ("nb06-family", family_solution, lambda t: t.groupby("family")["accuracy"].mean(), "no `family` column"),
+        ("nb06-family", family_solution, lambda t: family_solution(t).drop("erm"), "no row for erm"),
+        ("nb06-family", family_solution, lambda t: family_solution(t).mean(), "models averaged together"),
+        (
+            "nb08-seeds",
+            seeds_solution,
+            lambda sd, h: next(n for n in range(2, 99) if 1.96 * sd / n**0.5 <= h),
+            "1.96 is the normal quantile",
+        ),
+        ("nb08-seeds", seeds_solution, lambda sd, h: seeds_solution(sd, h) - 1, "n - 1 degrees of freedom, not n"),
+        ("nb09-adabn", adabn_solution, adabn_whole_model_in_train_mode, "comes back in train mode"),
+        (
+            "nb09-adabn",
+            adabn_solution,
+            lambda model, x: adabn_whole_model_in_train_mode(model, x).eval(),
+            "put only the BatchNorm layers in train mode",
+        ),
+        ("nb09-adabn", adabn_solution, adabn_not_reset, "keep 90% of the source's"),
+        ("nb09-adabn", adabn_solution, adabn_optimizer_step, "no optimizer step"),
+        ("nb09-adabn", adabn_solution, adabn_eval_mode_pass, "only in train mode"),
+    ],
+)
 def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert check(label, solution), capsys.readouterr().out
     assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
@@ -319,11 +382,11 @@ def test_second_chapter_checks(label, solution, mistake, hint, capsys):
     assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
 
 
-@pytest.mark.parametrize("label", ["nb00-noise", "nb04-select", "nb05-ratio", "nb06-family", "nb08-seeds",
-                                   "nb09-adabn"])
+@pytest.mark.parametrize(
+    "label", ["nb00-noise", "nb04-select", "nb05-ratio", "nb06-family", "nb08-seeds", "nb09-adabn"]
+)
 def test_second_chapter_starters(label, capsys):
-    def starter(*args):
-        ...
+    def starter(*args): ...
 
     assert not check(label, starter)
     out = capsys.readouterr().out

@@ -11,14 +11,19 @@ import shlex
 import subprocess
 import sys
 
-OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
-           "constraint": "--constraint"}
+OPTIONS = {
+    "index-url": "--index-url",
+    "extra-index-url": "--extra-index-url",
+    "find-links": "--find-links",
+    "constraint": "--constraint",
+}
 
 
 def pip_settings() -> list[tuple[str, str]]:
     """(option, value) pairs from ``pip config list``, which merges the files and the ``PIP_*`` variables."""
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             check=False)  # no pip configuration: no arguments
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    )  # no pip configuration: no arguments
     settings = []
     for line in listing.stdout.splitlines():
         key, _, value = line.partition("=")

@@ -1,0 +1,703 @@
+"""Command line: ``python -m robustmed_lite {demo,train,evaluate,reproduce} ...``; ``--help`` on each lists its
+options.
+
+Examples::
+
+    python -m robustmed_lite demo                                   # ERM vs the method, CPU, minutes
+    python -m robustmed_lite train --config cpu-demo --method trades --epochs 3
+    python -m robustmed_lite train --config colab --method robustmed --data /content/sarscov2 --ood_data /content/ucsd
+    python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
+    torchrun --nproc_per_node 4 -m robustmed_lite train --config paper --method robustmed --data DIR  # one run, 4 GPUs
+    python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
+    python -m robustmed_lite evaluate --ood --checkpoint runs/erm-*/best_clean.pt runs/robustmed-*/best_robust.pt
+    python -m robustmed_lite reproduce --profile cpu --data ../shared/data/sarscov2 \
+        --ood_data ../shared/data/ucsd_covidct                  # the paper's comparison, seeds, intervals
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from .config import CHOICES, METHOD_FIELDS, METHODS, PRESETS, TrainConfig, field_kinds
+from .data.loaders import DownloadError
+
+# Errors a user causes with a wrong argument, file or folder: one line on stderr and exit code 2 (as argparse does
+# for a bad option); anything else is a bug and keeps its traceback. --debug shows the traceback of these too.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    DownloadError,
+)
+EXIT_USER_ERROR = 2
+
+
+def _field_help(name: str, kind: str, default) -> str:
+    """What an override takes, with the choices of the component options listed."""
+    from .models import MODEL_NAMES
+
+    if name == "method":
+        what = f"one of {', '.join(METHODS)} (see the README's table)"
+    elif name in METHOD_FIELDS:  # a component or switch: its default comes from the method
+        if kind == "float":
+            return "a number (default: the method's)"
+        choices = CHOICES.get(name, ("true", "false"))
+        return f"one of {', '.join(choices)} (default: the method's)"
+    elif name in CHOICES:
+        what = f"one of {', '.join(CHOICES[name])}"
+    elif name == "model":
+        what = f"one of {', '.join(MODEL_NAMES)} or any timm architecture"
+    else:
+        what = {
+            "bool": "true/false",
+            "int": "an integer",
+            "float": "a number",
+            "eps": "a number or k/255",
+            "threshold": "a number or otsu",
+            "str": "text",
+        }[kind]
+    return what if default is dataclasses.MISSING else f"{what} (default {default!r} unless the preset sets it)"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
+    group = parser.add_argument_group("config overrides (any TrainConfig field)")
+    kinds = field_kinds()
+    for f in dataclasses.fields(TrainConfig):
+        if not f.name.startswith("_"):
+            group.add_argument(
+                f"--{f.name}",
+                default=None,
+                metavar=f.name.upper(),
+                help=_field_help(f.name, kinds[f.name][0], f.default),
+            )
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, _overrides(args))
+    if Path(str(args.config)).stem == "paper" and cfg.attack != "none" and not cfg.init_from:
+        warnings.warn(
+            "CAP's protocol starts robust training from a clean model trained on the same data: train "
+            "--method erm first and pass --init_from <its run>/best_clean.pt (reproduce --profile paper "
+            "does both stages)",
+            stacklevel=1,
+        )
+    try:  # under torchrun the Trainer joins the launched processes' group; leave it however training ends
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.fit()
+        if distributed.is_main():
+            print(
+                f"run directory: {trainer.run_dir} (config.yaml, env.json, log.csv, last.pt, best_clean.pt, "
+                "best_robust.pt)"
+            )
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.ood:
+        from .evaluation.checkpoint_eval import run_ood
+
+        results = run_ood(
+            args.checkpoint,
+            out_dir=args.out_dir,
+            n=args.n,
+            covid19c=args.covid19c,
+            corruptions=args.corruptions.split(",") if args.corruptions else None,
+            severities=_severities(args.severities),
+            seed=args.seed,
+        )
+        for key in ("summary", "shift"):
+            table = results[key]
+            if "note" in table and not table["note"].astype(bool).any():
+                table = table.drop(columns="note")
+            print(f"\n{key}:\n{table.round(3).to_string(index=False)}")
+        print(f"\nwrote corruptions.csv, summary.csv, shift.csv, corruption_heatmap.png, shift.png to {args.out_dir}")
+        return 0
+    from .evaluation.checkpoint_eval import evaluate_checkpoint
+
+    tables = []
+    for path in args.checkpoint:
+        table = evaluate_checkpoint(
+            path,
+            split=args.split,
+            attacks=args.attacks.split(","),
+            eps=args.eps,
+            n=args.n,
+            data=args.data,
+            adapt=args.adapt,
+            seed=args.seed,
+        )
+        first = table.iloc[0]
+        print(f"{path}: {table.attrs['sample']}: {first['n_covid']} COVID, {first['n_noncovid']} non-COVID")
+        tables.append(table.assign(checkpoint=path))
+    table = pd.concat(tables, ignore_index=True)
+    shown = table if table["note"].astype(bool).any() else table.drop(columns="note")
+    print(shown.to_string(index=False))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"saved {args.out}")
+    return 0
+
+
+def _severities(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--severities takes comma-separated integers 1..5, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for image counts: '0' and '-3' are refused with the option's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1, got {text!r}")
+    return value
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .config import coerce
+    from .studies.plan import parse_variant
+    from .studies.reproduce import reproduce
+
+    overrides = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = coerce(key.strip(), value.strip())
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    variants = dict(parse_variant(v) for v in args.variant or [])
+    adapt_methods = [m for m in (args.adapt or "").split(",") if m]
+    if args.sites_best:  # the cross-site study's best combination as one more row of the method
+        from .studies.sites import best_settings
+
+        settings, adaptation = best_settings(args.sites_best)
+        variants["robustmed+sites"] = {"method": "robustmed", **settings}
+        adapt_methods += [adaptation] if adaptation != "none" and adaptation not in adapt_methods else []
+    ensemble_n = (
+        "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all" else int(args.ensemble_n))
+    )
+    corruption_n = (
+        "profile"
+        if args.corruption_n is None
+        else (None if args.corruption_n.lower() == "all" else int(args.corruption_n))
+    )
+    results = reproduce(
+        args.profile,
+        data=args.data,
+        ood_data=args.ood_data,
+        covid19c=args.covid19c,
+        methods=args.methods,
+        seeds=args.seeds,
+        out=args.out,
+        runs=args.runs,
+        shard=args.shard,
+        jobs=args.jobs,
+        overrides=overrides,
+        variants=variants,
+        ensemble_n=ensemble_n,
+        adapt_methods=adapt_methods,
+        corruption_n=corruption_n,
+        progress=not args.quiet,
+    )
+    out = Path(args.out or f"results/reproduction/{args.profile}")
+    if len(results["verdicts"]):
+        shown = results["verdicts"][
+            [
+                "claim",
+                "comparator",
+                "comparator_method",
+                "gain_mean",
+                "gain_ci_low",
+                "gain_ci_high",
+                "n_pairs",
+                "verdict",
+            ]
+        ]
+        print(shown.round(3).to_string(index=False))
+    print(
+        f"\n{len(results['runs'])} runs summarised; see {out / 'table.md'} (and runs.csv, table.csv, gains.csv, "
+        "verdicts.csv, metrics.png, robust_vs_clean.png)"
+    )
+    return 0
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from .studies.plan import parse_methods
+    from .studies.sites import run_sites
+
+    tables = run_sites(
+        args.profile,
+        data=args.data,
+        target=args.target,
+        methods=parse_methods(args.methods),
+        seeds=args.seeds,
+        out=args.out,
+        runs=args.runs,
+        jobs=args.jobs,
+        screen=parse_methods(args.screen) if args.screen else None,
+        progress=not args.quiet,
+    )
+    out = Path(args.out or f"results/sites/{args.profile}")
+    print((out / "table.md").read_text())
+    print(f"{len(tables['runs'])} runs; tables in {out}")
+    return 0
+
+
+def _paired_study(args: argparse.Namespace) -> int:
+    from .studies.ablation import run_ablation
+    from .studies.fidelity import run_fidelity
+    from .studies.plan import parse_seeds
+
+    run = {"fidelity": run_fidelity, "ablation": run_ablation}[args.study]
+    result = run(
+        args.profile,
+        data=args.data,
+        seeds=parse_seeds(args.seeds),
+        out=args.out,
+        runs=args.runs,
+        jobs=args.jobs,
+        progress=not args.quiet,
+    )
+    print(result["effects"].round(4).to_string(index=False))
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .checkpoints import model_from_checkpoint
+    from .data.loaders import stratified_subset
+    from .data.preprocess import domain_label, load_domain
+    from .evaluation.shortcuts import domain_report, intensity_histograms, intensity_summary, saliency_outside
+
+    model, cfg = model_from_checkpoint(args.checkpoint)
+    domains = {}
+    for spec in args.data:
+        images, labels, _ = load_domain(
+            spec, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region, progress=not args.quiet
+        )
+        domains[domain_label(spec)] = (images, labels)
+    report = domain_report(model, domains)
+    rows = []
+    for name, (x, y) in domains.items():
+        pick = stratified_subset(y.numpy(), args.n, seed=args.seed)
+        rows.append({"domain": name, "saliency_n": len(pick), **saliency_outside(model, x[pick]).mean().to_dict()})
+    report = report.merge(pd.DataFrame(rows), on="domain")
+    grey = {name: x for name, (x, _) in domains.items()}
+    report = report.merge(intensity_summary(grey), on="domain")
+    print(report.round(3).to_string(index=False))
+    print(
+        "\npredicted_covid_share far from true_covid_share at a new site means the model reads the site, not the "
+        "disease; outside_lungs above lung_area_outside means its input gradients favour what lies outside the "
+        "lungs (an even map would match the area); grey levels and the near-black share (outside air) show how "
+        "the sites differ before any model sees them, as the model sees them (after its crop and standardisation)."
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.to_csv(out, index=False)
+        hist_path = out.with_name(f"{out.stem}_histograms.csv")
+        intensity_histograms(grey).to_csv(hist_path, index=False)
+        print(f"saved {out} and the grey-level histograms {hist_path}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .book.doctor import report, run_checks
+
+    checks = run_checks()
+    print(report(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def _data_fetch(args: argparse.Namespace) -> int:
+    from .data.fetch import UCSD_ARCHIVE_URL, check_counts, fetch
+
+    root = fetch(args.name, args.dest, url=args.url or UCSD_ARCHIVE_URL)
+    counts = check_counts(args.name, root)
+    held = ", ".join(f"{n} {cls}" for cls, n in counts.items())
+    print(f"{args.name}: {root} holds {held} (the published counts)")
+    print("Point the notebooks and commands at it (in a notebook: os.environ['ROBUSTMED_DATA'] = ...):")
+    print(f"export ROBUSTMED_DATA={root.parent}")
+    return 0
+
+
+def _data_store(args: argparse.Namespace) -> int:
+    from .data.slicestore import write_folder_store, write_phantom_store
+
+    if args.data == "phantom":
+        store = write_phantom_store(
+            args.out, args.size, args.n_train, args.n_val, args.n_test, site=args.site, progress=not args.quiet
+        )
+    else:
+        store = write_folder_store(args.data, args.out, args.size, progress=not args.quiet)
+    print(f"{store.root}: {len(store)} slices of {store.size} px, {store.megabytes_on_disk:.0f} MiB on disk (uint8)")
+    print(f"Train on it with: python -m robustmed_lite train --data {store.root} --img_size {store.size}")
+    return 0
+
+
+def _bookruns(args: argparse.Namespace) -> int:
+    from .book import bookruns
+
+    if args.action == "regenerate":
+        manifest = bookruns.regenerate(args.runs or tuple(bookruns.RUNS), progress=not args.quiet)
+        for name, run in manifest["runs"].items():
+            print(
+                f"{name}: {run['megabytes']} MB, trained in {run['train_minutes']} min; test clean "
+                f"{run['float16']['test_clean']:.3f}, PGD {run['float16']['test_pgd']:.3f} (float16 weights)"
+            )
+        print(f"wrote {bookruns.manifest_path()}")
+        return 0
+    problems = bookruns.check(retrain=args.retrain, progress=not args.quiet)
+    for line in problems:
+        print(f"FAIL {line}")
+    retrained = f"; retrained: {', '.join(args.retrain)}" if args.retrain else ""
+    print(
+        f"{len(bookruns.RUNS)} shipped runs checked{retrained}: "
+        f"{'all within tolerance' if not problems else f'{len(problems)} problems'}"
+    )
+    return 1 if problems else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .book.runs import compare_methods
+
+    start = time.time()
+    table = compare_methods(
+        ["erm", "robustmed"], preset=args.config, out_root=args.out_root, seed=args.seed, progress=not args.quiet
+    )
+    print(f"\nERM vs the method ({args.config} preset, seed {args.seed}), {time.time() - start:.0f} s in all")
+    print(table.to_string(index=False))
+    print(
+        "\nCheckpoints were chosen on the validation split (ERM: best clean, robust methods: best PGD accuracy); "
+        "accuracy is on the held-out test split (site A) and on the same patients seen by another scanner "
+        "(site B). Attacks run in eval mode on inputs in [0,1]; eps is on the pixel scale."
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code.
+
+    A mistake the user can fix (``USER_ERRORS``: a bad value, a missing or unusable file, an existing run) is
+    printed as one line, ``error: <message>``, on stderr, and the exit code is 2; ``--debug`` raises it with its
+    traceback instead. Bad options exit through argparse (``SystemExit(2)`` with the usage).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, even for multi-line messages
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m robustmed_lite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help="show the traceback of an error instead of one line"
+    )
+    # Each command takes --debug too; SUPPRESS keeps a subcommand from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error instead of one line",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the main job: ERM vs the method on the phantom, a comparison table"
+    )
+    demo.add_argument("--config", default="cpu-demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out_root", default="runs/demo", help="reused on a second run (delete it to retrain)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(run=_demo)
+
+    train = sub.add_parser("train", parents=[common], help="train one method (see --method and the presets)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
+    _add_config_args(train)
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser(
+        "evaluate", parents=[common], help="clean / attack / worst-case accuracy and clinical metrics of a checkpoint"
+    )
+    ev.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoints")
+    ev.add_argument("--split", default="test", choices=("val", "test", "shift"))
+    ev.add_argument(
+        "--attacks",
+        default="fgsm,pgd10,pgd50,apgd,cw",
+        help="comma-separated, from: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd",
+    )
+    ev.add_argument("--eps", default=None, help="attack radius, e.g. 8/255 (default: the training eps)")
+    ev.add_argument(
+        "--n",
+        type=_positive_int,
+        default=None,
+        help="evaluate a seeded stratified sample of n images (both classes in proportion)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the --n sample (and, with --ood, the corruptions)")
+    ev.add_argument("--data", default=None, help="evaluate on another data root instead of the run's split")
+    ev.add_argument(
+        "--adapt",
+        default="none",
+        choices=("none", "adabn", "tent"),
+        help="test-time adaptation to the evaluated images first (labels never used; checkpoint kept)",
+    )
+    ev.add_argument("--out", default=None, help="write the table as CSV")
+    ev.add_argument(
+        "--ood",
+        action="store_true",
+        help="the OOD suite instead: corruptions x severities, mCE against ERM, cross-site shift",
+    )
+    ev.add_argument("--out_dir", default="results/ood", help="with --ood: where the CSVs and PNGs go")
+    from .evaluation.corruptions import CORRUPTIONS
+
+    ev.add_argument(
+        "--corruptions", default=None, help=f"with --ood: comma-separated, from: {', '.join(CORRUPTIONS)} (default all)"
+    )
+    ev.add_argument("--severities", default="1,2,3,4,5", help="with --ood: comma-separated severities")
+    ev.add_argument("--covid19c", default=None, help="with --ood: a COVID19-C root to add as shift domains")
+    ev.set_defaults(run=_evaluate)
+
+    rep = sub.add_parser(
+        "reproduce",
+        parents=[common],
+        help="the paper's comparison on real CT: every method x seed, intervals, verdicts (resumable)",
+    )
+    rep.add_argument(
+        "--profile",
+        default="cpu",
+        choices=("cpu", "gpu", "paper"),
+        help="cpu: 64 px, minutes per run; gpu: 128 px, several runs per GPU; paper: CAP's protocol",
+    )
+    rep.add_argument(
+        "--data",
+        default=None,
+        help="training set (default: sarscov2 in ROBUSTMED_DATA or ../shared/data; 'phantom' for a quick check)",
+    )
+    rep.add_argument(
+        "--ood_data",
+        nargs="*",
+        default=None,
+        help="other-site roots, each its own domain (default: ucsd_covidct beside the default data)",
+    )
+    rep.add_argument("--covid19c", default=None, help="a COVID19-C root: its subsets become domains")
+    rep.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default all)")
+    rep.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (or a range, 0-4)")
+    rep.add_argument("--out", default=None, help="results folder (default results/reproduction/<profile>)")
+    rep.add_argument("--runs", default=None, help="run directories (default runs/reproduction/<profile>)")
+    rep.add_argument(
+        "--shard", default=None, help="i/n: train this shard's runs only; the summary merges all finished runs"
+    )
+    rep.add_argument("--jobs", type=int, default=None, help="runs at once (default: the profile's)")
+    rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    rep.add_argument(
+        "--ensemble_n",
+        default=None,
+        help="test images for the attack ensemble ('all', or a number; default: the profile's)",
+    )
+    rep.add_argument(
+        "--corruption_n",
+        default=None,
+        help="test images scored under the corruptions ('all', or a number; default: the profile's)",
+    )
+    rep.add_argument(
+        "--adapt",
+        default=None,
+        help="test-time adaptations also evaluated on the other sites: adabn, tent (comma-separated)",
+    )
+    rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
+    rep.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=METHOD,KEY=VALUE,...",
+        help="an extra row: a method with other settings",
+    )
+    rep.add_argument(
+        "--sites_best",
+        default=None,
+        metavar="DIR",
+        help="add the cross-site study's best combination (its best.json in DIR, e.g. results/sites/cpu) "
+        "as a row robustmed+sites, and its test-time adaptation to the evaluation",
+    )
+    rep.add_argument("--quiet", action="store_true")
+    rep.set_defaults(run=_reproduce)
+
+    sites = sub.add_parser(
+        "sites",
+        parents=[common],
+        help="the cross-site study: Soares -> UCSD with and without "
+        "every component against the shift, shortcut tests, the "
+        "best combination",
+    )
+    sites.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
+    sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
+    sites.add_argument(
+        "--target",
+        default=None,
+        help="the other site, with an official val/test split (default: ucsd_covidct beside the shared data)",
+    )
+    sites.add_argument("--methods", default="erm,trades,robustmed")
+    sites.add_argument(
+        "--screen",
+        default=None,
+        help="methods trained with each single component, whose validation "
+        "gains choose the combination (default: every method)",
+    )
+    sites.add_argument("--seeds", default="0,1,2")
+    sites.add_argument("--out", default=None, help="results folder (default results/sites/<profile>)")
+    sites.add_argument("--runs", default=None, help="run directories (default: the reproduction's)")
+    sites.add_argument("--jobs", type=int, default=None)
+    sites.add_argument("--quiet", action="store_true")
+    sites.set_defaults(run=_sites)
+
+    studies = (
+        (
+            "fidelity",
+            "CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired, seeds)",
+        ),
+        (
+            "ablation",
+            "robustmed with one part switched off at a time (prior, feedback, weight noise, loss; paired, seeds)",
+        ),
+    )
+    for name, help_text in studies:  # the paired studies share their options and their run folders
+        study = sub.add_parser(name, parents=[common], help=help_text)
+        study.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
+        study.add_argument(
+            "--data",
+            default=None,
+            help="training set (default: sarscov2 beside the shared data; 'phantom' for the phantom)",
+        )
+        study.add_argument("--seeds", default="0,1,2")
+        study.add_argument("--out", default=None, help=f"results folder (default results/{name}/<profile>[-phantom])")
+        study.add_argument(
+            "--runs",
+            default=None,
+            help="run directories, shared by the studies (default runs/fidelity/<profile>[-phantom])",
+        )
+        study.add_argument("--jobs", type=int, default=None)
+        study.add_argument("--quiet", action="store_true")
+        study.set_defaults(run=_paired_study, study=name)
+
+    diag = sub.add_parser(
+        "diagnose",
+        parents=[common],
+        help="is the model looking at the disease? per-site predictions, calibration and saliency outside the lungs",
+    )
+    diag.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
+    diag.add_argument("--data", required=True, nargs="+", help="one or more data roots (root:test for one split)")
+    diag.add_argument(
+        "--n", type=int, default=128, help="slices per domain for the saliency measurement (seeded, stratified)"
+    )
+    diag.add_argument("--seed", type=int, default=0)
+    diag.add_argument("--out", default=None, help="write the table as CSV")
+    diag.add_argument("--quiet", action="store_true")
+    diag.set_defaults(run=_diagnose)
+
+    doctor = sub.add_parser(
+        "doctor", parents=[common], help="is this machine ready for the notebooks? a short pass/fail report to paste"
+    )
+    doctor.set_defaults(run=_doctor)
+
+    from .book.bookruns import RUNS as SHIPPED_RUNS
+
+    book = sub.add_parser(
+        "bookruns",
+        parents=[common],
+        help="the fast-profile runs shipped for the notebooks: regenerate them, or check them against their record",
+    )
+    book.add_argument("action", choices=("regenerate", "check"))
+    book.add_argument(
+        "--retrain",
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        help="check: also train these shipped runs again and compare (e.g. --retrain erm-seed0)",
+    )
+    book.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        choices=tuple(SHIPPED_RUNS),
+        help="regenerate: only these shipped runs (default: all); the manifest keeps the others",
+    )
+    book.add_argument("--quiet", action="store_true")
+    book.set_defaults(run=_bookruns)
+
+    data = sub.add_parser(
+        "data",
+        help="get the real CT sets (data fetch sarscov2|ucsd --dest DIR), or write one "
+        "as an on-disk store for data larger than memory (data store)",
+    )
+    data_sub = data.add_subparsers(dest="action", required=True)
+    fetch = data_sub.add_parser(
+        "fetch",
+        parents=[common],
+        help="download a real CT set, check its counts and say how to point ROBUSTMED_DATA at it",
+    )
+    fetch.add_argument(
+        "name",
+        choices=("sarscov2", "ucsd"),
+        help="sarscov2: the Soares set from Kaggle (needs Kaggle credentials); ucsd: UCSD COVID-CT "
+        "from its GitHub repository, with the official split",
+    )
+    fetch.add_argument(
+        "--dest", default="~/robustmed-data", help="the data root: the set lands in DEST/sarscov2 or DEST/ucsd_covidct"
+    )
+    fetch.add_argument("--url", default=None, help="another address of UCSD's archive (a mirror, or file://)")
+    fetch.set_defaults(run=_data_fetch)
+    store = data_sub.add_parser(
+        "store",
+        parents=[common],
+        help="write a data set once as an on-disk uint8 slice store, for training on data larger than memory",
+    )
+    store.add_argument("--data", required=True, help="phantom, or a data set's folder (any layout train reads)")
+    store.add_argument("--size", type=int, required=True, help="side of the stored slices in pixels")
+    store.add_argument("--out", required=True, help="the store folder to create (an unfinished one resumes)")
+    store.add_argument("--n_train", type=int, default=50_000, help="phantom: training slices")
+    store.add_argument("--n_val", type=int, default=256, help="phantom: validation slices")
+    store.add_argument("--n_test", type=int, default=256, help="phantom: test slices")
+    store.add_argument("--site", default="A", help="phantom: scanner site")
+    store.add_argument("--quiet", action="store_true")
+    store.set_defaults(run=_data_store)
+
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Evaluation: attacks and the attack ensemble, clinical metrics, corruptions and OOD tables, saliency, shortcut
+tests, test-time adaptation, statistics, and evaluating a checkpoint.
+"""
