@@ -248,12 +248,15 @@ def check_run_dir(run_dir: Path, cfg, resume: bool) -> dict | None:
     return state
 
 
-def write_run_record(run_dir: Path, cfg) -> None:
-    """A new run's folder with its config and its record (seed, time, world size, library versions); a resumed run
-    keeps its own (``note_resumed`` adds each resumption)."""
+def write_run_record(run_dir: Path, cfg, data: dict | None = None) -> None:
+    """A new run's folder with its config, its record (seed, time, world size, library versions) and what it
+    recorded of its data (``data.json``: split sizes, the duplicate check); a resumed run keeps its own
+    (``note_resumed`` adds each resumption)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "env.json").write_text(json.dumps(_run_record(cfg), indent=2))
+    if data is not None:
+        (run_dir / "data.json").write_text(json.dumps(data, indent=2))
 
 
 def note_resumed(run_dir: Path, cfg, from_epoch: int, history: list[dict]) -> None:

@@ -18,6 +18,7 @@ import yaml
 
 from .common import format_eps, parse_eps
 from .components import ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, register_method
+from .data.duplicates import DUPLICATE_MODES
 from .data.preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
 from .method.weight_perturbation import PROXY_OPTIMIZERS
 
@@ -139,6 +140,7 @@ class _Choices(Mapping):
         "intensity": INTENSITY_MODES,
         "lung_region": LUNG_REGIONS,
         "schedule": ("cosine", "constant", "step"),
+        "duplicates": DUPLICATE_MODES,
     }
     _registries = {
         "attack": ATTACKS,
@@ -181,6 +183,7 @@ class TrainConfig:
     n_test: int = 600
     val_fraction: float = 0.15  # real data without an official split
     test_fraction: float = 0.15
+    duplicates: str = "exact"  # real data: keep exact (or near) duplicate slices in one split; "off" to skip
     ood_data: str | None = None  # real data for the shift test (e.g. UCSD when training on Soares); "path:test"
     extra_data: str | None = None  # another labelled site pooled into training (its own train/val/test split)
     site_balanced: bool = True  # with extra_data: every site fills the same share of each epoch
@@ -367,6 +370,7 @@ ADDED_FIELDS = {
     "prior_samples": (0.0, lambda c: False),
     "sync_batchnorm": (False, lambda c: False),
     "lr_step_epoch": (0, lambda c: c.schedule != "step"),
+    "duplicates": ("off", lambda c: c.data == "phantom"),  # the phantom's splits are drawn apart by seed
 }
 
 

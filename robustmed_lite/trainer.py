@@ -154,7 +154,7 @@ class Trainer:
         if resume:
             self._load_last(last)
         elif distributed.is_main():
-            write_run_record(self.run_dir, cfg)
+            write_run_record(self.run_dir, cfg, self.data.record())
         # One DDP forward per step runs the whole loss; the attacks and the proxy call the plain model.
         self.ddp_loss = distributed.wrap_loss(self.model, LOSSES[cfg.loss], cfg) if self.distributed else None
         distributed.barrier()

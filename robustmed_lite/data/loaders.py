@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 
 from ..common import CLASS_NAMES
 from ..runinfo import progress_options
+from .duplicates import SplitIndices, duplicate_groups, keep_together
 
 LAYOUTS = ("auto", "kaggle", "ucsd", "csv", "folders")
 SPLITS = ("train", "val", "test")
@@ -168,8 +169,11 @@ class ImageSet:
             self.root,
         )
 
-    def splits(self, *, val: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
-        """Train / val / test indices: the official split if recorded, else patient-grouped, else stratified.
+    def splits(
+        self, *, val: float = 0.15, test: float = 0.15, seed: int = 0, duplicates: str = "exact"
+    ) -> SplitIndices:
+        """Train / val / test indices: the official split if recorded, else patient-grouped, else stratified;
+        then duplicate slices are kept in one split (``data.duplicates``).
 
         A recorded split without a validation part gets one carved out of its training part (``val`` of it,
         grouped by patient where known). Without patient ids (the Soares set) slices of one patient land in
@@ -179,8 +183,23 @@ class ImageSet:
             val: Validation fraction when no official split exists.
             test: Test fraction when no official split exists.
             seed: Seed of the random parts.
+            duplicates: ``exact`` (same pixels), ``near`` (also near-identical, by difference hash) or ``off``.
+
+        Returns:
+            Split name -> sorted index array, with ``.duplicates``: what the check found and moved (a warning
+            names the count when images moved).
         """
-        return choose_splits(self.labels.numpy(), self.official_split, self.patient_ids, val=val, test=test, seed=seed)
+        parts = choose_splits(self.labels.numpy(), self.official_split, self.patient_ids, val=val, test=test, seed=seed)
+        groups = duplicate_groups(self.images, duplicates)
+        parts, report = keep_together(parts, groups, self.labels.numpy(), duplicates, self.paths)
+        if report.moved:
+            warnings.warn(
+                f"{self.root or 'the image set'}: {report.summary()} (first group: {report.examples[0]}). "
+                "Duplicates in two splits would leak training images into evaluation; set duplicates off to "
+                "keep the split as drawn",
+                stacklevel=2,
+            )
+        return SplitIndices(parts, report)
 
 
 # ---------------------------------------------------------------------------------------------- finding data

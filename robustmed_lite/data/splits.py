@@ -38,6 +38,22 @@ class DataSplits:
     extra_test: tuple[torch.Tensor, torch.Tensor] | None = None
     extra_name: str | None = None
     crop_fallbacks: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, dict] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What a run records of its data: split sizes and class counts, crop fallbacks, the duplicate check."""
+        sizes = {"train": self.train.labels, "val": self.val[1], "test": self.test[1]}
+        return {
+            "splits": {
+                k: {"n": len(y), "per_class": torch.bincount(y.long(), minlength=2).tolist()} for k, y in sizes.items()
+            },
+            "crop_fallbacks": self.crop_fallbacks,
+            "duplicates": self.duplicates,
+        }
+
+
+def _class_counts(labels: torch.Tensor) -> list[int]:
+    return torch.bincount(torch.as_tensor(labels).long(), minlength=2).tolist()
 
 
 def build_data(cfg: TrainConfig) -> DataSplits:
@@ -49,7 +65,7 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     prior_kwargs = dict(
         threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s, view=cfg.prior_view
     )
-    fallbacks = {}
+    fallbacks, duplicates = {}, {}
 
     def prepared(name: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, report = prepare(images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
@@ -72,7 +88,8 @@ def build_data(cfg: TrainConfig) -> DataSplits:
             val, test = (prepared(k, store.load(parts[k]), store.labels[parts[k]]) for k in ("val", "test"))
         else:
             data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=cfg.progress)
-            parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+            parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)
+            duplicates[str(cfg.data)] = parts.duplicates.to_dict()
             train, val, test = (prepared(k, data.images[parts[k]], data.labels[parts[k]]) for k in SPLITS)
         shift, shift_name = None, None
         if cfg.ood_data:
@@ -85,7 +102,8 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     sites = None
     if cfg.extra_data:
         other = load_images(cfg.extra_data, source_size(cfg.img_size, cfg.lung_crop), progress=cfg.progress)
-        other_parts = other.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+        other_parts = other.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)
+        duplicates[str(cfg.extra_data)] = other_parts.duplicates.to_dict()
         extra = {k: prepared(f"extra {k}", other.images[other_parts[k]], other.labels[other_parts[k]]) for k in SPLITS}
         sites = torch.cat(
             [torch.zeros(len(train[1]), dtype=torch.long), torch.ones(len(extra["train"][1]), dtype=torch.long)]
@@ -104,7 +122,7 @@ def build_data(cfg: TrainConfig) -> DataSplits:
         prior_kwargs=prior_kwargs,
         sites=sites if cfg.site_balanced else None,
     )
-    return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks)
+    return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks, duplicates)
 
 
 def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +136,7 @@ def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         test = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
         return store.load(test), store.labels[test]
     data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=False)
-    test = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
+    test = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)["test"]
     return data.images[test], data.labels[test]
 
 

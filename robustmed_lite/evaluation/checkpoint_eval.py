@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ import torch
 from ..checkpoints import model_from_checkpoint
 from ..common import parse_eps
 from ..config import DATA_KEYS
+from ..data.duplicates import content_hashes
 from ..data.loaders import stratified_subset
 from ..data.preprocess import load_domain, prepare, source_size
 from ..data.splits import build_data
@@ -50,6 +53,23 @@ def _evaluation_splits(cfg):
     neither are the prior views trained on as extra samples)."""
     cfg.progress, cfg.prior, cfg.prior_samples = False, False, 0.0
     return build_data(cfg.resolve())
+
+
+def warn_training_overlap(images: torch.Tensor, cfg, where: str) -> int:
+    """Warns when evaluated images are pixel for pixel among the run's training images (the run's own data
+    rebuilt from its config, prepared alike); returns how many are. A phantom-trained run shares none."""
+    if cfg.data == "phantom":
+        return 0
+    trained = set(content_hashes(_evaluation_splits(copy.copy(cfg)).train.images))
+    overlap = sum(h in trained for h in content_hashes(images))
+    if overlap:
+        warnings.warn(
+            f"{overlap} of {len(images)} images of {where} are training images of this run ({cfg.data}): "
+            "their accuracy says nothing about new patients. Fix: evaluate on the run's test split or on data "
+            "it never saw",
+            stacklevel=2,
+        )
+    return overlap
 
 
 def subsample(images, labels, n: int | None, seed: int = 0):
@@ -96,6 +116,7 @@ def evaluate_checkpoint(
         images, labels, _ = load_domain(
             data, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region, progress=progress
         )
+        warn_training_overlap(images, cfg, data)
     else:
         splits = _evaluation_splits(cfg)
         chosen = {"val": splits.val, "test": splits.test, "shift": splits.shift}[split]
