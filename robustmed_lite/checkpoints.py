@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
+import os
+import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,10 +78,133 @@ def _run_record(cfg: TrainConfig) -> dict:
     }
 
 
+class DiskFullError(OSError):
+    """A checkpoint or log could not be written for lack of space; the previous file is kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+class RunLockedError(FileExistsError):
+    """Another live process is writing the run folder."""
+
+
+LOCK_NAME = "run.lock"
+
+
 def _atomic_save(obj, path: Path) -> None:
+    """Saves through a temporary file, so that a failed write (a full disk, a kill) leaves the previous file."""
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as "RuntimeError ... unexpected pos"
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if isinstance(err, OSError) and err.errno != errno.ENOSPC and free > 64 * 2**20:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise DiskFullError(
+            f"no space left on the device of {path.parent} ({free / 2**20:.0f} MB free) writing {path.name}: "
+            f"{kept}. Fix: free space (or choose another --out_dir), then continue with --resume",
+        ) from err
     tmp.replace(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _lock_holder(run_dir: Path) -> dict | None:
+    """The live process holding the run folder's lock (other than this one), or None; a stale lock (its process
+    is gone: a crash or a kill) counts as none."""
+    try:
+        holder = json.loads((run_dir / LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    same_host = holder.get("host") == socket.gethostname()
+    if holder.get("pid") == os.getpid() and same_host:
+        return None
+    if same_host and not _pid_alive(int(holder.get("pid", -1))):
+        return None
+    return holder
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuses a run folder that another live process is writing.
+
+    Raises:
+        RunLockedError: The lock names a live process (on another host: any lock, as its liveness is unknown).
+    """
+    holder = _lock_holder(run_dir)
+    if holder is not None:
+        raise RunLockedError(
+            f"{run_dir} is being written by process {holder.get('pid')} on {holder.get('host')} (since "
+            f"{holder.get('since')}). Fix: wait for it to finish or stop it, or choose another --out_dir; if that "
+            f"process is gone, delete {run_dir / LOCK_NAME}"
+        )
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Takes the run folder's lock for this process (replacing a stale one)."""
+    check_unlocked(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = run_dir / f"{LOCK_NAME}.{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(run_dir / LOCK_NAME)
+    check_unlocked(run_dir)  # two starting at once: the later replace wins, the other one stops here
+
+
+def release_lock(run_dir: Path) -> None:
+    """Removes the run folder's lock if this process holds it."""
+    path = run_dir / LOCK_NAME
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def check_writable(run_dir: Path, needed_bytes: int) -> None:
+    """Refuses an output folder that cannot be written, or whose device lacks ``needed_bytes``, before any work.
+
+    Raises:
+        FileExistsError: The path is a file.
+        PermissionError: The folder (or the nearest existing folder above it) cannot be written.
+        DiskFullError: Not enough free space.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out_dir {run_dir} is a file. Fix: choose another --out_dir")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write in {existing} ({err.strerror or err}), so the run folder {run_dir} cannot be made. "
+            "Fix: choose an --out_dir on a writable disk"
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise DiskFullError(
+            f"{existing} has {free / 2**20:.0f} MB free; this run's checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MB. Fix: free space or choose another --out_dir",
+        )
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Room a run's checkpoint files take: last.pt (weights and two optimizer moments) and two best_*.pt, plus
+    one temporary copy while writing, with a margin."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(1.25 * weights * (3 + 2 + 3))
 
 
 def repair_log(run_dir: Path, history: list[dict]) -> None:
@@ -218,6 +346,7 @@ def check_run_dir(run_dir: Path, cfg, resume: bool) -> dict | None:
     is built); returns the last checkpoint when resuming."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out_dir {run_dir} is a file. Fix: choose another --out_dir")
+    check_unlocked(run_dir)
     existing = [c for c in CHECKPOINTS if (run_dir / c).exists()]
     if resume and "last.pt" not in existing:
         raise FileNotFoundError(

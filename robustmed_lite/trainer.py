@@ -35,10 +35,14 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoints import (
+    acquire_lock,
     check_run_dir,
+    check_writable,
+    checkpoint_bytes,
     load_checkpoint,
     load_weights,
     note_resumed,
+    release_lock,
     repair_log,
     save_epoch,
     write_run_record,
@@ -93,6 +97,10 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, period)))
 
     return factor
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: the message says which epoch ``last.pt`` holds and how to resume."""
 
 
 class Trainer:
@@ -151,6 +159,9 @@ class Trainer:
         self._val_robust_idx = None
         self.start_epoch, self.history = 0, []
         self.best = {"clean": -1.0, "robust": -1.0}
+        if distributed.is_main():  # writable, with room for the checkpoints, and no other live writer
+            check_writable(self.run_dir, checkpoint_bytes(self.model))
+            acquire_lock(self.run_dir)
         if resume:
             self._load_last(last)
         elif distributed.is_main():
@@ -324,10 +335,31 @@ class Trainer:
         cfg = self.cfg
         main = distributed.is_main()
         last = min(cfg.epochs, stop_after or cfg.epochs)
+        if main:
+            acquire_lock(self.run_dir)  # again where an earlier fit() of this trainer released it
         if 0 < self.start_epoch < last and main:
             note_resumed(self.run_dir, cfg, self.start_epoch, self.history)
         elif self.start_epoch > 0 and main:
             repair_log(self.run_dir, self.history)
+        try:
+            self._fit_epochs(last)
+        except KeyboardInterrupt:
+            saved = self.history[-1]["epoch"] if self.history else 0
+            raise TrainingInterrupted(
+                f"stopped by Ctrl-C in epoch {saved + 1} of {cfg.epochs}; {self.run_dir / 'last.pt'} holds "
+                + (f"epoch {saved}" if saved else "no epoch yet")
+                + f". Continue with: python -m robustmed_lite train --out_dir {self.run_dir} --resume "
+                "(and the same settings)"
+            ) from None
+        finally:
+            if main:
+                release_lock(self.run_dir)
+        return self.history
+
+    def _fit_epochs(self, last: int) -> None:
+        """Epochs ``start_epoch`` to ``last``, each saved when it ends."""
+        cfg = self.cfg
+        main = distributed.is_main()
         for epoch in range(self.start_epoch, last):
             start = time.perf_counter()
             if self.distributed:  # each rank its own attack random starts, independent of where a run resumed
@@ -377,7 +409,6 @@ class Trainer:
                     f"{row['val_clean']:.3f}, val PGD-{cfg.eval_attack_steps} {row['val_robust']:.3f}, "
                     f"{row['epoch_seconds']:.0f} s"
                 )
-        return self.history
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _state(self, epoch: int) -> dict:
