@@ -154,6 +154,8 @@ def keep_together(
     new = {name: np.array(sorted(i for i, s in split_of.items() if s == name), dtype=np.int64) for name in parts}
     labels = None if labels is None else np.asarray(labels).reshape(-1)
     crossing = 0 if labels is None else sum(len(set(labels[g].tolist())) > 1 for g in groups)
-    examples = [[names[i] if names is not None else i for i in g] for g in groups[:5]]
+    examples = [
+        [names[i] if names is not None else i for i in g[:3]] + (["..."] if len(g) > 3 else []) for g in groups[:5]
+    ]
     report = DuplicateReport(mode, len(groups), sum(map(len, groups)), moved, crossing, examples)
     return new, report

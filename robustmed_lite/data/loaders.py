@@ -49,6 +49,7 @@ Conversion policy, the same for every layout:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import importlib
 import json
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..common import CLASS_NAMES
@@ -76,8 +77,9 @@ NIFTI_EXTENSIONS = frozenset({".nii", ".nii.gz"})
 IMAGE_EXTENSIONS = PIL_EXTENSIONS | DICOM_EXTENSIONS | NIFTI_EXTENSIONS
 LUNG_WINDOW = (1500.0, -600.0)  # (width, level) in HU, for DICOM and NIfTI
 MIN_SIDE = 8  # images smaller than this on a side carry no anatomy after resizing: warned about
+MAX_ASPECT = 3  # a side more than 3x the other: a strip or a screenshot, not a slice; squashing it is warned about
 # Bump whenever decoding or resizing changes, so that old caches are not reused.
-LOADER_VERSION = 2
+LOADER_VERSION = 3
 KAGGLE_DATASET = "plameneduardo/sarscov2-ctscan-dataset"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 
@@ -271,13 +273,28 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _find_class_dirs(root: Path) -> list[tuple[Path, int]]:
-    """Class folders at the top of ``root``, else one level down (``root/train/COVID``)."""
+    """Class folders at the top of ``root``, else one level down (``root/train/COVID``).
+
+    Raises:
+        DataError: A folder holding images sits beside the class folders under a name that is no class (a third
+            class such as CAP/ or pneumonia/ would otherwise be dropped without a word).
+    """
     top = [(d, class_of(d.name)) for d in _visible_dirs(root)]
     found = [(d, label) for d, label in top if label is not None]
-    if found:
-        return found
-    nested = [(d, class_of(d.name)) for parent, _ in top for d in _visible_dirs(parent)]
-    return [(d, label) for d, label in nested if label is not None]
+    if not found:
+        nested = [(d, class_of(d.name)) for parent, _ in top for d in _visible_dirs(parent)]
+        found = [(d, label) for d, label in nested if label is not None]
+        top = [(d, label) for d, label in nested if d.parent in {f.parent for f, _ in found}]
+    unknown = [(d, len(_walk_class_dir(d)[0])) for d, label in top if label is None]
+    unknown = [(d, n) for d, n in unknown if n]
+    if found and unknown:
+        listed = ", ".join(f"{d.name}/ ({n} images)" for d, n in unknown)
+        raise DataError(
+            f"{unknown[0][0].parent} holds class folders {', '.join(d.name for d, _ in found)} and folders that "
+            f"are no class of this task: {listed}. Fix: move them out of the data folder, or rename each to a "
+            f"class name ({_ALIAS_HELP})"
+        )
+    return found
 
 
 def file_kind(path: str | os.PathLike) -> str | None:
@@ -302,6 +319,17 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def _check_link(path: Path) -> None:
+    """Refuses a symbolic link that points nowhere or into a loop, naming it (the bare errno says neither)."""
+    if not path.is_symlink():
+        return
+    try:
+        path.stat()
+    except OSError as err:
+        what = "a symbolic link loop" if err.errno == errno.ELOOP else f"a broken symbolic link to {os.readlink(path)}"
+        raise DataError(f"{path} is {what}. Fix: point the link at an image file, or delete it") from None
+
+
 def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files (with DICOM files of any name) and other files below a class folder, both sorted; hidden
     files are skipped."""
@@ -312,6 +340,7 @@ def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
+            _check_link(path)
             known = file_kind(path) is not None or _has_dicom_preamble(path)
             (images if known else others).append(path)
     return sorted(images), sorted(others)
@@ -408,6 +437,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     if not rows:
         raise DataError(f"CSV {path} is empty. Fix: add a header row (path,label) and one row per image")
     header = [h.strip().lower() for h in rows[0]]
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        sep = next(sep for sep in ";\t|" if sep in header[0])
+        raise DataError(
+            f"CSV {path} is separated by {sep!r}, not by commas (its header reads {rows[0][0]!r}). Fix: save it "
+            "comma-separated (path,label)"
+        )
     return header, [row + [""] * (len(header) - len(row)) for row in rows[1:]]
 
 
@@ -880,7 +915,7 @@ def read_gray(path: str | os.PathLike, window: tuple[float, float] = LUNG_WINDOW
         return read_dicom(path, window)
     try:
         with Image.open(path) as img:
-            return to_gray(img)
+            return to_gray(ImageOps.exif_transpose(img))  # a camera or phone JPEG may be stored turned
     except DataError as err:
         raise DataError(f"image {path}: {err}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -937,7 +972,7 @@ def _decode_all(index: _Index, size: int, window, progress: bool) -> tuple[torch
             for start, decoded in zip(starts, pool.map(_decode_job, jobs, [size] * len(jobs), [window] * len(jobs))):
                 for offset, (gray, shape) in enumerate(decoded):
                     images[start + offset, 0] = gray
-                    if min(shape) < MIN_SIDE:
+                    if min(shape) < MIN_SIDE or max(shape) > MAX_ASPECT * min(shape):
                         tiny.append([names[start + offset], int(shape[0]), int(shape[1])])
                 bar.update(len(decoded))
         except BaseException:
@@ -949,7 +984,18 @@ def _decode_all(index: _Index, size: int, window, progress: bool) -> tuple[torch
     return torch.from_numpy(images), tiny
 
 
-def _warn_tiny(tiny: list[list], size: int) -> None:
+def _warn_tiny(odd: list[list], size: int) -> None:
+    """Warns of images too small to hold anatomy, and of elongated ones that resizing squashes to a square."""
+    tiny = [entry for entry in odd if min(entry[1:]) < MIN_SIDE]
+    elongated = [entry for entry in odd if min(entry[1:]) >= MIN_SIDE]
+    if elongated:
+        shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in elongated[:5])
+        warnings.warn(
+            f"{len(elongated)} image(s) with sides more than {MAX_ASPECT}:1 apart were squashed to {size}x{size}: "
+            f"{shown}{', ...' if len(elongated) > 5 else ''}. Fix: crop them to the slice (a CT slice is about "
+            "square) or delete them",
+            stacklevel=3,
+        )
     if tiny:
         shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in tiny[:5])
         warnings.warn(
@@ -1070,7 +1116,9 @@ def load_images(
         raise ValueError(f"slice_step takes an integer >= 1 (every k-th slice), got {slice_step!r}")
     if slice_range is not None and (len(slice_range) != 2 or any(int(v) != v for v in slice_range)):
         raise ValueError(f"slice_range takes (start, stop) axial slice indices, got {slice_range!r}")
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser()
+    _check_link(root)
+    root = root.resolve()
     index = build_index(root, layout)
     if index.non_images:
         names = ", ".join(p.name for p in index.non_images[:3])
