@@ -552,6 +552,24 @@ def coerce(key: str, value):
     return str(value) if isinstance(value, numbers.Real) else value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(preset: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """A resolved config from a preset name or YAML path plus overrides."""
     values = {}
@@ -562,9 +580,12 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None)
         if not path.exists():
             raise FileNotFoundError(f"config {preset!r} not found: use one of {PRESETS} or a path to a YAML file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"config {path} is not valid YAML: {err}. Fix: correct the file") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config {path} is not valid YAML: {problem}{where}. Fix: correct the file") from None
         if not isinstance(values, dict):
             raise ValueError(
                 f"config {path} holds a {type(values).__name__}, not a mapping of config keys. Fix: "

@@ -124,6 +124,37 @@ def create_model(
     return NormalizedClassifier(backbone, in_chans)
 
 
+MAX_IMG_SIZE = 2048  # 16 MB a float32 slice: beyond, one batch of activations outgrows any single machine
+
+
+def check_input_size(name: str, img_size: int) -> None:
+    """Refuses an image size the model cannot take, before any data is loaded: builds the model and runs one
+    blank image through it (on the CPU, without touching the global random state).
+
+    Raises:
+        ValueError: ``img_size`` above ``MAX_IMG_SIZE``, or one the architecture rejects (too small for its
+            patches and downsampling); the message names the model and a size that works.
+    """
+    if img_size > MAX_IMG_SIZE:
+        raise ValueError(
+            f"img_size {img_size} needs {4 * img_size**2 / 2**30:.1f} GiB per slice in float32 alone. Fix: use "
+            f"at most {MAX_IMG_SIZE} (224 is the papers' size, 64 the CPU profile's)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = create_model(name, num_classes=2, img_size=img_size).eval()
+            with torch.no_grad():
+                model(torch.zeros(1, 1, img_size, img_size))
+        except (AssertionError, RuntimeError, ValueError) as err:
+            if isinstance(err, ValueError) and "unknown model" in str(err):
+                raise
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"model {name!r} cannot take {img_size} x {img_size} images ({detail}). Fix: use a larger "
+                "--img_size, e.g. 32 or more (64 for the CPU profile, 224 for the papers' setting)"
+            ) from None
+
+
 def attention_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The attention projection weights (qkv and output projection) of a transformer, by parameter name.
 

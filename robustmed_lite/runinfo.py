@@ -99,10 +99,32 @@ def _in_notebook() -> bool:
 
 
 def get_device(name: str | None = None) -> torch.device:
-    """Returns the requested device, or CUDA when available, else the CPU."""
-    if name and name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Returns the requested device, or CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: A name torch does not know (``gpu``), or a device this machine lacks; the message names the
+            devices there are.
+    """
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {name!r}. Fix: use auto, cpu, cuda, cuda:N or mps (auto takes a GPU where there is one)"
+        ) from None
+    present = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
+    if not present.get(device.type, True):
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(
+            f"device {name!r} is not available here ({gpus} CUDA GPU(s) found; torch {torch.__version__}). "
+            "Fix: use --device cpu, or auto to take a GPU only where there is one"
+        )
+    return device
 
 
 def default_profile(device: torch.device | str | None = None) -> str:

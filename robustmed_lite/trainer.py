@@ -56,7 +56,7 @@ from .data.splits import DataSplits, build_data, check_split_classes
 from .evaluation.attacks import PGD
 from .evaluation.metrics import predict_logits
 from .method.prior import lung_prior
-from .models import create_model
+from .models import check_input_size, create_model
 from .runinfo import get_device, progress_options, seed_everything
 
 # Validation predicts in blocks of VAL_BLOCK images and attacks in chunks of VAL_ATTACK_CHUNK; a distributed run
@@ -131,6 +131,7 @@ class Trainer:
         # Everything that can fail is checked before the run directory is made, so that a failed start (a bad
         # model name, unusable data, a checkpoint that does not fit) leaves no half-made run behind.
         last = check_run_dir(self.run_dir, cfg, resume)
+        check_input_size(cfg.model, cfg.img_size)
         self.data = data or build_data(cfg)
         if data is not None:
             check_split_classes({"train": data.train.labels, "val": data.val[1], "test": data.test[1]}, cfg.data)

@@ -84,3 +84,14 @@ def test_a_semicolon_csv_is_named_as_such(tmp_path):
     index.write_text("path;label\nCOVID/0.png;1\nnon-COVID/0.png;0\n")
     with pytest.raises(DataError, match=r"separated by ';', not by commas .*Fix: save it comma-separated"):
         load_images(index, 32, cache=False, progress=False)
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    from robustmed_lite.config import load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.2\n")
+    with pytest.raises(
+        ValueError, match=r"^config .*mine.yaml is not valid YAML: key 'lr' is given twice \(lines 1 and 3\)"
+    ):
+        load_config(path)

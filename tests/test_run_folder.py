@@ -140,3 +140,25 @@ def test_ctrl_c_stops_with_the_resume_command_and_resume_finishes(tmp_path, tiny
     history = Trainer(cfg, data=tiny_data, resume=True).fit()
     assert [row["epoch"] for row in history] == [1, 2]
     assert torch.isfinite(torch.tensor(history[-1]["train_loss"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"img_size": 7}, r"model 'tiny_visformer' cannot take 7 x 7 images .*Fix: use a larger --img_size"),
+        ({"img_size": 100000}, r"img_size 100000 needs 37\.3 GiB per slice .*Fix: use at most 2048"),
+        ({"device": "gpu"}, r"unknown device 'gpu'\. Fix: use auto, cpu, cuda"),
+    ],
+)
+def test_sizes_and_devices_are_refused_before_any_folder_is_made(tmp_path, overrides, said):
+    cfg = _config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=said):
+        Trainer(cfg)
+    assert not cfg.run_dir().exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available here \(0 CUDA GPU\(s\) found"):
+        Trainer(_config(tmp_path, device="cuda"))
+    assert not (tmp_path / "run").exists()
