@@ -1,9 +1,7 @@
 """Small shared helpers that every other module imports downward: eval mode, a model's device, eps text, class
 names.
 
-This module imports nothing from the package, so any module may import it without a cycle. The old import
-paths keep working: ``attacks.eval_mode``, ``attacks.parse_eps``, ``attacks.format_eps``,
-``evaluate.model_device`` and ``data.CLASS_NAMES`` are these same objects.
+This module imports nothing from the package, so any module may import it without a cycle.
 """
 
 from __future__ import annotations

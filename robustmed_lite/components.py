@@ -13,14 +13,14 @@ part               register with                       signature
 sample attack      ``@register_attack(name)``          ``make(cfg, steps) -> attack | None``; the attack is
                                                        called ``attack(model, x, y) -> x_adv`` (eval mode,
                                                        detached, in [0, 1]); ``cfg.feedback`` names the rule
-feedback rule      ``@register_feedback(name)``        a ``attacks.FeedbackRule`` subclass, built per attack
-                                                       call as ``Rule(x, steps, tau)``; it sees each iterate
-                                                       and says which samples stop (see ``attacks``)
+feedback rule      ``@register_feedback(name)``        a ``FeedbackRule`` subclass (``method.feedback_attack``),
+                                                       built per attack call as ``Rule(x, steps, tau)``; it sees
+                                                       each iterate and says which samples stop
 weight noise       ``@register_weight_noise(name)``    ``make(model, cfg) -> noise`` with ``compute_batch(batch)
                                                        -> direction``, ``perturb(direction, gamma)``,
                                                        ``restore()``, ``applied(direction, gamma)``,
                                                        ``state_dict()``, ``load_state_dict(state)`` (as
-                                                       ``perturbation.WeightPerturbation``); a
+                                                       ``weight_perturbation.WeightPerturbation``); a
                                                        ``gradient_sync`` attribute to train under torchrun
 loss               ``@register_loss(name)``            ``loss(model, batch, cfg) -> scalar tensor``; the model
                                                        is in train mode and, with weight noise, perturbed
@@ -208,7 +208,8 @@ def register_attack(name: str, make: Callable | None = _MISSING, *, description:
 
 
 def register_feedback(name: str, rule: type | None = _MISSING, *, description: str = "", replace: bool = False):
-    """Registers a feedback (early-stopping) rule of the sample attack: an ``attacks.FeedbackRule`` subclass."""
+    """Registers a feedback (early-stopping) rule of the sample attack: a ``method.feedback_attack.FeedbackRule``
+    subclass."""
     return FEEDBACK.register(name, rule, description=description, replace=replace)
 
 

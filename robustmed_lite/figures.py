@@ -372,7 +372,7 @@ def plot_weight_sensitivity(
     deviation over the random directions (seaborn).
 
     Args:
-        table: Long table from ``perturbation.weight_sensitivity`` with a ``method`` column added (several
+        table: Long table from ``weight_perturbation.weight_sensitivity`` with a ``method`` column added (several
             models stacked).
         condition: Which rows to plot (``"clean"`` or an attack's name).
         ax: Optional axes.
@@ -555,7 +555,7 @@ def plot_shift_bars(table, metric: str = "accuracy", ax=None):
 
 def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5, figsize_per: float = 3.2):
     """Sensitivity (solid) and specificity (dashed) against the decision threshold, one panel per model, one
-    colour per domain (``evaluate.threshold_sweep`` tables), with the values at ``threshold`` marked.
+    colour per domain (``metrics.threshold_sweep`` tables), with the values at ``threshold`` marked.
 
     Args:
         sweeps: ``{model: {domain: sweep table}}``.
@@ -689,7 +689,7 @@ def plot_attention_ratios(
     uniform map (the mask's mean area) as a dashed line (seaborn).
 
     Args:
-        ratios: ``explain.attention_ratios``' per-image table.
+        ratios: ``saliency.attention_ratios``' per-image table.
         metrics: (column, chance-level column or None, panel title); columns absent from the table are skipped.
         errorbar: seaborn's error bar: the default is a 95 % bootstrap interval of the mean over slices (seed 0);
             "sd" shows the spread over slices instead.
@@ -727,7 +727,7 @@ def plot_noise_magnitudes(table, title=None):
     slice of q, k, v or proj) and per part (bars, the same ratio over all heads of q, k, v or proj).
 
     Args:
-        table: ``explain.attention_noise_magnitudes(..., by="head")``.
+        table: ``saliency.attention_noise_magnitudes(..., by="head")``.
         title: Optional figure title.
 
     Returns:

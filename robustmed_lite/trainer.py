@@ -458,7 +458,7 @@ class Trainer:
 
 
 def _share(count: float, n: int) -> float:
-    """count / n rounded to float32, as ``evaluate.accuracy``'s mean of 0/1 values is."""
+    """count / n rounded to float32, as ``metrics.accuracy``'s mean of 0/1 values is."""
     return (torch.tensor(float(count)) / n).item()
 
 

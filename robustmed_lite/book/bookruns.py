@@ -200,7 +200,7 @@ def test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(run_dir: str | Path, cfg: TrainConfig, test=None) -> dict:
-    """Clean and PGD accuracy of a run folder's selected checkpoint (``experiments.selected_checkpoint_name``)
+    """Clean and PGD accuracy of a run folder's selected checkpoint (``checkpoints.selected_checkpoint_name``)
     on its test split, PGD as the run validates (``trainer.validation_attack``)."""
     from ..checkpoints import model_from_checkpoint, selected_checkpoint_name
     from ..evaluation.metrics import accuracy, adversarial_examples

@@ -73,7 +73,7 @@ def warn_training_overlap(images: torch.Tensor, cfg, where: str) -> int:
 
 
 def subsample(images, labels, n: int | None, seed: int = 0):
-    """``(images, labels)`` reduced to a seeded stratified sample of ``n`` (``data.stratified_subset``): the
+    """``(images, labels)`` reduced to a seeded stratified sample of ``n`` (``data.loaders.stratified_subset``): the
     first n images of a folder layout are sorted by class, so they would all be COVID. None keeps them all."""
     if n is None:
         return images, labels

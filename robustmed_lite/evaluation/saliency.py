@@ -597,14 +597,14 @@ def saliency_under_noise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Saliency maps at the model's weights and while a weight noise is injected.
 
-    The noise goes in with ``perturbation.applied(noise, gamma)`` (w += gamma * d) and is taken out after the
+    The noise goes in with ``weight_perturbation.applied(noise, gamma)`` (w += gamma * d) and is taken out after the
     second map, also on errors: no step is taken in between, so the weights come back bitwise.
 
     Args:
-        model: The classifier; ``perturbation.model`` must be it.
+        model: The classifier; ``weight_perturbation.model`` must be it.
         x: Images (N,C,H,W).
-        perturbation: A ``perturbation.WeightPerturbation`` of the model.
-        noise: Its noise directions, e.g. from ``perturbation.compute(x, x_aug, y)``.
+        perturbation: A ``weight_perturbation.WeightPerturbation`` of the model.
+        noise: Its noise directions, e.g. from ``weight_perturbation.compute(x, x_aug, y)``.
         method: Saliency method.
         gamma: Noise scale (default: the perturbation's own ``gamma``).
         **kwargs: Passed to ``saliency`` (target, layer, batch_size).
