@@ -75,7 +75,7 @@ SET_BY_STUDY = {
     "method": "a study trains its own rows: choose them with --methods (reproduce, sites) or --variant (reproduce)",
     "seed": "a study sets each run's seed: use --seeds (e.g. --seeds 0-4)",
     "out_dir": "a study names each run's folder: use --runs for the folder that holds them",
-    "init_from": "a study starts robust runs from its own clean runs (profile paper): it takes no --init_from",
+    "init_from": "a study chooses where each run starts (profile paper: from its own clean run)",
     "progress": "a study sets the runs' bars itself: use --quiet for none",
 }
 
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-def _study_parser(sub, name: str, help_text: str, parents, run, methods: str | None = "") -> argparse.ArgumentParser:
+def _study_parser(sub, name: str, help_text: str, parents, run, methods: str | None = "") -> argparse._ArgumentGroup:
     """A study's subcommand with the options every study shares, declared here once, and the config overrides.
 
     Args:
@@ -540,6 +540,9 @@ def _study_parser(sub, name: str, help_text: str, parents, run, methods: str | N
         parents: Parsers whose options it takes too (``--debug``).
         run: The function that runs it.
         methods: The default of ``--methods`` (None: all); ``""``: the study has no ``--methods``.
+
+    Returns:
+        The group of the study options, for the study's own options.
     """
     results, runs = STUDY_FOLDERS[name]
     study = sub.add_parser(name, parents=parents, help=help_text, description=help_text, usage=OVERRIDES_USAGE)
@@ -581,7 +584,7 @@ def _study_parser(sub, name: str, help_text: str, parents, run, methods: str | N
         "out_dir, init_from and progress itself (its rows, --seeds, --runs, --quiet).",
     )
     study.set_defaults(run=run, study=name)
-    return study
+    return options
 
 
 def _parser() -> argparse.ArgumentParser:
