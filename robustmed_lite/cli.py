@@ -1,5 +1,26 @@
-"""Command line: ``python -m robustmed_lite {demo,train,evaluate,reproduce} ...``; ``--help`` on each lists its
-options.
+"""Command line: ``python -m robustmed_lite COMMAND [options]``; ``python -m robustmed_lite COMMAND --help`` lists
+a command's options.
+
+Commands:
+    demo          ERM vs the method on the phantom: trains both (CPU, minutes), prints a comparison table
+    train         train one method: a preset or YAML file (--config) plus any TrainConfig field as --KEY VALUE
+    evaluate      clean, attack and worst-case accuracy with clinical metrics of checkpoints (--attacks none:
+                  clean metrics alone); --ood: the corruption and cross-site suite
+    reproduce     the paper's comparison on real CT: every method x seed, intervals, verdicts (resumable)
+    sites         the cross-site study: Soares -> UCSD with and without each component against the shift
+    fidelity      CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired)
+    ablation      robustmed with one part switched off at a time: prior, feedback, weight noise, loss (paired)
+    diagnose      is the model looking at the disease? per-site predictions, calibration, saliency outside the lungs
+    doctor        is this machine ready for the notebooks? a short pass/fail report to paste
+    bookruns      the fast-profile runs shipped for the notebooks: regenerate them, or check them against their record
+    data fetch    download a real CT set (sarscov2, ucsd), check its counts, say how to point ROBUSTMED_DATA at it
+    data store    write a data set once as an on-disk uint8 slice store, for data larger than memory
+
+Config overrides: every command that trains (train, demo, reproduce, sites, fidelity, ablation) takes any
+TrainConfig field as ``--KEY VALUE`` (``--epochs 3 --beta 2 --eps 8/255``); a study applies it to every run. Where
+a field's name is also a study's own option (--data, and --ood_data in reproduce), the study's option wins. A study
+sets each run's method, seed, out_dir, init_from and progress itself: choose them with its rows (--methods,
+--variant), --seeds, --runs and --quiet. bookruns trains the shipped runs exactly as recorded and takes no overrides.
 
 Examples::
 
@@ -9,9 +30,11 @@ Examples::
     python -m robustmed_lite train --config cpu-demo --method robustmed --resume     # continue runs/...
     torchrun --nproc_per_node 4 -m robustmed_lite train --config paper --method robustmed --data DIR  # one run, 4 GPUs
     python -m robustmed_lite evaluate --checkpoint runs/robustmed-tiny_visformer-64px-seed0/best_robust.pt
+    python -m robustmed_lite evaluate --attacks none --checkpoint runs/erm-*/best_clean.pt   # clean metrics alone
     python -m robustmed_lite evaluate --ood --checkpoint runs/erm-*/best_clean.pt runs/robustmed-*/best_robust.pt
-    python -m robustmed_lite reproduce --profile cpu --data ../shared/data/sarscov2 \
-        --ood_data ../shared/data/ucsd_covidct                  # the paper's comparison, seeds, intervals
+    python -m robustmed_lite reproduce --profile cpu --data D/sarscov2 --ood_data D/ucsd_covidct   # the paper's table
+    python -m robustmed_lite reproduce --data phantom --methods erm,cap --epochs 2 --beta 2   # overrides, every run
+    python -m robustmed_lite ablation --data phantom --seeds 0,1 --epochs 3
 """
 
 from __future__ import annotations
@@ -25,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import CHOICES, METHOD_FIELDS, METHODS, PRESETS, TrainConfig, field_kinds
+from .config import CHOICES, METHOD_FIELDS, METHODS, PRESETS, TrainConfig, coerce, field_kinds
 from .data.loaders import DownloadError
 
 # Errors a user causes with a wrong argument, file or folder: one line on stderr and exit code 2 (as argparse does
@@ -40,6 +63,51 @@ USER_ERRORS = (
     DownloadError,
 )
 EXIT_USER_ERROR = 2
+
+# An override --KEY VALUE is stored as OVERRIDE_PREFIX + KEY, apart from a command's own option of the same name.
+OVERRIDE_PREFIX = "override_"
+
+# The usage line of a command with the overrides (argparse's would list all the fields, in every error message).
+OVERRIDES_USAGE = "%(prog)s [options] [--KEY VALUE ...] (see --help)"
+
+# TrainConfig fields that a study sets for each of its runs, and the study option that chooses them instead.
+SET_BY_STUDY = {
+    "method": "a study trains its own rows: choose them with --methods (reproduce, sites) or --variant (reproduce)",
+    "seed": "a study sets each run's seed: use --seeds (e.g. --seeds 0-4)",
+    "out_dir": "a study names each run's folder: use --runs for the folder that holds them",
+    "init_from": "a study chooses where each run starts (profile paper: from its own clean run)",
+    "progress": "a study sets the runs' bars itself: use --quiet for none",
+}
+
+# Folders of the studies (shown in --help): results, runs.
+STUDY_FOLDERS = {
+    "reproduce": ("results/reproduction/<profile>", "runs/reproduction/<profile>"),
+    "sites": ("results/sites/<profile>", "the reproduction's, runs/reproduction/<profile>"),
+    "fidelity": ("results/fidelity/<profile>[-phantom]", "runs/fidelity/<profile>[-phantom], shared with ablation"),
+    "ablation": ("results/ablation/<profile>[-phantom]", "runs/fidelity/<profile>[-phantom], shared with fidelity"),
+}
+
+
+class _Refused(argparse.Action):
+    """An option that is refused with its reason and fix: argparse's error, the usage and exit code 2."""
+
+    def __init__(self, option_strings, dest, fix, **kwargs):
+        self.fix = fix
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"argument {option_string}: {self.fix(values) if callable(self.fix) else self.fix}")
+
+
+def _removed_set(value: str | None) -> str:
+    """The error of the former ``--set KEY=VALUE``, with the new form of the value given."""
+    key, eq, field_value = (value or "").partition("=")
+    example = f"--{key.strip()} {field_value.strip()}" if eq and key.strip() else "--beta 2"
+    return (
+        "the form --set KEY=VALUE was removed: pass any TrainConfig field as its own option, --KEY VALUE "
+        f"(here: {example}); it applies to every run"
+    )
 
 
 def _field_help(name: str, kind: str, default) -> str:
@@ -69,23 +137,38 @@ def _field_help(name: str, kind: str, default) -> str:
     return what if default is dataclasses.MISSING else f"{what} (default {default!r} unless the preset sets it)"
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
-    group = parser.add_argument_group("config overrides (any TrainConfig field)")
+def _add_overrides(parser: argparse.ArgumentParser, own=(), set_by_command=None, note: str = "") -> None:
+    """Declares ``--KEY VALUE`` for every TrainConfig field: the one override syntax of every command that trains.
+
+    Args:
+        parser: The command's parser.
+        own: Field names the command declares as its own options (they win; the group's note says so).
+        set_by_command: Field name -> why it is refused and what to pass instead (the command sets that field).
+        note: Said under the group's title in ``--help``.
+    """
+    set_by_command = set_by_command or {}
+    group = parser.add_argument_group("config overrides: --KEY VALUE for any TrainConfig field", note or None)
     kinds = field_kinds()
     for f in dataclasses.fields(TrainConfig):
-        if not f.name.startswith("_"):
-            group.add_argument(
-                f"--{f.name}",
-                default=None,
-                metavar=f.name.upper(),
-                help=_field_help(f.name, kinds[f.name][0], f.default),
-            )
+        if f.name.startswith("_") or f.name in own:
+            continue
+        if f.name in set_by_command:
+            group.add_argument(f"--{f.name}", action=_Refused, fix=set_by_command[f.name])
+            continue
+        group.add_argument(
+            f"--{f.name}",
+            dest=OVERRIDE_PREFIX + f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=_field_help(f.name, kinds[f.name][0], f.default),
+        )
+    parser.add_argument("--set", action=_Refused, fix=_removed_set)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    """The ``--KEY VALUE`` overrides given, each read by its field's kind (a bad value names its option)."""
+    given = {k[len(OVERRIDE_PREFIX) :]: v for k, v in vars(args).items() if k.startswith(OVERRIDE_PREFIX)}
+    return {key: coerce(key, value) for key, value in given.items() if value is not None}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -114,6 +197,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The columns of a clean-only evaluation (no attack: its eps, steps and seconds say nothing).
+CLEAN_COLUMNS = ("condition", "n", "n_covid", "n_noncovid", "accuracy", "auc", "sensitivity", "specificity", "f1")
+
+
+def _attack_names(text: str) -> list[str]:
+    """``--attacks``: comma-separated names, or ``none`` for clean metrics alone (an empty list)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    if not names or "none" in names:
+        raise ValueError(
+            f"--attacks takes comma-separated attack names or 'none' (clean metrics alone), got {text!r}. Fix: "
+            "pass e.g. --attacks fgsm,pgd10, or --attacks none"
+        )
+    return names
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if args.ood:
         from .evaluation.checkpoint_eval import run_ood
@@ -136,12 +236,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     from .evaluation.checkpoint_eval import evaluate_checkpoint
 
+    attacks = _attack_names(args.attacks)
+    if not attacks and args.eps is not None:
+        raise ValueError("--eps is an attack radius and --attacks none runs no attack. Fix: drop one of them")
     tables = []
     for path in args.checkpoint:
         table = evaluate_checkpoint(
             path,
             split=args.split,
-            attacks=args.attacks.split(","),
+            attacks=attacks,
             eps=args.eps,
             n=args.n,
             data=args.data,
@@ -152,11 +255,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{path}: {table.attrs['sample']}: {first['n_covid']} COVID, {first['n_noncovid']} non-COVID")
         tables.append(table.assign(checkpoint=path))
     table = pd.concat(tables, ignore_index=True)
-    shown = table if table["note"].astype(bool).any() else table.drop(columns="note")
+    with_note = table["note"].astype(bool).any()
+    if attacks:
+        shown = table if with_note else table.drop(columns="note")
+    else:
+        print("clean metrics alone (--attacks none): no attack was run")
+        shown = table[[*CLEAN_COLUMNS, *(("note",) if with_note else ()), "checkpoint"]]
     print(shown.to_string(index=False))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        (table if attacks else shown).to_csv(args.out, index=False)
         print(f"saved {args.out}")
     return 0
 
@@ -179,19 +287,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count_or_all(option: str, text: str | None):
+    """``--ensemble_n`` / ``--corruption_n``: not given -> the profile's, 'all' -> None (every image), else a count."""
+    if text is None:
+        return "profile"
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option} takes 'all' or a number of images, got {text!r}") from None
+
+
 def _reproduce(args: argparse.Namespace) -> int:
-    from .config import coerce
     from .studies.plan import parse_variant
     from .studies.reproduce import reproduce
 
-    overrides = {}
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = coerce(key.strip(), value.strip())
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
     variants = dict(parse_variant(v) for v in args.variant or [])
     adapt_methods = [m for m in (args.adapt or "").split(",") if m]
     if args.sites_best:  # the cross-site study's best combination as one more row of the method
@@ -200,14 +311,6 @@ def _reproduce(args: argparse.Namespace) -> int:
         settings, adaptation = best_settings(args.sites_best)
         variants["robustmed+sites"] = {"method": "robustmed", **settings}
         adapt_methods += [adaptation] if adaptation != "none" and adaptation not in adapt_methods else []
-    ensemble_n = (
-        "profile" if args.ensemble_n is None else (None if args.ensemble_n.lower() == "all" else int(args.ensemble_n))
-    )
-    corruption_n = (
-        "profile"
-        if args.corruption_n is None
-        else (None if args.corruption_n.lower() == "all" else int(args.corruption_n))
-    )
     results = reproduce(
         args.profile,
         data=args.data,
@@ -219,11 +322,11 @@ def _reproduce(args: argparse.Namespace) -> int:
         runs=args.runs,
         shard=args.shard,
         jobs=args.jobs,
-        overrides=overrides,
+        overrides=_overrides(args),
         variants=variants,
-        ensemble_n=ensemble_n,
+        ensemble_n=_count_or_all("--ensemble_n", args.ensemble_n),
         adapt_methods=adapt_methods,
-        corruption_n=corruption_n,
+        corruption_n=_count_or_all("--corruption_n", args.corruption_n),
         progress=not args.quiet,
     )
     out = Path(args.out or f"results/reproduction/{args.profile}")
@@ -262,6 +365,7 @@ def _sites(args: argparse.Namespace) -> int:
         runs=args.runs,
         jobs=args.jobs,
         screen=parse_methods(args.screen) if args.screen else None,
+        overrides=_overrides(args),
         progress=not args.quiet,
     )
     out = Path(args.out or f"results/sites/{args.profile}")
@@ -283,6 +387,7 @@ def _paired_study(args: argparse.Namespace) -> int:
         out=args.out,
         runs=args.runs,
         jobs=args.jobs,
+        overrides=_overrides(args),
         progress=not args.quiet,
     )
     print(result["effects"].round(4).to_string(index=False))
@@ -389,7 +494,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     start = time.time()
     table = compare_methods(
-        ["erm", "robustmed"], preset=args.config, out_root=args.out_root, seed=args.seed, progress=not args.quiet
+        ["erm", "robustmed"],
+        preset=args.config,
+        out_root=args.out_root,
+        seed=args.seed,
+        overrides=_overrides(args),
+        progress=not args.quiet,
     )
     print(f"\nERM vs the method ({args.config} preset, seed {args.seed}), {time.time() - start:.0f} s in all")
     print(table.to_string(index=False))
@@ -420,6 +530,63 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def _study_parser(sub, name: str, help_text: str, parents, run, methods: str | None = "") -> argparse._ArgumentGroup:
+    """A study's subcommand with the options every study shares, declared here once, and the config overrides.
+
+    Args:
+        sub: The subparsers to add to.
+        name: The command (a key of ``STUDY_FOLDERS``).
+        help_text: Its one line in the top-level ``--help``.
+        parents: Parsers whose options it takes too (``--debug``).
+        run: The function that runs it.
+        methods: The default of ``--methods`` (None: all); ``""``: the study has no ``--methods``.
+
+    Returns:
+        The group of the study options, for the study's own options.
+    """
+    results, runs = STUDY_FOLDERS[name]
+    study = sub.add_parser(name, parents=parents, help=help_text, description=help_text, usage=OVERRIDES_USAGE)
+    options = study.add_argument_group("study options")
+    options.add_argument(
+        "--profile",
+        default="cpu",
+        choices=("cpu", "gpu", "paper"),
+        help="cpu: 64 px, minutes per run; gpu: 128 px, several runs per GPU; paper: CAP's protocol",
+    )
+    options.add_argument(
+        "--data",
+        default=None,
+        help="training set, the study's option, not the TrainConfig field (default: sarscov2 in ROBUSTMED_DATA "
+        "or ../shared/data; 'phantom' for a quick check)",
+    )
+    if methods != "":
+        default = "all" if methods is None else methods
+        options.add_argument(
+            "--methods", default=methods, help=f"comma-separated, from: {', '.join(METHODS)} (default {default})"
+        )
+    options.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds, or a range such as 0-4")
+    options.add_argument("--out", default=None, help=f"results folder (default {results})")
+    options.add_argument("--runs", default=None, help=f"run directories (default {runs})")
+    options.add_argument("--jobs", type=int, default=None, help="runs at once (default: the profile's)")
+    options.add_argument("--quiet", action="store_true", help="no progress bars")
+    own = ("data", "ood_data") if name == "reproduce" else ("data",)
+    refused = dict(SET_BY_STUDY)
+    if "ood_data" not in own:
+        where = "--target" if name == "sites" else "the default data's other site"
+        refused["ood_data"] = f"this study chooses its other-site domains ({where}); reproduce takes --ood_data"
+    clashes = " and ".join(f"--{k}" for k in own)
+    _add_overrides(
+        study,
+        own=own,
+        set_by_command=refused,
+        note=f"Each applies to every run of the study (e.g. --epochs 3 --beta 2). {clashes}: the study's options "
+        "above win over the TrainConfig fields of the same name. The study sets each run's method, seed, "
+        "out_dir, init_from and progress itself (its rows, --seeds, --runs, --quiet).",
+    )
+    study.set_defaults(run=run, study=name)
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m robustmed_lite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -435,20 +602,36 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the traceback of an error instead of one line",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="the main job: ERM vs the method on the phantom, a comparison table"
+        "demo",
+        parents=[common],
+        help="the main job: ERM vs the method on the phantom, a comparison table",
+        usage=OVERRIDES_USAGE,
     )
-    demo.add_argument("--config", default="cpu-demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
+    demo.add_argument("--seed", type=int, default=0, help="the training seed of both runs")
     demo.add_argument("--out_root", default="runs/demo", help="reused on a second run (delete it to retrain)")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_overrides(
+        demo,
+        own=("seed",),
+        set_by_command={
+            "method": "demo trains erm and robustmed: use train --method for another method",
+            "out_dir": "demo's runs go to --out_root",
+            "progress": "use --quiet for no progress bars",
+        },
+        note="Each applies to both runs (e.g. --epochs 2).",
+    )
     demo.set_defaults(run=_demo)
 
-    train = sub.add_parser("train", parents=[common], help="train one method (see --method and the presets)")
+    train = sub.add_parser(
+        "train", parents=[common], help="train one method (see --method and the presets)", usage=OVERRIDES_USAGE
+    )
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
-    _add_config_args(train)
+    train.add_argument("--config", default="cpu-demo", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
+    _add_overrides(train)
     train.set_defaults(run=_train)
 
     ev = sub.add_parser(
@@ -459,7 +642,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--attacks",
         default="fgsm,pgd10,pgd50,apgd,cw",
-        help="comma-separated, from: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd",
+        help="comma-separated, from: fgsm, rfgsm, pgd10, pgd50, pgd_l2, mim, cw, apgd; or none: clean metrics "
+        "alone (accuracy, AUC, sensitivity, specificity, F1, n)",
     )
     ev.add_argument("--eps", default=None, help="attack radius, e.g. 8/255 (default: the training eps)")
     ev.add_argument(
@@ -492,38 +676,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--covid19c", default=None, help="with --ood: a COVID19-C root to add as shift domains")
     ev.set_defaults(run=_evaluate)
 
-    rep = sub.add_parser(
+    rep = _study_parser(
+        sub,
         "reproduce",
-        parents=[common],
-        help="the paper's comparison on real CT: every method x seed, intervals, verdicts (resumable)",
-    )
-    rep.add_argument(
-        "--profile",
-        default="cpu",
-        choices=("cpu", "gpu", "paper"),
-        help="cpu: 64 px, minutes per run; gpu: 128 px, several runs per GPU; paper: CAP's protocol",
-    )
-    rep.add_argument(
-        "--data",
-        default=None,
-        help="training set (default: sarscov2 in ROBUSTMED_DATA or ../shared/data; 'phantom' for a quick check)",
+        "the paper's comparison on real CT: every method x seed, intervals, verdicts (resumable)",
+        [common],
+        _reproduce,
+        methods=None,
     )
     rep.add_argument(
         "--ood_data",
         nargs="*",
         default=None,
-        help="other-site roots, each its own domain (default: ucsd_covidct beside the default data)",
+        help="other-site roots, each its own domain (default: ucsd_covidct beside the default data); the study's "
+        "option, not the TrainConfig field",
     )
     rep.add_argument("--covid19c", default=None, help="a COVID19-C root: its subsets become domains")
-    rep.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default all)")
-    rep.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (or a range, 0-4)")
-    rep.add_argument("--out", default=None, help="results folder (default results/reproduction/<profile>)")
-    rep.add_argument("--runs", default=None, help="run directories (default runs/reproduction/<profile>)")
     rep.add_argument(
         "--shard", default=None, help="i/n: train this shard's runs only; the summary merges all finished runs"
     )
-    rep.add_argument("--jobs", type=int, default=None, help="runs at once (default: the profile's)")
-    rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     rep.add_argument(
         "--ensemble_n",
         default=None,
@@ -539,12 +710,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="test-time adaptations also evaluated on the other sites: adabn, tent (comma-separated)",
     )
-    rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, for every run")
     rep.add_argument(
         "--variant",
         action="append",
         metavar="NAME=METHOD,KEY=VALUE,...",
-        help="an extra row: a method with other settings",
+        help="an extra row, named NAME: METHOD with other settings (e.g. robustmed+crop=robustmed,lung_crop=true); "
+        "repeat for more rows",
     )
     rep.add_argument(
         "--sites_best",
@@ -553,65 +724,42 @@ def _parser() -> argparse.ArgumentParser:
         help="add the cross-site study's best combination (its best.json in DIR, e.g. results/sites/cpu) "
         "as a row robustmed+sites, and its test-time adaptation to the evaluation",
     )
-    rep.add_argument("--quiet", action="store_true")
-    rep.set_defaults(run=_reproduce)
 
-    sites = sub.add_parser(
+    sites = _study_parser(
+        sub,
         "sites",
-        parents=[common],
-        help="the cross-site study: Soares -> UCSD with and without "
-        "every component against the shift, shortcut tests, the "
-        "best combination",
+        "the cross-site study: Soares -> UCSD with and without every component against the shift, shortcut tests, "
+        "the best combination",
+        [common],
+        _sites,
+        methods="erm,trades,robustmed",
     )
-    sites.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
-    sites.add_argument("--data", default=None, help="training site (default: sarscov2 beside the shared data)")
     sites.add_argument(
         "--target",
         default=None,
         help="the other site, with an official val/test split (default: ucsd_covidct beside the shared data)",
     )
-    sites.add_argument("--methods", default="erm,trades,robustmed")
     sites.add_argument(
         "--screen",
         default=None,
         help="methods trained with each single component, whose validation "
         "gains choose the combination (default: every method)",
     )
-    sites.add_argument("--seeds", default="0,1,2")
-    sites.add_argument("--out", default=None, help="results folder (default results/sites/<profile>)")
-    sites.add_argument("--runs", default=None, help="run directories (default: the reproduction's)")
-    sites.add_argument("--jobs", type=int, default=None)
-    sites.add_argument("--quiet", action="store_true")
-    sites.set_defaults(run=_sites)
 
-    studies = (
-        (
-            "fidelity",
-            "CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired, seeds)",
-        ),
-        (
-            "ablation",
-            "robustmed with one part switched off at a time (prior, feedback, weight noise, loss; paired, seeds)",
-        ),
+    _study_parser(
+        sub,
+        "fidelity",
+        "CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired, seeds)",
+        [common],
+        _paired_study,
     )
-    for name, help_text in studies:  # the paired studies share their options and their run folders
-        study = sub.add_parser(name, parents=[common], help=help_text)
-        study.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"))
-        study.add_argument(
-            "--data",
-            default=None,
-            help="training set (default: sarscov2 beside the shared data; 'phantom' for the phantom)",
-        )
-        study.add_argument("--seeds", default="0,1,2")
-        study.add_argument("--out", default=None, help=f"results folder (default results/{name}/<profile>[-phantom])")
-        study.add_argument(
-            "--runs",
-            default=None,
-            help="run directories, shared by the studies (default runs/fidelity/<profile>[-phantom])",
-        )
-        study.add_argument("--jobs", type=int, default=None)
-        study.add_argument("--quiet", action="store_true")
-        study.set_defaults(run=_paired_study, study=name)
+    _study_parser(
+        sub,
+        "ablation",
+        "robustmed with one part switched off at a time (prior, feedback, weight noise, loss; paired, seeds)",
+        [common],
+        _paired_study,
+    )
 
     diag = sub.add_parser(
         "diagnose",

@@ -63,7 +63,7 @@ def flush_denormal() -> Iterator[None]:
 
 
 # Seconds between redraws of a progress bar that writes to a log file or pipe instead of a terminal.
-LOG_PROGRESS_INTERVAL = 60.0
+LOG_PROGRESS_INTERVAL = 10.0
 
 
 def progress_options(enabled: bool = True, stream=None) -> dict:
@@ -71,7 +71,10 @@ def progress_options(enabled: bool = True, stream=None) -> dict:
 
     A terminal redraws a bar in place; a log file or a pipe (CI, ``nohup``, a job scheduler) keeps every redraw,
     and a bar refreshed ten times a second fills it with thousands of lines. There the bar redraws at most every
-    ``LOG_PROGRESS_INTERVAL`` seconds. Notebook bars (widgets) are left alone.
+    ``LOG_PROGRESS_INTERVAL`` seconds, each redraw with its current counter. A bar's ``set_postfix`` must pass
+    ``refresh=False``: a forced redraw defeats the interval, and inside a ``for`` loop over the bar it prints the
+    counter of the last timed redraw (``0/N`` for the whole first interval). Notebook bars (widgets) are left
+    alone.
 
     Args:
         enabled: False disables the bar.
@@ -87,7 +90,9 @@ def progress_options(enabled: bool = True, stream=None) -> dict:
         terminal = False
     if terminal or _in_notebook():
         return {"disable": False}
-    return {"disable": False, "mininterval": LOG_PROGRESS_INTERVAL, "maxinterval": LOG_PROGRESS_INTERVAL * 10}
+    # miniters=1: the clock is read every step, so a redraw comes as soon as the interval is over; tqdm's dynamic
+    # miniters would also let its monitor thread force redraws, which inside a for loop show a stale counter.
+    return {"disable": False, "mininterval": LOG_PROGRESS_INTERVAL, "miniters": 1}
 
 
 def _in_notebook() -> bool:

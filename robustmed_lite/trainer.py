@@ -383,7 +383,8 @@ class Trainer:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v * len(y)
                 count += len(y)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                # No redraw here: the bar's own rate-limited redraws show the loss beside an up-to-date counter.
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
             train_time = time.perf_counter() - start
             if self.distributed:  # the epoch's means over all ranks' images; rank 0's buffers for validation
                 *sums, count = distributed.sum_over_ranks([*totals.values(), count])

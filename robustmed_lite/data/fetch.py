@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from ..common import CLASS_NAMES
+from ..runinfo import progress_options
 from .loaders import DataError, DownloadError, build_index, download_sarscov2, file_kind
 
 UCSD_REPOSITORY = "https://github.com/UCSD-AI4H/COVID-CT"
@@ -111,7 +112,7 @@ def download(url: str, file: Path, *, opener=urllib.request.urlopen) -> Path:
         try:
             with (
                 open(part, "ab" if resumed else "wb") as out,
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=file.name) as bar,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=file.name, **progress_options()) as bar,
             ):
                 while chunk := response.read(CHUNK):
                     out.write(chunk)

@@ -58,6 +58,7 @@ def run_ablation(
     jobs: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
+    overrides: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Trains the ablation's rows and writes ``effects.csv`` and ``table.md`` to ``out`` (every run's row and the
     table of means in ``out/all_runs``, as ``reproduce`` writes them).
@@ -71,6 +72,7 @@ def run_ablation(
         jobs: Runs at once.
         progress: Progress bars.
         command: The command line to record.
+        overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
     """
     variants = {row: settings for row, (_, settings) in ABLATIONS.items() if row != "cap"}
     return run_paired_study(
@@ -88,4 +90,5 @@ def run_ablation(
         jobs=jobs,
         progress=progress,
         command=command,
+        overrides=overrides,
     )

@@ -123,6 +123,7 @@ def run_fidelity(
     jobs: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
+    overrides: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Trains the study's rows (see the module docstring) and writes ``effects.csv`` and ``table.md`` to ``out``.
 
@@ -136,8 +137,9 @@ def run_fidelity(
         jobs: Runs at once.
         progress: Progress bars.
         command: The command line to record.
+        overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
     """
-    epochs = load_config(PROFILES[profile].preset, dict(PROFILES[profile].train)).epochs
+    epochs = load_config(PROFILES[profile].preset, {**PROFILES[profile].train, **(overrides or {})}).epochs
     rows, methods = variants(epochs), "trades,awp,cap,robustmed"
     if data == "phantom":
         rows, methods = {k: v for k, v in rows.items() if k in PHANTOM_ROWS}, PHANTOM_METHODS
@@ -156,6 +158,7 @@ def run_fidelity(
         jobs=jobs,
         progress=progress,
         command=command,
+        overrides=overrides,
     )
 
 
@@ -175,11 +178,13 @@ def run_paired_study(
     jobs,
     progress: bool,
     command,
+    overrides: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Trains a study's methods and extra rows as reproduction runs (their folders, reuse and resumption) and
     writes the paired effects of ``pairs`` on ``metrics`` (``effects.csv``, ``table.md``) to
     ``results/<study>/<profile>[-phantom]`` (or ``out``); every run's row and the table of means go to its
-    ``all_runs``. Run folders default to ``runs/fidelity/<profile>[-phantom]``, which the studies share.
+    ``all_runs``. Run folders default to ``runs/fidelity/<profile>[-phantom]``, which the studies share;
+    ``overrides`` (TrainConfig fields) apply to every run.
 
     Returns:
         ``{"effects", "runs", "table"}``.
@@ -197,6 +202,7 @@ def run_paired_study(
         runs=runs,
         jobs=jobs,
         variants=rows,
+        overrides=overrides,
         progress=progress,
         command=command,
     )

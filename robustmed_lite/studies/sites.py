@@ -387,6 +387,7 @@ def run_sites(
     goal: float = 0.65,
     screen=None,
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Runs the study (see the module docstring) and writes its tables to ``out``.
 
@@ -404,6 +405,7 @@ def run_sites(
             (default: every method; ``("erm",)`` screens on the cheapest model and trains the combination for
             every method, a third of the cost on a CPU).
         progress: Progress bars.
+        overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
     """
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if data is None or target is None:
@@ -430,6 +432,7 @@ def run_sites(
         ensemble_n=0,
         adapt_methods=("adabn", "tent"),
         corruption_n=128,
+        overrides=overrides,
         progress=progress,
     )
     methods = tuple(methods)
