@@ -48,6 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .checkpoints import DiskFullError
 from .config import CHOICES, METHOD_FIELDS, METHODS, PRESETS, TrainConfig, coerce, field_kinds
 from .data.loaders import DownloadError
 
@@ -61,8 +62,10 @@ USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
     DownloadError,
+    DiskFullError,
 )
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 # An override --KEY VALUE is stored as OVERRIDE_PREFIX + KEY, apart from a command's own option of the same name.
 OVERRIDE_PREFIX = "override_"
@@ -214,6 +217,15 @@ def _attack_names(text: str) -> list[str]:
     return names
 
 
+def _check_output_file(path: Path) -> None:
+    """Refuses an output file path that is a folder or cannot be written, before any work."""
+    from .checkpoints import check_writable
+
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder. Fix: name a file, e.g. {path / 'evaluation.csv'}")
+    check_writable(path.parent, 2**20)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if args.ood:
         from .evaluation.checkpoint_eval import run_ood
@@ -239,6 +251,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     attacks = _attack_names(args.attacks)
     if not attacks and args.eps is not None:
         raise ValueError("--eps is an attack radius and --attacks none runs no attack. Fix: drop one of them")
+    if args.out:  # before the evaluation, not after it
+        _check_output_file(Path(args.out))
     tables = []
     for path in args.checkpoint:
         table = evaluate_checkpoint(
@@ -522,10 +536,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as err:
+    except KeyboardInterrupt as err:  # Ctrl-C: what was saved and how to go on, not a traceback
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line, even for multi-line messages
+        print(f"interrupted: {err}" if str(err) else "interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (*USER_ERRORS, OSError) as err:
+        # Any other OSError is the file system saying no (read-only, full, a link loop): the file and the fix.
+        if args.debug:
+            raise
+        if isinstance(err, USER_ERRORS):
+            message = " ".join(str(err).split()) or type(err).__name__  # one line, even for multi-line messages
+        else:
+            message = (
+                f"{err.filename or 'a file'}: {err.strerror or err}. Fix: check that the path exists and can be "
+                "written, and that its disk has space"
+            )
         print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
 

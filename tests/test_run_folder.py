@@ -162,3 +162,31 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"device 'cuda' is not available here \(0 CUDA GPU\(s\) found"):
         Trainer(_config(tmp_path, device="cuda"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_says_ctrl_c_and_file_system_refusals_in_one_line(tmp_path, capsys, monkeypatch):
+    from robustmed_lite import cli
+
+    def interrupted(args):
+        raise TrainingInterrupted("stopped by Ctrl-C in epoch 2 of 6; runs/x/last.pt holds epoch 1. Continue with: ...")
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert cli.main(["train", "--out_dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: stopped by Ctrl-C in epoch 2 of 6")
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "log.csv"))
+
+    monkeypatch.setattr(cli, "_train", read_only)
+    assert cli.main(["train", "--out_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "log.csv: Read-only file system. Fix:" in err[0]
+
+
+def test_evaluate_out_onto_a_folder_is_refused_before_evaluating(tmp_path, capsys):
+    from robustmed_lite import cli
+
+    (tmp_path / "results").mkdir()
+    code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and "is a folder. Fix: name a file" in err
