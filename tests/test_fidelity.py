@@ -570,7 +570,8 @@ def test_the_fidelity_rows_differ_from_their_method_only_where_named():
         base = load_config("cpu-demo", {"method": row["method"]}).to_dict()
         mine = load_config("cpu-demo", dict(row)).to_dict()
         changed = {k for k in base if base[k] != mine[k]}
-        derived = {"proxy_lr"} if "proxy_optimizer" in settings else set()  # each optimizer's own default lr
+        # each optimizer's own default lr, and the weight decay only the AdamW proxy has (None for SGD's)
+        derived = {"proxy_lr", "proxy_weight_decay"} if "proxy_optimizer" in settings else set()
         assert changed - derived == set(settings), name  # each named setting changes something, nothing else
     assert {k: rows["robustmed_v0"][k] for k in FORMER} == FORMER
     # awp+warmup doubles awp's clean epochs: 2 -> 4 (noise from epoch 5); AWP's 9 of 200 -> 18 (from epoch 19)
