@@ -457,7 +457,10 @@ class TrainConfig:
         """A weight-noise setting nobody set: the method's own (``method_setting``); the SGD proxy's lr: 0.01."""
         if key == "proxy_lr":  # follows the proxy's optimizer, which a user may change apart from the method
             return self.lr if self.proxy_optimizer == "adamw" else 0.01
-        return method_setting(self.method, key, self.weight_noise, self.epochs, self.lr)
+        value = method_setting(self.method, key, self.weight_noise, self.epochs, self.lr)
+        if key == "proxy_weight_decay" and value is None:  # an AdamW proxy where the method's code has none (AWP)
+            return PUBLISHED_SETTINGS["cap"]["proxy_weight_decay"].value
+        return value
 
     def run_dir(self) -> Path:
         """The output folder, with {method}, {model}, {img_size} and {seed} filled in."""

@@ -93,6 +93,11 @@ def test_a_value_the_user_sets_wins_over_the_methods():
     assert (cfg.gamma, cfg.weight_noise_warmup) == (0.01, 1)
 
 
+def test_an_adamw_proxy_for_awp_takes_caps_weight_decay():
+    cfg = load_config("cpu-demo", {"method": "awp", "proxy_optimizer": "adamw"})
+    assert (cfg.proxy_weight_decay, cfg.proxy_lr) == (1e-4, cfg.lr)
+
+
 def test_methods_without_weight_noise_carry_no_weight_noise_settings():
     cfg = load_config("cpu-demo", {"method": "trades"})
     assert (cfg.gamma, cfg.proxy_lr, cfg.proxy_weight_decay) == (None, None, None)
