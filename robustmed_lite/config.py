@@ -3,6 +3,12 @@
 ``load_config("cpu-demo", {"method": "robustmed", "epochs": 3})`` reads the preset (a name in
 ``robustmed_lite/configs/`` or a path to a YAML file), applies the overrides, fills the method's components and
 checks everything. A run directory keeps the resolved config as ``config.yaml``.
+
+The weight noise's scale, warm-up and proxy settings are each method's own where nobody sets them
+(``PUBLISHED_SETTINGS``: cap and robustmed take CAP's, awp TRADES-AWP's; epoch counts scaled to the run by
+``scale_epochs``; ``settings_table`` lists them per preset). An option set on the command line or in a YAML file
+of the user's own that the chosen method, loss or switches would ignore is an error (``refuse_ignored``); a
+preset's values, and ``defaults`` shared by every method of a study, stay silent.
 """
 
 from __future__ import annotations
