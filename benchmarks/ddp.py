@@ -51,11 +51,11 @@ def _measure(args) -> dict:
             attack_steps=args.attack_steps,
             eps="8/255",
             step_size="2/255",
-            weight_noise_warmup=0,
             device=args.device,
             progress=False,
             out_dir=tempfile.mkdtemp(),
         ),
+        defaults={"weight_noise_warmup": 0},  # noise from the first step, for the methods that have it
     )
     trainer = Trainer(cfg)
     rank, ranks = distributed.rank(), distributed.world_size()

@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from . import distributed
-from .config import ADDED_FIELDS, TrainConfig
+from .config import ADDED_FIELDS, TrainConfig, ignored_settings
 from .data.preprocess import resolve_spec
 from .models import create_model
 from .runinfo import environment_info
@@ -47,7 +47,9 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     unless ``config.ADDED_FIELDS`` says that its current value trains as the older code did, or has no effect.
     """
     mine = cfg.to_dict()
-    ignored = ("progress", "device", "out_dir")
+    # Also the settings that cfg's method, loss and switches never read (config.ignored_settings): a saved run with
+    # the same method trained alike whatever they held (e.g. gamma of an ERM run, recorded before it was None).
+    ignored = ("progress", "device", "out_dir", *ignored_settings(cfg))
 
     def same(key, a, b):  # paths compare as the files they name, however they were written
         if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a != "phantom":

@@ -3,6 +3,12 @@
 ``load_config("cpu-demo", {"method": "robustmed", "epochs": 3})`` reads the preset (a name in
 ``robustmed_lite/configs/`` or a path to a YAML file), applies the overrides, fills the method's components and
 checks everything. A run directory keeps the resolved config as ``config.yaml``.
+
+The weight noise's scale, warm-up and proxy settings are each method's own where nobody sets them
+(``PUBLISHED_SETTINGS``: cap and robustmed take CAP's, awp TRADES-AWP's; epoch counts scaled to the run by
+``scale_epochs``; ``settings_table`` lists them per preset). An option set on the command line or in a YAML file
+of the user's own that the chosen method, loss or switches would ignore is an error (``refuse_ignored``); a
+preset's values, and ``defaults`` shared by every method of a study, stay silent.
 """
 
 from __future__ import annotations
@@ -98,6 +104,109 @@ PAPER_ADDITIONS = {
         "target); 0 = off until measured",
     ),
 }
+
+
+@dataclass(frozen=True)
+class Published:
+    """A setting as its authors' public code trains it.
+
+    Attributes:
+        value: The value ("lr": the model's learning rate; None: the setting does not exist there).
+        source: Where it is set: repository, file and line (or the paper).
+        run_epochs: The value counts epochs of a run this long; a run of another length takes it scaled
+            (``scale_epochs``). None: not an epoch count.
+    """
+
+    value: object
+    source: str
+    run_epochs: int | None = None
+
+
+CAP_CODE, AWP_CODE = "CAP", "AWP"
+SOURCES = (
+    "Sources: CAP is github.com/Quinn777/CAP at commit b8dad7d (Xu et al., AAAI 2023; main.py, src/), AWP is "
+    "github.com/csdongxian/AWP at commit a7acf5d (Wu et al., NeurIPS 2020; trades_AWP/ is TRADES-AWP, AT_AWP/ "
+    "is AT-AWP); file:line."
+)
+# The weight-noise settings of the two codes the methods follow: cap and robustmed take CAP's, awp takes TRADES-AWP's
+# (``METHOD_SETTINGS`` says which method takes which). Both codes count epochs from 1 and switch the noise on with
+# ``epoch >= warmup``: the warm-up is the first epoch with noise.
+PUBLISHED_SETTINGS = {
+    "cap": {
+        "gamma": Published(1e-4, f"{CAP_CODE} main.py:122 (--cap_gamma)"),
+        "weight_noise_warmup": Published(
+            20,
+            f"{CAP_CODE} main.py:123 (--cap_warmup), read as `epoch >= cap_warmup` (src/trainer/cap.py:93) "
+            "with epochs counted from 1 (src/train.py:159); of a 200-epoch run (configs/sars-visformer-cap.json)",
+            run_epochs=200,
+        ),
+        "proxy_optimizer": Published(
+            "adamw", f"{CAP_CODE} src/train.py:105 (the model's optimizer, adamw in configs/sars-visformer-cap.json)"
+        ),
+        "proxy_lr": Published("lr", f"{CAP_CODE} src/train.py:105 (the model's lr, never scheduled)"),
+        "proxy_weight_decay": Published(1e-4, f"{CAP_CODE} src/utils/schedules.py:46 (AdamW of get_optimizer)"),
+    },
+    "awp": {
+        "gamma": Published(5e-3, f"{AWP_CODE} trades_AWP/train_trades_cifar.py:60 (--awp-gamma)"),
+        "weight_noise_warmup": Published(
+            10,
+            f"{AWP_CODE} trades_AWP/train_trades_cifar.py:62 (--awp-warmup), read as `epoch >= awp_warmup` (:179) "
+            "with epochs counted from 1 (:294); of a 200-epoch run (:24)",
+            run_epochs=200,
+        ),
+        "proxy_optimizer": Published(
+            "sgd", f"{AWP_CODE} trades_AWP/train_trades_cifar.py:279 (a fresh step from the model's weights)"
+        ),
+        "proxy_lr": Published(
+            0.01,
+            f"{AWP_CODE} AT_AWP/train_cifar10.py:241 (TRADES-AWP steps at the model's lr, "
+            "trades_AWP/train_trades_cifar.py:279: the size of one stateless SGD step cancels in the "
+            "layer-normalised direction)",
+        ),
+        "proxy_weight_decay": Published(None, f"{AWP_CODE} trades_AWP/train_trades_cifar.py:279 (SGD, no decay)"),
+    },
+}
+# The weight-noise settings a method takes where neither the user nor the preset sets them (TrainConfig fields
+# that default to None). A method registered without them takes those of the built-in method with its weight noise.
+SETTING_FIELDS = ("gamma", "weight_noise_warmup", "proxy_lr", "proxy_weight_decay")
+METHOD_SETTINGS = {"cap": "cap", "robustmed": "cap", "awp": "awp"}
+SETTINGS_OF_NOISE = {"proxy_attention": "cap", "awp": "awp"}
+# The attack-step ramp: CAP adds a step in every even epoch (counted from 1) up to epoch 18 when training with its
+# configs (attack_policy: true); ``attack_warmup_epochs: 18`` with 10 steps is that ramp (``trainer.attack_steps_at``).
+ATTACK_RAMP = Published(
+    18,
+    f"{CAP_CODE} src/utils/schedules.py:134-137 (AttackPolicy: one more step when 0 < epoch < 20 and epoch is "
+    "even, epochs from 1, src/train.py:159), switched on by attack_policy: true in configs/sars-visformer-cap.json",
+    run_epochs=200,
+)
+
+
+def scale_epochs(value: int, epochs: int, run_epochs: int) -> int:
+    """The one rule for a published epoch count: ``value`` epochs of a ``run_epochs`` run become the same share of
+    a run of ``epochs`` epochs, rounded half up, at least 1 (epochs count from 1: 1 is the first epoch)."""
+    return max(1, math.floor(value * epochs / run_epochs + 0.5))
+
+
+def method_setting(method: str, key: str, weight_noise: str, epochs: int, lr: float):
+    """The value of weight-noise setting ``key`` that ``method`` trains with when nobody sets it: its own
+    published value (``PUBLISHED_SETTINGS``), an epoch count scaled to a run of ``epochs`` epochs.
+
+    Raises:
+        ValueError: A method with a weight noise that no published settings cover (name the fix).
+    """
+    source = METHOD_SETTINGS.get(method) or SETTINGS_OF_NOISE.get(weight_noise)
+    if source is None:
+        raise ValueError(
+            f"method {method!r} uses weight noise {weight_noise!r}, which has no published {key}. Fix: pass "
+            f"--{key} (or set it in the YAML file)"
+        )
+    published = PUBLISHED_SETTINGS[source][key]
+    if published.value == "lr":
+        return lr
+    if published.run_epochs:
+        return scale_epochs(published.value, epochs, published.run_epochs)
+    return published.value
+
 
 _BUILTIN_METHODS = {
     "erm": dict(attack="none", loss="ce"),
@@ -210,7 +319,9 @@ class TrainConfig:
     eps: float | str = 8 / 255
     step_size: float | str = 2 / 255
     attack_steps: int = 10
-    attack_warmup_epochs: int = 0  # ramp the attack steps up from 1 over these epochs (CAP's schedule)
+    # Ramp the attack steps up from 1 in epoch 1 to attack_steps in epoch attack_warmup_epochs (epochs counted from
+    # 1, as CAP counts them: 18 with 10 steps is CAP's min(10, 1 + epoch // 2)); 0: no ramp
+    attack_warmup_epochs: int = 0
     tau: int = 0  # FAT's extra steps after the first misclassified iterate
     # method components (None: the method's value, see METHODS and COMPONENT_DEFAULTS)
     attack: str | None = None
@@ -223,13 +334,16 @@ class TrainConfig:
     # Backpropagate through p(x_aug) in the soft target, as CAP's code does (cap, robustmed: true; false is the
     # stop-gradient ablation, which treats the soft target as fixed)
     target_grad: bool | None = None
-    gamma: float = 5e-3
-    weight_noise_warmup: int = 0  # epochs before weight noise starts
+    # Weight noise, each left at None taking the method's own published value (PUBLISHED_SETTINGS: cap and
+    # robustmed CAP's, awp TRADES-AWP's; epoch counts scaled to the run by scale_epochs): the scale gamma, and the
+    # first epoch with noise (counted from 1, as CAP and AWP count: 1 = from the start)
+    gamma: float | None = None
+    weight_noise_warmup: int | None = None
     # The proxy's optimizer: adamw (CAP's: one AdamW for the run, moments kept across batches; cap, robustmed) or
     # sgd (AWP's: stateless; awp). See perturbation.py.
     proxy_optimizer: str | None = None
     proxy_lr: float | None = None  # None: adamw at the model's initial lr (CAP, not scheduled); sgd at 0.01
-    proxy_weight_decay: float = 1e-4  # the AdamW proxy's (CAP's 1e-4); the SGD proxy has none
+    proxy_weight_decay: float | None = None  # the AdamW proxy's (None: CAP's 1e-4); the SGD proxy has none
     # Reading 1 of the abstract (weight-level feedback): halve gamma for the batch, up to weight_feedback_halvings
     # times, while the perturbed model (eval mode) misclassifies more than weight_feedback_share of the clean batch
     weight_feedback: bool | None = None
@@ -273,8 +387,10 @@ class TrainConfig:
         for key in METHOD_FIELDS:
             if getattr(self, key) is None:
                 setattr(self, key, row.get(key, COMPONENT_DEFAULTS[key]))
-        if self.proxy_lr is None:  # CAP: AdamW at args.lr, never scheduled; the SGD proxy's lr cancels anyway
-            self.proxy_lr = self.lr if self.proxy_optimizer == "adamw" else 0.01
+        if self.weight_noise != "none":  # the method's own weight-noise settings where nobody set them
+            for key in SETTING_FIELDS:
+                if getattr(self, key) is None and not (key == "proxy_weight_decay" and self.proxy_optimizer == "sgd"):
+                    setattr(self, key, self._setting(key))
         for key, options in CHOICES.items():
             if getattr(self, key) not in options:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
@@ -291,8 +407,10 @@ class TrainConfig:
             "prior_eps",
             "proxy_weight_decay",
             "weight_feedback_halvings",
+            "weight_noise_warmup",
+            "attack_warmup_epochs",
         ):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("weight_feedback_share", "prior_samples"):
             if not 0 <= getattr(self, key) <= 1:
@@ -344,6 +462,15 @@ class TrainConfig:
         self._resolved = True
         return self
 
+    def _setting(self, key: str):
+        """A weight-noise setting nobody set: the method's own (``method_setting``); the SGD proxy's lr: 0.01."""
+        if key == "proxy_lr":  # follows the proxy's optimizer, which a user may change apart from the method
+            return self.lr if self.proxy_optimizer == "adamw" else 0.01
+        value = method_setting(self.method, key, self.weight_noise, self.epochs, self.lr)
+        if key == "proxy_weight_decay" and value is None:  # an AdamW proxy where the method's code has none (AWP)
+            return PUBLISHED_SETTINGS["cap"]["proxy_weight_decay"].value
+        return value
+
     def run_dir(self) -> Path:
         """The output folder, with {method}, {model}, {img_size} and {seed} filled in."""
         return Path(self.out_dir.format(**self.to_dict()))
@@ -372,6 +499,92 @@ ADDED_FIELDS = {
     "lr_step_epoch": (0, lambda c: c.schedule != "step"),
     "duplicates": ("off", lambda c: c.data == "phantom"),  # the phantom's splits are drawn apart by seed
 }
+
+
+# Settings that only some methods, losses or switches read: (settings, ignored(cfg), what reads them, the fix). A
+# setting the user sets explicitly (command line or a YAML file of their own) where the resolved config ignores
+# it is an error (``ignored_settings``); a preset's values, which serve every method, stay silent. Loss rules
+# cover the built-in losses only: a registered loss may read any setting.
+_BUILTIN_LOSS_READS = {"ce": (), "trades": ("beta",), "mart": ("beta",), "score": ("beta",)}
+_BUILTIN_LOSS_READS["square_kl"] = ("beta", "smooth", "target_grad")
+_WEIGHT_NOISE_KEYS = (
+    "gamma",
+    "weight_noise_warmup",
+    "proxy_optimizer",
+    "proxy_lr",
+    "proxy_weight_decay",
+    "weight_feedback",
+)
+_IGNORE_RULES = (
+    (
+        ("smooth", "target_grad"),
+        lambda c: c.loss in _BUILTIN_LOSS_READS and c.loss != "square_kl",
+        "the square_kl loss (cap, robustmed)",
+        "drop it, or pass --loss square_kl",
+    ),
+    (
+        ("tau",),
+        lambda c: c.feedback != "fat",
+        "the fat feedback rule (method fat, or --feedback fat)",
+        "drop it, or pass --feedback fat",
+    ),
+    (
+        _WEIGHT_NOISE_KEYS,
+        lambda c: c.weight_noise == "none",
+        "a weight noise (awp, or cap's and robustmed's proxy_attention)",
+        "drop it, or choose a method with weight noise (awp, cap, robustmed) or pass --weight_noise",
+    ),
+    (
+        ("weight_feedback_share", "weight_feedback_halvings"),
+        lambda c: not c.weight_feedback,
+        "the weight-level feedback (--weight_feedback true)",
+        "drop it, or pass --weight_feedback true",
+    ),
+    (
+        ("proxy_weight_decay",),
+        lambda c: c.weight_noise != "none" and c.proxy_optimizer == "sgd",
+        "the AdamW proxy (--proxy_optimizer adamw; the SGD proxy, AWP's, has no weight decay)",
+        "drop it, or pass --proxy_optimizer adamw",
+    ),
+    (
+        ("prior_view", "prior_threshold", "prior_radius", "prior_eps", "prior_s"),
+        lambda c: not c.prior,
+        "the lung-prior view (--prior true; cap, robustmed)",
+        "drop it, or pass --prior true",
+    ),
+)
+
+
+def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
+    """Setting -> why the resolved ``cfg`` ignores it ("read only by ..., and ..."), for every setting of the
+    rules above that its method, loss and switches leave unread."""
+    out = {}
+    for keys, ignored, reader, fix in _IGNORE_RULES:
+        if ignored(cfg):
+            for key in keys:
+                out.setdefault(key, f"only {reader} reads it; here method={cfg.method!r}. Fix: {fix}")
+    return out
+
+
+def refuse_ignored(cfg: TrainConfig, explicit) -> None:
+    """Raises if a setting in ``explicit`` (the keys the user set) would be ignored by ``cfg``.
+
+    Raises:
+        ValueError: Names the option, what would read it, and the fix.
+    """
+    explicit = set(explicit)
+    ignored = ignored_settings(cfg)
+    found = [f"{key}={getattr(cfg, key)!r} is set, but {ignored[key]}" for key in sorted(explicit & set(ignored))]
+    # proxy_attention's proxy loss is -CE + beta * KL(p(x) || p(x_aug)): with no prior view x_aug is x and the KL
+    # term is zero, so the weight noise quietly becomes AWP's -CE direction on attention weights.
+    if cfg.weight_noise == "proxy_attention" and not cfg.prior and explicit & {"prior", "weight_noise"}:
+        found.append(
+            "weight_noise='proxy_attention' with prior=False: its proxy loss compares each image with its lung-prior "
+            "view, which is the image itself without a prior, so it reduces to -CE. Fix: keep --prior true, or "
+            "pass --weight_noise awp"
+        )
+    if found:
+        raise ValueError("; ".join(found))
 
 
 def method_row(method: str) -> dict:
@@ -412,6 +625,86 @@ def methods_table(methods=None):
         )
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+# Why a preset departs from the published values scaled to its length (a test checks that every per-method
+# setting a preset sets has its reason here).
+PRESET_CHANGES = {
+    ("cpu-demo", "weight_noise_warmup"): (
+        "noise from epoch 3 for every method: scaled to 6 epochs both codes' warm-ups start in epoch 1, and weight "
+        "noise from the first step of a random network made AWP (noise on every layer) collapse to a constant model"
+    ),
+    ("cpu-demo", "attack_warmup_epochs"): "no ramp: scaled to 6 epochs CAP's ramp ends in epoch 1 (the same)",
+}
+SETTINGS_TABLE_FIELDS = ("gamma", "weight_noise_warmup", "proxy_optimizer", "proxy_lr", "proxy_weight_decay")
+
+
+def settings_table(presets=PRESETS):
+    """The weight-noise settings of every method with weight noise, and the attack-step ramp of every method with
+    an attack: per setting its published value and source (``PUBLISHED_SETTINGS``, ``ATTACK_RAMP``), the value
+    each preset trains with, and what a preset changes and why (``PRESET_CHANGES``; otherwise the published
+    value, an epoch count scaled to the preset's length by ``scale_epochs``).
+
+    Returns:
+        A DataFrame: method, setting, published, source, one column per preset, ``preset changes``.
+    """
+    import pandas as pd
+
+    with_noise = [m for m in METHODS if method_row(m)["weight_noise"] != "none"]
+    configs = {  # the paper preset has no data of its own: the phantom stands in (data does not change these)
+        (p, m): load_config(p, {"method": m}, defaults={"data": "phantom"}) for p in presets for m in METHODS
+    }
+
+    def changes(key: str, published: Published) -> str:
+        notes = []
+        for p in presets:
+            epochs = configs[(p, "erm")].epochs
+            if (p, key) in PRESET_CHANGES:
+                notes.append(f"{p}: {PRESET_CHANGES[(p, key)]}")
+            elif published.run_epochs and epochs != published.run_epochs:
+                notes.append(f"{p}: scaled to {epochs} of {published.run_epochs} epochs (scale_epochs)")
+        return "; ".join(notes)
+
+    rows = []
+    for method in with_noise:
+        source = METHOD_SETTINGS.get(method) or SETTINGS_OF_NOISE.get(method_row(method)["weight_noise"])
+        for key in SETTINGS_TABLE_FIELDS:
+            published = PUBLISHED_SETTINGS[source][key]
+            value = "the model's lr" if published.value == "lr" else published.value
+            rows.append(
+                {
+                    "method": method,
+                    "setting": key,
+                    "published": "-" if value is None else value,
+                    "source": published.source,
+                    **{p: _shown(getattr(configs[(p, method)], key)) for p in presets},
+                    "preset changes": changes(key, published),
+                }
+            )
+    attackers = [m for m in METHODS if method_row(m)["attack"] != "none"]
+    rows.append(
+        {
+            "method": "every method with an attack (" + ", ".join(attackers) + ")",
+            "setting": "attack_warmup_epochs",
+            "published": f"{ATTACK_RAMP.value} (10 steps)",
+            "source": ATTACK_RAMP.source,
+            **{p: _shown(configs[(p, attackers[0])].attack_warmup_epochs) for p in presets},
+            "preset changes": changes("attack_warmup_epochs", ATTACK_RAMP),
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def _shown(value):
+    return "-" if value is None else value
+
+
+def settings_markdown(presets=PRESETS) -> str:
+    """``settings_table`` as a Markdown table (for the README and the book)."""
+    table = settings_table(presets)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n\n" + SOURCES + "\n"
 
 
 def paper_additions_table(methods=("awp", "cap", "robustmed")):
@@ -570,9 +863,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(preset: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A resolved config from a preset name or YAML path plus overrides."""
-    values = {}
+def load_config(
+    preset: str | Path | None = None, overrides: dict | None = None, defaults: dict | None = None
+) -> TrainConfig:
+    """A resolved config from a preset name or YAML path plus overrides.
+
+    Args:
+        preset: A preset name (``PRESETS``) or the path of a YAML file.
+        overrides: Values the user set (the command line's): one that the method, loss or switches would ignore
+            is an error (``refuse_ignored``), as is one in a YAML file of the user's own.
+        defaults: Values that apply like the preset's own, on top of it (a study's or a test's settings for every
+            method): silent where a method ignores them. ``overrides`` win.
+    """
+    values, explicit = {}, set()
     if preset:
         path = Path(preset)
         if not path.suffix:
@@ -591,7 +894,8 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None)
                 f"config {path} holds a {type(values).__name__}, not a mapping of config keys. Fix: "
                 "write one 'key: value' per line"
             )
-        values.pop("eps_text", None)  # written beside eps in a run's config.yaml; derived, not a setting
+        # A run's config.yaml (it carries the derived eps_text) records every resolved value: a record, not choices.
+        is_record = values.pop("eps_text", None) is not None
         unknown = set(values) - set(field_kinds())
         if unknown:
             raise ValueError(
@@ -602,6 +906,13 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None)
             values = {key: coerce(key, value) for key, value in values.items()}
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+        if path.parent.resolve() != CONFIG_DIR.resolve() and not is_record:
+            explicit |= set(values)  # the user's own YAML file: each key is a choice
+    for key, value in (defaults or {}).items():
+        values[key] = coerce(key, value)
     for key, value in (overrides or {}).items():
         values[key] = coerce(key, value)
-    return TrainConfig(**values).resolve()
+        explicit.add(key)
+    cfg = TrainConfig(**values).resolve()
+    refuse_ignored(cfg, explicit)
+    return cfg

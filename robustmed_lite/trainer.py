@@ -71,12 +71,19 @@ def validation_attack(cfg: TrainConfig) -> PGD:
 
 
 def attack_steps_at(cfg: TrainConfig, epoch: int) -> int:
-    """Attack steps in an epoch: ramped linearly from 1 over ``attack_warmup_epochs`` (CAP's schedule adds one
-    step every second epoch), then ``attack_steps``."""
+    """Attack steps in an epoch (``epoch`` counted from 0, as the loop counts): ramped linearly from 1 in the first
+    epoch to ``attack_steps`` in epoch ``attack_warmup_epochs``, both counted from 1 as CAP counts them. With 10
+    steps over 18 epochs this is CAP's ``min(10, 1 + e // 2)`` for its 1-based epoch e (src/utils/schedules.py)."""
     if cfg.attack_warmup_epochs <= 0:
         return cfg.attack_steps
-    ramp = 1 + (cfg.attack_steps - 1) * epoch // cfg.attack_warmup_epochs
+    ramp = 1 + (cfg.attack_steps - 1) * (epoch + 1) // cfg.attack_warmup_epochs
     return max(1, min(cfg.attack_steps, ramp))
+
+
+def weight_noise_on(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the weight noise is on in an epoch (counted from 0): from epoch ``weight_noise_warmup`` counted
+    from 1, as CAP's and AWP's ``epoch >= warmup`` with their 1-based epochs (20: 19 epochs without noise)."""
+    return cfg.weight_noise != "none" and epoch + 1 >= cfg.weight_noise_warmup
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
@@ -229,7 +236,7 @@ class Trainer:
             if getattr(attack, "last_steps", None) is not None:  # an early-stopped (feedback) attack
                 stats["attack_steps"] = attack.last_steps.float().mean().item()
             batch = Batch(x, x_adv, x_aug, y)
-            noise = self.weight_noise if epoch >= cfg.weight_noise_warmup else None
+            noise = self.weight_noise if weight_noise_on(cfg, epoch) else None
             if noise is not None:
                 stats.update(self._perturb_weights(noise, batch))
             model.train()
@@ -395,7 +402,7 @@ class Trainer:
                 **{f"train_{k}": v / count for k, v in totals.items()},
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "sample_attack_steps": attack.steps if attack is not None else 0,
-                "weight_noise_on": bool(self.weight_noise is not None and epoch >= cfg.weight_noise_warmup),
+                "weight_noise_on": self.weight_noise is not None and weight_noise_on(cfg, epoch),
             }
             row.update(self.validate())
             row.update(

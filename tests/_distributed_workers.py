@@ -32,7 +32,7 @@ def _entry(rank: int, ranks: int, init: str, worker, folder: Path, args: tuple) 
 
 
 def _config(folder: Path, name: str, overrides: dict):
-    return load_config("cpu-demo", dict(overrides, out_dir=str(folder / name)))
+    return load_config("cpu-demo", dict(out_dir=str(folder / name)), defaults=overrides)
 
 
 def _record_writes(folder: Path, rank: int):

@@ -75,7 +75,7 @@ def _log_rows(run_dir: Path) -> list[dict]:
 
 
 def _config(folder: Path, name: str, overrides: dict):
-    return load_config("cpu-demo", dict(overrides, out_dir=str(folder / name)))
+    return load_config("cpu-demo", dict(out_dir=str(folder / name)), defaults=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +219,12 @@ def test_bad_distributed_settings_are_clear_errors(tmp_path, monkeypatch):
     register_weight_noise("unsynced", lambda model, cfg: object())  # a noise that cannot average its gradients
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
-        cfg = load_config("cpu-demo", dict(SMALL, sync_batchnorm=True, device="cpu", out_dir=str(tmp_path / "r")))
+        cfg = load_config(
+            "cpu-demo", dict(sync_batchnorm=True, device="cpu", out_dir=str(tmp_path / "r")), defaults=SMALL
+        )
         with pytest.raises(ValueError, match="sync_batchnorm false"):
             Trainer(cfg)
-        cfg = load_config("cpu-demo", dict(SMALL, weight_noise="unsynced", out_dir=str(tmp_path / "r")))
+        cfg = load_config("cpu-demo", dict(weight_noise="unsynced", out_dir=str(tmp_path / "r")), defaults=SMALL)
         with pytest.raises(ValueError, match="no gradient_sync attribute"):
             Trainer(cfg)
     finally:

@@ -110,12 +110,12 @@ TINY_CLI = [
 
 
 def _config(tmp_path, **overrides):
-    return load_config("cpu-demo", dict(SMALL, out_dir=str(tmp_path / "run"), **overrides))
+    return load_config("cpu-demo", dict(out_dir=str(tmp_path / "run"), **overrides), defaults=SMALL)
 
 
 @pytest.fixture(scope="module")
 def small_data():
-    return build_data(load_config("cpu-demo", dict(SMALL, method="robustmed")))
+    return build_data(load_config("cpu-demo", dict(method="robustmed"), defaults=SMALL))
 
 
 def _preset_overrides(preset: str, tmp_path) -> dict:
@@ -214,7 +214,7 @@ def test_cap_and_robustmed_use_caps_view_and_the_package_view_stays_an_option(pr
 
 @pytest.mark.parametrize("view", ["cap", "package"])
 def test_the_training_data_holds_the_configured_view(view):
-    cfg = load_config("cpu-demo", dict(SMALL, method="cap", prior_view=view, hflip=False))
+    cfg = load_config("cpu-demo", dict(method="cap", prior_view=view, hflip=False), defaults=SMALL)
     splits = build_data(cfg)
     x, x_aug, _ = next(splits.train.batches(16, epoch=0, shuffle=False))[:3]
     assert torch.allclose(x_aug, lung_prior(x, with_mask=False, view=view)[0], atol=1e-6)
@@ -287,7 +287,7 @@ def test_proxy_state_is_in_last_pt_and_resume_needs_it(method, tmp_path, small_d
     last.pt holds AdamW's moments, and a resume that drops them trains to other weights."""
 
     def cfg(where):
-        return _config(tmp_path / where, method=method, epochs=3, weight_noise_warmup=1)
+        return _config(tmp_path / where, method=method, epochs=3, weight_noise_warmup=2)
 
     full = Trainer(cfg("full"), data=small_data)
     full.fit()
@@ -473,7 +473,9 @@ def test_a_registered_feedback_rule_and_prior_view_are_used():
         x_adv = attack(model, data.images, data.labels)
         # one step of 2/255 from the start x + 0.001 N(0, 1)
         assert (attack.last_steps == 1).all() and (x_adv - data.images).abs().max() <= 2 / 255 + 0.006
-        cfg = load_config("cpu-demo", dict(SMALL, method="robustmed", feedback="first_step", prior_view="identity"))
+        cfg = load_config(
+            "cpu-demo", dict(method="robustmed", feedback="first_step", prior_view="identity"), defaults=SMALL
+        )
         assert isinstance(Trainer.sample_attack(type("T", (), {"cfg": cfg})(), 0), FeedbackPGD)
         ds = PriorDataset(data.images, data.labels, prior_kwargs={"view": "identity"})
         assert torch.equal(ds.x_aug, data.images)
@@ -568,13 +570,13 @@ def test_the_fidelity_rows_differ_from_their_method_only_where_named():
         base = load_config("cpu-demo", {"method": row["method"]}).to_dict()
         mine = load_config("cpu-demo", dict(row)).to_dict()
         changed = {k for k in base if base[k] != mine[k]}
-        derived = {"proxy_lr"} if "proxy_optimizer" in settings else set()  # each optimizer's own default lr
+        # each optimizer's own default lr, and the weight decay only the AdamW proxy has (None for SGD's)
+        derived = {"proxy_lr", "proxy_weight_decay"} if "proxy_optimizer" in settings else set()
         assert changed - derived == set(settings), name  # each named setting changes something, nothing else
     assert {k: rows["robustmed_v0"][k] for k in FORMER} == FORMER
-    assert (
-        rows["awp+warmup"]["weight_noise_warmup"] == 1
-        and variants(epochs=200)["awp+warmup"]["weight_noise_warmup"] == 20
-    )  # AWP: 10 of 200 epochs
+    # awp+warmup doubles awp's clean epochs: 2 -> 4 (noise from epoch 5); AWP's 9 of 200 -> 18 (from epoch 19)
+    assert variants(epochs=10, awp_warmup=3)["awp+warmup"]["weight_noise_warmup"] == 5
+    assert variants(epochs=200)["awp+warmup"]["weight_noise_warmup"] == 19
 
 
 def test_fidelity_rows_share_the_plain_clean_run(tmp_path):

@@ -34,12 +34,12 @@ SMALL = dict(
 
 
 def _config(tmp_path, **overrides):
-    return load_config("cpu-demo", dict(SMALL, out_dir=str(tmp_path / "run"), **overrides))
+    return load_config("cpu-demo", dict(out_dir=str(tmp_path / "run"), **overrides), defaults=SMALL)
 
 
 @pytest.fixture(scope="module")
 def small_data():
-    cfg = load_config("cpu-demo", dict(SMALL, method="robustmed"))
+    cfg = load_config("cpu-demo", dict(method="robustmed"), defaults=SMALL)
     return build_data(cfg)
 
 
@@ -83,7 +83,7 @@ def test_existing_run_is_not_overwritten(tmp_path, small_data):
 def test_resume_is_bitwise_identical(method, tmp_path, small_data):
     # The weight noise starts in epoch 2, so the split after epoch 2 falls where CAP's AdamW proxy (cap,
     # robustmed) already holds moments: last.pt must carry them for the resumed run to be bitwise the same.
-    noise_on = dict(weight_noise_warmup=1)
+    noise_on = dict(weight_noise_warmup=2)  # epochs counted from 1
     full = Trainer(_config(tmp_path / "full", method=method, epochs=3, **noise_on), data=small_data)
     full.fit()
     Trainer(_config(tmp_path / "split", method=method, epochs=3, **noise_on), data=small_data).fit(stop_after=2)
@@ -201,7 +201,7 @@ def test_feedback_rules_stop_where_specified():
 
 def test_attack_step_warmup_and_warm_start(tmp_path, small_data):
     cfg = _config(tmp_path, method="trades", attack_steps=10, attack_warmup_epochs=18)
-    assert [attack_steps_at(cfg, e) for e in (0, 1, 2, 3, 17, 18, 40)] == [1, 1, 2, 2, 9, 10, 10]
+    assert [attack_steps_at(cfg, e) for e in (0, 1, 2, 3, 17, 18, 40)] == [1, 2, 2, 3, 10, 10, 10]  # CAP: 1 + e // 2
     Trainer(cfg, data=small_data).fit()
     warm = _config(tmp_path / "warm", method="robustmed", init_from=str(cfg.run_dir() / "best_clean.pt"))
     started = Trainer(warm, data=small_data)

@@ -40,10 +40,9 @@ def train_or_load(
         progress: Progress bars.
         shipped: Restore a matching shipped run instead of training it (the notebooks' fast profile).
     """
-    values = dict(
-        overrides or {}, method=method, seed=seed, progress=progress, out_dir=str(Path(root) / f"{method}-seed{seed}")
-    )
-    cfg = load_config(preset, values)
+    values = dict(method=method, seed=seed, progress=progress, out_dir=str(Path(root) / f"{method}-seed{seed}"))
+    # The overrides are a notebook's settings for every method it trains: silent where a method ignores one.
+    cfg = load_config(preset, values, defaults=overrides)
     if shipped and restore(cfg):
         print(
             f"{method}: restored the shipped {preset} run into {cfg.run_dir()} (float16 weights, trained by "

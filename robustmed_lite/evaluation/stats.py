@@ -10,6 +10,11 @@ Verdict rule for a claimed gain ``G`` of one method over a comparator, from the 
 * **reproduced** if ``hi >= G`` and ``lo > 0``: the method is credibly better, and the claimed gain is within (or
   below) what the data allow;
 * **inconclusive** otherwise (``lo <= 0`` and ``hi >= G``): the interval is too wide to tell, e.g. too few seeds.
+
+What a study could have detected: ``minimum_detectable_effect`` is the smallest true mean gain that the paired
+two-sided t-test at 5% finds with 80% power, were the seed-to-seed spread of the differences what was measured.
+An inconclusive verdict with minimum detectable effect X reads: the study could not have told a gain smaller
+than about X from none.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import optimize as _scipy_optimize
 from scipy import stats as _scipy_stats
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -103,6 +109,36 @@ def verdict(interval: Interval, claimed_gain: float) -> str:
     if interval.low > 0:
         return "reproduced"
     return "inconclusive"
+
+
+def detection_power(effect: float, n: int, std: float, confidence: float = 0.95) -> float:
+    """The probability that the two-sided paired t-test at level ``1 - confidence`` rejects "no gain" when the true
+    mean gain is ``effect`` and the ``n`` paired differences have standard deviation ``std`` (noncentral t)."""
+    df = n - 1
+    critical = float(_scipy_stats.t.ppf((1 + confidence) / 2, df))
+    shift = effect * math.sqrt(n) / std
+    # P(T > c) + P(T < -c), the second as P(-T > c) with -T noncentral at -shift
+    return float(_scipy_stats.nct.sf(critical, df, shift) + _scipy_stats.nct.sf(critical, df, -shift))
+
+
+def minimum_detectable_effect(n: int, std: float, power: float = 0.8, confidence: float = 0.95) -> float:
+    """The smallest true mean gain the paired t-test (two-sided, level ``1 - confidence``) detects with probability
+    ``power``, for ``n`` paired differences of standard deviation ``std``.
+
+    Returns:
+        The effect in the units of the differences; NaN with fewer than two pairs or no finite std, 0 when the
+        differences do not vary.
+    """
+    if not 0 < power < 1:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    if n < 2 or not math.isfinite(std):
+        return math.nan
+    if std == 0:
+        return 0.0
+    high = std
+    while detection_power(high, n, std, confidence) < power:  # bracket the root (the power grows with the effect)
+        high *= 2
+    return float(_scipy_optimize.brentq(lambda e: detection_power(e, n, std, confidence) - power, 0.0, high))
 
 
 def paired_gain(runs, a: str, b: str, col: str) -> dict:

@@ -13,8 +13,9 @@ t-interval, on the in-domain test split (checkpoints chosen on validation, as ev
   the earlier prior view, the stateless SGD proxy, the stop-gradient);
 * **one change at a time** on ``robustmed``: each of the three reverted alone;
 * **the two readings of the abstract** (``weight_feedback``, ``prior_samples``) against ``robustmed``;
-* **AWP against TRADES** (item 7 of the fidelity issue): ``awp`` as configured, with AWP's warm-up scaled to the
-  run (AWP waits 10 of 200 epochs; here a tenth of the run, at least one epoch), and with a smaller gamma.
+* **AWP against TRADES** (item 7 of the fidelity issue): ``awp`` as configured (AWP's own gamma and warm-up, the
+  warm-up scaled to the run, unless the preset sets one), with twice its clean epochs before the noise starts
+  (``awp+warmup``, at least one clean epoch: always longer than ``awp``'s), and with a smaller gamma.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import load_config
+from ..config import load_config, method_setting
 from ..evaluation.stats import paired_gain
 from .plan import PROFILES
 from .reproduce import reproduce
@@ -32,12 +33,20 @@ FORMER = {"prior_view": "package", "proxy_optimizer": "sgd", "target_grad": Fals
 READINGS = {"weight_feedback": {"weight_feedback": True}, "prior_samples": {"prior_samples": 0.5}}
 
 
-def variants(epochs: int) -> dict[str, dict]:
-    """The study's extra rows (name -> a method with other settings) for runs of ``epochs`` epochs."""
+def variants(epochs: int, awp_warmup: int | None = None) -> dict[str, dict]:
+    """The study's extra rows (name -> a method with other settings) for runs of ``epochs`` epochs.
+
+    Args:
+        awp_warmup: The first epoch with noise (from 1) that ``awp`` trains with in the study (its preset's, else
+            AWP's scaled to ``epochs``): ``awp+warmup`` doubles its clean epochs.
+    """
+    if awp_warmup is None:
+        awp_warmup = method_setting("awp", "weight_noise_warmup", "awp", epochs, 0.0)
+    clean = max(1, 2 * (awp_warmup - 1))
     rows = {f"{m}_v0": {"method": m, **FORMER} for m in ("cap", "robustmed")}
     rows.update({f"robustmed-{key}": {"method": "robustmed", key: value} for key, value in FORMER.items()})
     rows.update({f"robustmed+{name}": {"method": "robustmed", **s} for name, s in READINGS.items()})
-    rows["awp+warmup"] = {"method": "awp", "weight_noise_warmup": max(1, epochs // 10)}
+    rows["awp+warmup"] = {"method": "awp", "weight_noise_warmup": clean + 1}
     rows["awp+gamma1e-3"] = {"method": "awp", "gamma": 1e-3}
     return rows
 
@@ -139,8 +148,10 @@ def run_fidelity(
         command: The command line to record.
         overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
     """
-    epochs = load_config(PROFILES[profile].preset, {**PROFILES[profile].train, **(overrides or {})}).epochs
-    rows, methods = variants(epochs), "trades,awp,cap,robustmed"
+    awp = load_config(
+        PROFILES[profile].preset, {"method": "awp", **(overrides or {})}, defaults=dict(PROFILES[profile].train)
+    )
+    rows, methods = variants(awp.epochs, awp.weight_noise_warmup), "trades,awp,cap,robustmed"
     if data == "phantom":
         rows, methods = {k: v for k, v in rows.items() if k in PHANTOM_ROWS}, PHANTOM_METHODS
     return run_paired_study(

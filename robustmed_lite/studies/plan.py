@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import METHODS, load_config
+from ..config import ATTACK_RAMP, METHODS, load_config, scale_epochs
 
 ALL_METHODS = tuple(METHODS)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -46,6 +46,9 @@ class Profile:
     corruption_n: int | None = None
 
 
+# CAP's attack-step ramp scaled to the gpu profile's 12 epochs (full steps from epoch 1: no ramp).
+_CAP_RAMP_12 = scale_epochs(ATTACK_RAMP.value, 12, ATTACK_RAMP.run_epochs)
+
 PROFILES = {
     # 64 px, the narrow Visformer, 10 epochs: the five core methods x 3 seeds fit in an hour on 2 CPU cores.
     # Two processes of one thread each train 25% faster than one of two threads at this size (measured).
@@ -61,11 +64,12 @@ PROFILES = {
         square_queries=500,
     ),
     # 128 px visformer_tiny, several runs sharing one GPU; sized for about 10 minutes of one H100/H200 (estimate:
-    # not run in this workplace, see the README).
+    # not run in this workplace, see the README). The weight noise's warm-up is each method's own, scaled to 12
+    # epochs (noise from epoch 1: the robust runs start from the clean model).
     "gpu": Profile(
         "gpu",
         "colab",
-        dict(img_size=128, epochs=12, warmup_epochs=1, attack_warmup_epochs=3, weight_noise_warmup=2, eval_n=372),
+        dict(img_size=128, epochs=12, warmup_epochs=1, attack_warmup_epochs=_CAP_RAMP_12, eval_n=372),
         jobs=4,
         ensemble_n=None,
         apgd_steps=100,
@@ -88,13 +92,18 @@ class RunSpec:
     run_dir: Path
     init_from: Path | None
     reference: str = "erm"  # the clean row trained on the same data: stage 1, and mCE's reference
+    # The settings the row itself chooses (a variant's): an error where its method ignores them. The rest of
+    # ``overrides`` (the profile's and the study's, for every row) applies like the preset's own values.
+    chosen: tuple[str, ...] = ()
 
     @property
     def method(self) -> str:
         return self.overrides["method"]
 
     def config(self):
-        return load_config(self.preset, self.overrides)
+        chosen = {k: v for k, v in self.overrides.items() if k in self.chosen}
+        shared = {k: v for k, v in self.overrides.items() if k not in self.chosen}
+        return load_config(self.preset, chosen, defaults=shared)
 
 
 def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
@@ -233,7 +242,8 @@ def build_plan(
             values = {**base, **row, "seed": seed, "out_dir": str(run_dir)}
             if init is not None:
                 values["init_from"] = str(init)
-            plan.append(RunSpec(name, seed, profile.preset, values, run_dir, init, reference))
+            chosen = tuple(sorted(set(row) - {"method"}))
+            plan.append(RunSpec(name, seed, profile.preset, values, run_dir, init, reference, chosen))
     plan.sort(key=lambda s: (s.init_from is not None, s.seed))  # stage 1 first, stable otherwise
     for spec in plan:
         spec.config()  # every config resolves before anything trains

@@ -43,6 +43,13 @@ def logged_epochs(run_dir: Path) -> int:
     return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0
 
 
+def selected_validation(history: list[dict], epoch: int) -> dict:
+    """The validation metrics (``summary.VALIDATION_COLUMNS``) the run logged in the epoch of its selected
+    checkpoint, which choose the study's comparators; NaN where the log lacks that epoch."""
+    row = next((r for r in history if r.get("epoch") == epoch), {})
+    return {key: float(row.get(key, math.nan)) for key in ("val_clean", "val_robust")}
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON file's content, or None where it is missing or half-written."""
     try:
@@ -151,6 +158,7 @@ def evaluate_run(spec: RunSpec, settings: EvalSettings) -> dict:
         "test_n": len(y),
         "test_n_covid": int((y == 1).sum()),
         "test_n_noncovid": int((y == 0).sum()),
+        **selected_validation(history, int(state_epoch)),
     }
     probs = predict_logits(model, x).softmax(1).numpy()
     row.update({f"clean_{k}": v for k, v in clinical_metrics(y.numpy(), probs).items()})

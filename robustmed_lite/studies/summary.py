@@ -1,12 +1,20 @@
 """A study's summary: one row per run, the mean and 95% t-interval per row and metric, the method's paired
 gain over the best prior method, and the verdicts on the paper's claims (the rule of ``stats.py``).
 
+The comparator ("best prior method", "best prior defence") is fixed before the test split is read: the prior
+method with the best mean over seeds on the validation split, at each run's selected checkpoint (validation
+clean accuracy, or validation PGD accuracy for the robust metrics; the OOD data have no validation split, so the
+OOD claim's comparator is chosen on validation clean accuracy). CAP is a prior method. Results written before
+validation metrics were recorded fall back to the test split, and the tables say so (``chosen_on``). Each
+verdict also gives the study's minimum detectable effect (80% power, ``stats.minimum_detectable_effect``).
+
 Also the schema of the result files, with ``check_results`` to read and check them and ``find_results`` to find
 the committed ones (or download them on Colab).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +24,21 @@ import pandas as pd
 from ..config import METHODS
 from ..data.augment import ACQUISITION
 from ..evaluation.corruptions import CAP_IMAGENET_C, CORRUPTIONS, FAMILIES
-from ..evaluation.stats import VERDICT_RULE, Interval, paired_differences, t_interval, verdict
+from ..evaluation.stats import (
+    VERDICT_RULE,
+    Interval,
+    minimum_detectable_effect,
+    paired_differences,
+    t_interval,
+    verdict,
+)
 from .plan import RunSpec
-from .run_evaluation import EvalSettings, read_json
+from .run_evaluation import EvalSettings, read_json, selected_validation
 
-PAPER_METHODS = ("cap", "robustmed")  # CAP and the paper's extension of it: not "prior" methods
-THE_METHOD = "robustmed"
+THE_METHOD = "robustmed"  # the paper's method; every other method, CAP (its predecessor) included, is prior
+# The per-run validation metrics (the selected checkpoint's epoch of the run's log) the comparators are chosen on.
+VALIDATION_COLUMNS = ("val_clean", "val_robust")
+MDE_POWER = 0.8
 CT_PHYSICS = FAMILIES["ct_physics"]
 
 
@@ -84,10 +101,17 @@ def collect_rows(specs: list[RunSpec], settings: EvalSettings) -> pd.DataFrame:
         if record is None or record.get("settings") != settings.to_dict() or not corr_file.exists():
             continue
         tables[(spec.name, spec.seed)] = pd.read_csv(corr_file)
+        # An evaluation recorded before the validation metrics were: read them from the run's log.
+        log = spec.run_dir / "log.jsonl"
+        validation = {}
+        if "val_clean" not in record["row"] and log.exists() and "selected_epoch" in record["row"]:
+            history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            validation = selected_validation(history, int(record["row"]["selected_epoch"]))
         # The plan names the row: a record keeps the name its run had when evaluated (a folder may be renamed).
         rows.append(
             {
                 **record["row"],
+                **validation,
                 "name": spec.name,
                 "run_dir": str(spec.run_dir),
                 **_corruption_means(tables[(spec.name, spec.seed)]),
@@ -305,7 +329,7 @@ def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
             )
     table = pd.DataFrame(table)
     gains, verdicts = [], []
-    prior = [n for n in runs["name"].unique() if n in METHODS and n not in PAPER_METHODS]
+    prior = [n for n in runs["name"].unique() if n in METHODS and n != THE_METHOD]
     comparators = {"best prior method": prior, "best prior defence": [n for n in prior if n != "erm"]}
     if THE_METHOD in set(runs["name"]):
         ours = runs[runs["name"] == THE_METHOD]
@@ -315,7 +339,7 @@ def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 means = means.dropna()
                 if means.empty:
                     continue
-                best = means.idxmax() if m.higher_is_better else means.idxmin()
+                best, chosen_on = choose_comparator(runs, list(means.index), m)
                 theirs = runs[runs["name"] == best]
                 diffs = paired_differences(
                     dict(zip(ours["seed"], ours[m.column])), dict(zip(theirs["seed"], theirs[m.column]))
@@ -330,11 +354,14 @@ def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                         "comparator": comparator,
                         "best_prior": best,
                         "best_prior_mean": means[best],
+                        "chosen_on": chosen_on,
                         "method": THE_METHOD,
                         "method_mean": float(ours[m.column].mean()),
                         "gain_mean": iv.mean,
                         "gain_ci_low": iv.low,
                         "gain_ci_high": iv.high,
+                        "ci_half_width": iv.half_width,
+                        "mde": minimum_detectable_effect(iv.n, iv.std, MDE_POWER),
                         "n_pairs": iv.n,
                         "seeds": ",".join(str(s) for s in diffs),
                     }
@@ -358,10 +385,13 @@ def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                         "claimed_gain": claim.gain,
                         "comparator": comparator,
                         "comparator_method": g["best_prior"],
+                        "chosen_on": g["chosen_on"],
                         "gain_mean": g["gain_mean"],
                         "gain_ci_low": g["gain_ci_low"],
                         "gain_ci_high": g["gain_ci_high"],
                         "n_pairs": int(g["n_pairs"]),
+                        "ci_half_width": g["ci_half_width"],
+                        "mde": g["mde"],
                         "verdict": verdict(iv, claim.gain),
                         "rule": VERDICT_RULE,
                         "primary": comparator == "best prior method",
@@ -369,6 +399,29 @@ def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                     }
                 )
     return {"table": table, "gains": pd.DataFrame(gains), "verdicts": pd.DataFrame(verdicts)}
+
+
+def validation_column(metric: str) -> str:
+    """The validation metric a comparator for ``metric`` is chosen on: PGD accuracy for the robust metrics, clean
+    accuracy for the rest (the OOD data and corruptions have no validation split of their own)."""
+    return "val_robust" if metric.startswith(("pgd10_", "ensemble_")) else "val_clean"
+
+
+def choose_comparator(runs: pd.DataFrame, pool: list[str], metric: Metric) -> tuple[str, str]:
+    """The best of ``pool`` (row names) for ``metric``, chosen without the test split: the highest mean over seeds
+    of ``validation_column(metric)``. Rows without validation metrics (results written before they were recorded)
+    make the choice fall back to the test split's mean of ``metric`` itself.
+
+    Returns:
+        (row name, the split that chose it: "validation (val_clean)", "validation (val_robust)" or "test").
+    """
+    column = validation_column(metric.column)
+    if column in runs:
+        val = runs[runs["name"].isin(pool)].groupby("name")[column].mean()
+        if val.notna().all() and len(val) == len(pool):
+            return str(val.idxmax()), f"validation ({column})"
+    test = runs[runs["name"].isin(pool)].groupby("name")[metric.column].mean().dropna()
+    return str(test.idxmax() if metric.higher_is_better else test.idxmin()), "test"
 
 
 def _markdown(runs: pd.DataFrame, summary: dict, header: dict) -> str:
@@ -397,17 +450,21 @@ def _markdown(runs: pd.DataFrame, summary: dict, header: dict) -> str:
             "## The paper's claims",
             "",
             VERDICT_RULE,
-            "The primary comparator is the best prior method "
-            "(every method but cap and robustmed, ERM included); the best prior defence leaves ERM out.",
+            "The primary comparator is the best prior method (every method but robustmed, CAP and ERM "
+            "included); the best prior defence leaves ERM out. Each is chosen before the test split is read: "
+            "the best mean over seeds on the validation split (column 'chosen on'; 'test' only for results "
+            "written before validation metrics were recorded). The minimum detectable effect (MDE) is the "
+            f"smallest true gain the paired t-test at 5% would find with {MDE_POWER:.0%} power at the measured "
+            "seed-to-seed spread: an inconclusive verdict cannot tell a gain smaller than it from none.",
             "",
-            "| claim | comparator | gain (95% CI) | verdict |",
-            "| --- | --- | --- | --- |",
+            "| claim | comparator | chosen on | gain (95% CI) | MDE | verdict |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for _, v in verdicts.iterrows():
             lines.append(
-                f"| {v['claim']} | {v['comparator']} ({v['comparator_method']}) | {v['gain_mean']:+.3f} "
-                f"[{v['gain_ci_low']:+.3f}, {v['gain_ci_high']:+.3f}], n = {v['n_pairs']} | "
-                f"**{v['verdict']}** |"
+                f"| {v['claim']} | {v['comparator']} ({v['comparator_method']}) | {v['chosen_on']} | "
+                f"{v['gain_mean']:+.3f} [{v['gain_ci_low']:+.3f}, {v['gain_ci_high']:+.3f}], n = {v['n_pairs']} | "
+                f"{v['mde']:.3f} | **{v['verdict']}** |"
             )
     if len(gains):
         lines += [
