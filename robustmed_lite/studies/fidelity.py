@@ -27,6 +27,7 @@ from ..config import load_config
 from ..evaluation.stats import paired_gain
 from .plan import PROFILES
 from .reproduce import reproduce
+from .writeup import write_writeup
 
 FORMER = {"prior_view": "package", "proxy_optimizer": "sgd", "target_grad": False}  # the package's former defaults
 READINGS = {"weight_feedback": {"weight_feedback": True}, "prior_samples": {"prior_samples": 0.5}}
@@ -199,6 +200,7 @@ def run_paired_study(
         variants=rows,
         progress=progress,
         command=command,
+        writeup=False,
     )
     effects = summarise_effects(result["runs"], pairs, metrics)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,4 +209,5 @@ def run_paired_study(
     (out / "table.md").write_text(
         effects_markdown(effects, f"{heading}: {title}, {prof.name} profile, seeds {','.join(map(str, seeds))}")
     )
+    write_writeup(out, study, machine_folder=out.resolve())
     return {"effects": effects, "runs": result["runs"], "table": result["table"]}
