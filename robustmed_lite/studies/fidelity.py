@@ -209,5 +209,6 @@ def run_paired_study(
     (out / "table.md").write_text(
         effects_markdown(effects, f"{heading}: {title}, {prof.name} profile, seeds {','.join(map(str, seeds))}")
     )
-    write_writeup(out, study, machine_folder=out.resolve())
+    if not effects.empty:  # a page of no finished pairs would say nothing
+        write_writeup(out, study, machine_folder=out.resolve())
     return {"effects": effects, "runs": result["runs"], "table": result["table"]}
