@@ -456,7 +456,7 @@ def reproduce(
 
 
 def _record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_finished: int) -> None:
-    """Appends this call's wall times per stage to ``timings.json`` (what the README's times are read from)."""
+    """Appends this call's wall times per stage to ``timings.json`` (the wall time each study's README.md quotes)."""
     now = time.time()
     record = {
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
