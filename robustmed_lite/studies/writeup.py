@@ -248,9 +248,14 @@ def _setup(folder: Path, details: Path) -> list[str]:
     runs = pd.read_csv(details / "runs.csv")
     seeds = sorted(runs["seed"].unique().tolist())
     lines = ["## Setting", ""]
-    data = base.get("data", "?")
+
+    def here(path: str) -> str:  # a path of profile.json (relative to its folder) as seen from this page's folder
+        inner = details.relative_to(folder)
+        return path if path == "phantom" or Path(path).is_absolute() else os.path.normpath(inner / path)
+
+    data = here(base.get("data", "?"))
     lines.append(f"- data: `{data}`" + (" (relative to this folder)" if data != "phantom" else ""))
-    other = profile.get("evaluation", {}).get("ood_data") or []
+    other = [here(d) for d in profile.get("evaluation", {}).get("ood_data") or []]
     if other:
         lines.append("- other site: " + ", ".join(f"`{d}`" for d in other))
     lines.append(
@@ -278,8 +283,8 @@ def _provenance(folder: Path, details: Path, study: str) -> list[str]:
         commands = [line.split("  ")[-1] for line in commands_file.read_text().splitlines() if line.strip()]
         distinct = list(dict.fromkeys(commands))
         lines += [
-            f"{len(commands)} call(s) of the study command (a later call reuses finished runs and resumes "
-            "interrupted ones), from the repository root:",
+            f"{len(commands)} call{'s' if len(commands) > 1 else ''} of the study command (a later call reuses "
+            "finished runs and resumes interrupted ones), from the repository root:",
             "",
             "```bash",
             *distinct,
@@ -303,8 +308,8 @@ def _provenance(folder: Path, details: Path, study: str) -> list[str]:
     if timings:
         minutes = [t["total_minutes"] for t in timings]
         lines.append(
-            f"Wall time (`timings.json`): {sum(minutes):.1f} minutes over {len(minutes)} call(s) "
-            f"({', '.join(f'{m:.1f}' for m in minutes)})."
+            f"Wall time (`timings.json`): {sum(minutes):.1f} minutes"
+            + (f" over {len(minutes)} calls ({', '.join(f'{m:.1f}' for m in minutes)})." if len(minutes) > 1 else ".")
         )
     lines += [
         "",
