@@ -37,35 +37,37 @@ MACHINE_PATH = re.compile(r"(?:^|(?<=[\s\"'=,(\[]))/(?:[\w.+@-]+/)+[\w.+@-]*", r
 # What the study is, one paragraph per study: no numbers here (those come from the files).
 ABOUT = {
     "reproduction": (
-        "The paper's comparison on real CT: every method trained with every seed on the Soares SARS-CoV-2 set, "
-        "evaluated on its validation-chosen checkpoint (whole test split, PGD-10 and the attack ensemble at the "
-        "training eps and at 8/255, CAP's 15 ImageNet-C corruption types and the CT-physics ones, and the other "
-        "hospital's data), summarised as mean and 95% t-interval over seeds, with the method's paired gain over "
-        "the best prior method and a verdict on each claim of the paper. Chapter 08 of the book reads these files."
+        "The paper's comparison: every method trained with every seed on the training set named below (the "
+        "Soares SARS-CoV-2 set for the committed study), evaluated on its validation-chosen checkpoint (whole"
+        " test split, PGD-10 and the attack ensemble at the training eps and at 8/255, CAP's 15 ImageNet-C "
+        "corruption types and the CT-physics ones, and the other hospital's data), summarised as mean and 95%"
+        " t-interval over seeds, with the method's paired gain over the best prior method and a verdict on "
+        "each claim of the paper. Chapter 08 of the book reads these files."
     ),
     "sites": (
-        "Why models trained on one hospital fail on another: ERM, TRADES and the method trained on the Soares set "
-        "with each single fix against the shift (lung crop, intensity standardisation, acquisition augmentation, "
-        "multi-source training with the target's own train labels, as a reference) and scored on UCSD COVID-CT's "
-        "official validation and test splits, without and with test-time adaptation (AdaBN, TENT); the best "
-        "label-free combination chosen on the target's validation split (never its test split) and trained for "
-        "every method; and the shortcut tests (ERM on slices without their lungs, and with nothing but their "
-        "lungs). Chapter 09 of the book reads these files."
+        "Why models trained on one hospital fail on another: the methods trained on one site (the Soares set "
+        "for the committed studies) with each single fix against the shift (lung crop, intensity "
+        "standardisation, acquisition augmentation, multi-source training with the target's own train labels,"
+        " as a reference) and scored on the target site's official validation and test splits (UCSD "
+        "COVID-CT), without and with test-time adaptation (AdaBN, TENT); the best label-free combination "
+        "chosen on the target's validation split (never its test split) and trained for every method; and the"
+        " shortcut tests (ERM on slices without their lungs, and with nothing but their lungs). Chapter 09 of"
+        " the book reads these files."
     ),
     "fidelity": (
-        "Does following CAP's public code change the results? `cap` and `robustmed` as CAP's code trains them "
-        "(CAP's fast guided filter, one stateful AdamW proxy, the gradient through the soft target) against the "
-        "package's former defaults (`*_v0`), each change reverted alone, the two readings of the paper's "
+        "Does following CAP's public code change the results? `cap` and `robustmed` as CAP's code trains them"
+        " (CAP's fast guided filter, one stateful AdamW proxy, the gradient through the soft target) against "
+        "the package's former defaults (`*_v0`), each change reverted alone, the two readings of the paper's "
         "abstract (weight-level feedback, training on prior views), and AWP against TRADES. Each effect is a "
-        "paired per-seed difference, row minus reference, with its 95% t-interval, on the in-domain test split. "
-        "Chapter 04 of the book reads these files."
+        "paired per-seed difference, row minus reference, with its 95% t-interval, on the in-domain test "
+        "split. Chapter 04 of the book reads these files."
     ),
     "ablation": (
         "What each part of the method adds: `robustmed` with one part switched off at a time (the prediction "
-        "feedback, which leaves `cap`; the lung-prior view; the proxy attention noise; the square loss, replaced "
-        "by TRADES' CE + KL). Each effect is a paired per-seed difference, row minus `robustmed`, with its 95% "
-        "t-interval: a positive number means the metric is higher *without* the part. Chapter 07 of the book "
-        "reads these files."
+        "feedback, which leaves `cap`; the lung-prior view; the proxy attention noise; the square loss, "
+        "replaced by TRADES' CE + KL). Each effect is a paired per-seed difference, row minus `robustmed`, "
+        "with its 95% t-interval: a positive number means the metric is higher *without* the part. Chapter 07"
+        " of the book reads these files."
     ),
 }
 COMMAND_NAME = {"reproduction": "reproduce", "sites": "sites", "fidelity": "fidelity", "ablation": "ablation"}
