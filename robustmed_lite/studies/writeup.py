@@ -70,7 +70,6 @@ ABOUT = {
         " of the book reads these files."
     ),
 }
-COMMAND_NAME = {"reproduction": "reproduce", "sites": "sites", "fidelity": "fidelity", "ablation": "ablation"}
 
 METHOD_LABELS = {"erm": "ERM", "trades": "TRADES", "awp": "AWP", "cap": "CAP", "robustmed": "the method"}
 COMPONENT_LABELS = {
