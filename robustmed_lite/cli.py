@@ -454,6 +454,21 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
+def _results_writeup(args: argparse.Namespace) -> int:
+    from .studies.writeup import study_folders, write_index, write_writeup
+
+    folders = [Path(f) for f in args.folders] or study_folders(args.root)
+    if not folders:
+        raise FileNotFoundError(f"no study folder under {args.root}: pass FOLDER, e.g. results/reproduction/cpu")
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder: pass a study folder, e.g. results/reproduction/cpu")
+        print(f"wrote {write_writeup(folder)}")
+    if not args.folders:
+        print(f"wrote {write_index(args.root)}")
+    return 0
+
+
 def _data_fetch(args: argparse.Namespace) -> int:
     from .data.fetch import UCSD_ARCHIVE_URL, check_counts, fetch
 
@@ -869,6 +884,18 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--site", default="A", help="phantom: scanner site")
     store.add_argument("--quiet", action="store_true")
     store.set_defaults(run=_data_store)
+
+    results = sub.add_parser("results", help="the committed study folders: results writeup [FOLDER ...]")
+    results_sub = results.add_subparsers(dest="action", required=True)
+    writeup = results_sub.add_parser(
+        "writeup",
+        parents=[common],
+        help="write each study folder's README.md again from its result files (machine paths made relative); "
+        "no training",
+    )
+    writeup.add_argument("folders", nargs="*", help="study folders (default: every one under --root, and its index)")
+    writeup.add_argument("--root", default="results", help="where the study folders are (default results)")
+    writeup.set_defaults(run=_results_writeup)
 
     return parser
 

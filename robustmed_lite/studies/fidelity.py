@@ -28,6 +28,7 @@ from ..config import load_config, method_setting
 from ..evaluation.stats import paired_gain
 from .plan import PROFILES
 from .reproduce import reproduce
+from .writeup import write_writeup
 
 FORMER = {"prior_view": "package", "proxy_optimizer": "sgd", "target_grad": False}  # the package's former defaults
 READINGS = {"weight_feedback": {"weight_feedback": True}, "prior_samples": {"prior_samples": 0.5}}
@@ -216,6 +217,7 @@ def run_paired_study(
         overrides=overrides,
         progress=progress,
         command=command,
+        writeup=False,
     )
     effects = summarise_effects(result["runs"], pairs, metrics)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,4 +226,6 @@ def run_paired_study(
     (out / "table.md").write_text(
         effects_markdown(effects, f"{heading}: {title}, {prof.name} profile, seeds {','.join(map(str, seeds))}")
     )
+    if not effects.empty:  # a page of no finished pairs would say nothing
+        write_writeup(out, study, machine_folder=out.resolve())
     return {"effects": effects, "runs": result["runs"], "table": result["table"]}

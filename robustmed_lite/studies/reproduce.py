@@ -72,6 +72,7 @@ from .run_evaluation import (
     write_json,
 )
 from .summary import CLAIMS, SCHEMA, THE_METHOD, check_results, collect_rows, find_results, summarise, write_summary
+from .writeup import portable_paths, relative_paths_in, write_writeup
 
 __all__ = [
     "reproduce",
@@ -345,6 +346,7 @@ def reproduce(
     corruption_n: int | None | str = "profile",
     progress: bool = True,
     command: list[str] | None = None,
+    writeup: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Trains, evaluates and summarises a reproduction (see the module docstring).
 
@@ -369,6 +371,8 @@ def reproduce(
         corruption_n: Test images scored under the corruptions (None: all; default: the profile's).
         progress: Progress bars.
         command: The command line to record (default ``sys.argv``).
+        writeup: Write ``out/README.md`` from the result files (``writeup.py``); the studies built on this one
+            write their own page instead. Paths in the result files are made relative either way.
 
     Returns:
         ``{"runs", "table", "gains", "verdicts"}`` DataFrames (the same as the CSVs written).
@@ -437,6 +441,10 @@ def reproduce(
             ) from summary_error
         raise
     _record_timing(out, clock, shard_i_n, jobs, len(mine), len(finished))
+    if writeup and len(results["runs"]):
+        write_writeup(out, "reproduction", machine_folder=out.resolve())
+    else:
+        portable_paths(out, out.resolve(), "reproduction")
     if failures:
         name, err = failures[0]
         raise RuntimeError(
@@ -448,7 +456,7 @@ def reproduce(
 
 
 def _record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_finished: int) -> None:
-    """Appends this call's wall times per stage to ``timings.json`` (what the README's times are read from)."""
+    """Appends this call's wall times per stage to ``timings.json`` (the wall time each study's README.md quotes)."""
     now = time.time()
     record = {
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -513,7 +521,8 @@ def _finish(plan, settings, out: Path, prof: Profile, ood_data, covid19c) -> dic
     chosen = next((s for s in done if s.name == THE_METHOD), next((s for s in done if s.method != "erm"), None))
     if chosen is not None and settings.ensemble_n != 0:
         previous = pd.read_csv(check) if check.exists() else None
-        wanted = json.dumps(settings.to_dict())
+        # as the folder keeps it: machine paths relative to the folder (writeup.portable_paths)
+        wanted = relative_paths_in(json.dumps(settings.to_dict()), out.resolve())
         if previous is None or previous["settings"].iloc[0] != wanted:
             ensemble_check(chosen, settings).assign(settings=wanted).to_csv(check, index=False)
     cfg = plan[0].config()

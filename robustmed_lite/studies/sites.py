@@ -35,6 +35,7 @@ from .plan import PROFILES, Profile
 from .reproduce import default_data, reproduce
 from .run_evaluation import domain_name
 from .summary import check_results, find_results
+from .writeup import write_writeup
 
 SITE_METHODS = ("erm", "trades", "robustmed")
 ADAPTATIONS = ("none", "adabn", "tent")
@@ -434,6 +435,7 @@ def run_sites(
         corruption_n=128,
         overrides=overrides,
         progress=progress,
+        writeup=False,
     )
     methods = tuple(methods)
     screen = tuple(screen or methods)
@@ -463,6 +465,7 @@ def run_sites(
     )
     title = f"{Path(str(data)).name} -> {Path(str(target)).name}"
     (out / "table.md").write_text(_markdown(tables, best, adaptation, choice, goals, title, screen))
+    write_writeup(out, "sites", machine_folder=out.resolve())
     return {**tables, "goal": goals, "runs": first["runs"], "best_choice": choice}
 
 
