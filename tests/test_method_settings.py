@@ -247,3 +247,17 @@ def test_the_verdict_table_gives_each_claims_minimum_detectable_effect():
     assert verdict["mde"] == pytest.approx(minimum_detectable_effect(3, diffs.std))
     assert verdict["ci_half_width"] == pytest.approx(diffs.half_width)
     assert verdict["mde"] > verdict["ci_half_width"] > 0
+
+
+def test_the_books_settings_page_is_the_tables_output():
+    """book/settings.md is what ``tools/settings_table.py --out`` writes from the code: it cannot drift."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("settings_table", root / "tools" / "settings_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from robustmed_lite.config import settings_markdown
+
+    assert (root / "book" / "settings.md").read_text() == tool.PAGE_HEAD + settings_markdown()

@@ -2,7 +2,7 @@
 their sources, as Markdown: the table the README and the book embed.
 
     python tools/settings_table.py                  # to stdout
-    python tools/settings_table.py --out FILE.md    # to a file
+    python tools/settings_table.py --out book/settings.md    # the book's page (a title and a note above it)
 """
 
 from __future__ import annotations
@@ -12,6 +12,16 @@ from pathlib import Path
 
 from robustmed_lite.config import settings_markdown
 
+PAGE_HEAD = """# Each method's published settings
+
+Every method trains at the settings of its own public code unless you set a value (`--gamma`, ...): CAP's for
+`cap` and `robustmed`, AWP's for `awp`. Where a published setting counts epochs of a 200-epoch run, it is scaled
+to the run's length (`config.scale_epochs`: round half up, at least 1) and counted from 1, as both codes count.
+An option a method would ignore is refused. This page is written by `python tools/settings_table.py --out
+book/settings.md`, and a test checks that it matches the code.
+
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -19,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     text = settings_markdown()
     if args.out:
-        args.out.write_text(text)
+        args.out.write_text(PAGE_HEAD + text)
     else:
         print(text, end="")
 
