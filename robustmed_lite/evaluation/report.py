@@ -520,6 +520,7 @@ def _failure_tiles(images: torch.Tensor, maps: torch.Tensor, captions: list[str]
     import matplotlib.pyplot as plt
 
     n = len(images)
+    images, maps = images.numpy(), maps.numpy()
     fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.2), squeeze=False)
     for i in range(n):
         axes[0, i].imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
@@ -625,9 +626,11 @@ def section_data(inp: ReportInputs) -> dict:
     return {"status": "measured", "partitions": rows, "split": inp.split_note, "metrics": metrics}
 
 
-def _threshold_step(model, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """The threshold, from validation images and labels only."""
-    p = _probs(model, val[0])
+def fix_threshold(inp: ReportInputs) -> dict:
+    """The decision threshold, from the validation images and labels alone: it runs before any test prediction,
+    and reads neither the sites' images nor their labels."""
+    p = _probs(inp.model, inp.val[0])
+    val = inp.val
     return {
         "threshold": choose_threshold(val[1].numpy(), p),
         "n_val": len(val[1]),
@@ -685,11 +688,11 @@ def section_clinical_summary(inp: ReportInputs) -> dict:
 
 
 def section_generalisation(inp: ReportInputs) -> dict:
-    from .adapt import adapt, batchnorm_layers
+    from .adapt import adapt
 
     threshold, s = inp.state["threshold"]["threshold"], inp.settings
     rows, metrics = [], []
-    has_bn = bool(batchnorm_layers(inp.model))
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in inp.model.modules())
     for site in inp.sites:
         y, p = site.labels.numpy(), inp.state["p"][site.name]
         auc = auc_score(y, p)
@@ -1148,8 +1151,7 @@ def build_report(
     inp = load_inputs(checkpoint, sites, settings, own_shift, progress, data)
     cache = out_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    # The threshold step sees the validation split alone, before any test prediction is made.
-    inp.state["threshold"], _ = _cached(cache, inp, "threshold", lambda: _threshold_step(inp.model, inp.val))
+    inp.state["threshold"], _ = _cached(cache, inp, "threshold", lambda: fix_threshold(inp))
     predictions, _ = _cached(
         cache, inp, "predictions", lambda: {s.name: _probs(inp.model, s.images).tolist() for s in inp.sites}
     )
