@@ -860,7 +860,7 @@ def section_adversarial(inp: ReportInputs) -> dict:
     )
     rows, metrics, robust_at = [], [], []
     robust = clean_ok.clone()
-    for eps in tqdm(s.eps, desc="attack ensemble", leave=False, **progress_options(True)):
+    for eps in tqdm(s.eps, desc="attack ensemble", leave=False, **progress_options(inp.state["progress"])):
         members = [
             APGD(eps, steps=s.apgd_steps, loss="ce", seed=s.seed),
             APGD(eps, steps=s.apgd_steps, loss="margin", seed=s.seed),
@@ -1151,6 +1151,7 @@ def build_report(
     inp = load_inputs(checkpoint, sites, settings, own_shift, progress, data)
     cache = out_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    inp.state["progress"] = progress
     inp.state["threshold"], _ = _cached(cache, inp, "threshold", lambda: fix_threshold(inp))
     predictions, _ = _cached(
         cache, inp, "predictions", lambda: {s.name: _probs(inp.model, s.images).tolist() for s in inp.sites}
