@@ -817,6 +817,41 @@ def _parser() -> argparse.ArgumentParser:
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(run=_diagnose)
 
+    # report: one model's robustness and generalisation report (evaluation/report.py)
+    def _report(args: argparse.Namespace) -> int:
+        from .evaluation.report import ReportSettings, build_report, parse_site
+
+        settings = ReportSettings(reference=args.reference, seed=args.seed)
+        if args.n_boot is not None:
+            settings.n_boot = args.n_boot
+        sites = [parse_site(text) for text in args.site]
+        report = build_report(
+            args.checkpoint, args.out, sites, settings, not args.no_own_shift, args.overwrite, not args.quiet, args.data
+        )
+        print(f"wrote {Path(args.out) / 'report.html'} and report.json in {report['seconds']:.0f} s")
+        return 0
+
+    rep_cmd = sub.add_parser(
+        "report",
+        parents=[common],
+        help="a robustness and generalisation report of one model (report.html + report.json) to file",
+    )
+    rep_cmd.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="a .pt file, a run folder, or a shipped run (robustmed-seed0)"
+    )
+    rep_cmd.add_argument("--data", default=None, help="where the run's own data is (default: its config's data)")
+    rep_cmd.add_argument(
+        "--site", action="append", default=[], metavar="NAME=ROOT", help="an external site (repeat); phantom:C works"
+    )
+    rep_cmd.add_argument("--reference", default=None, help="an ERM checkpoint to compare corruption accuracy with")
+    rep_cmd.add_argument("--no_own_shift", action="store_true", help="leave out the run's own shifted test set")
+    rep_cmd.add_argument("--out", default="report", help="the report folder (refused if it exists)")
+    rep_cmd.add_argument("--overwrite", action="store_true", help="rewrite an existing --out, reusing its cache")
+    rep_cmd.add_argument("--n_boot", type=int, default=None, help="bootstrap resamples (default 1000)")
+    rep_cmd.add_argument("--seed", type=int, default=0)
+    rep_cmd.add_argument("--quiet", action="store_true")
+    rep_cmd.set_defaults(run=_report)
+
     doctor = sub.add_parser(
         "doctor", parents=[common], help="is this machine ready for the notebooks? a short pass/fail report to paste"
     )
