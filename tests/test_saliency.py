@@ -1,5 +1,5 @@
-"""Saliency maps, attention ratios and the proxy-noise view: shapes, normalisation, localisation on a model with a
-known answer, exact metrics on synthetic masks, and exact restoring."""
+"""evaluation/saliency.py: saliency maps, attention ratios and the proxy-noise view: shapes, normalisation,
+localisation on a model with a known answer, exact metrics on synthetic masks, and exact restoring."""
 
 import pandas as pd
 import pytest
