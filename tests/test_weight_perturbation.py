@@ -3,10 +3,13 @@ weights only, exact restoring, CAP's stateful AdamW proxy, random directions, an
 back bitwise, gamma = 0 is the model's accuracy, draws are seeded, large relative noise destroys a trained model)."""
 
 import copy
+import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.evaluation.attacks import PGD
@@ -216,3 +219,144 @@ def test_proxy_reloads_bn_buffers_and_keeps_no_optimizer_state():
     assert not noise.proxy_optim.state
     proxy_means = [b for n, b in noise.proxy.named_buffers() if n.endswith("running_mean")]
     assert all(torch.isfinite(b).all() and b.abs().sum() > 0 for b in proxy_means)
+
+
+# --------------------------------------------------------- the noise direction and the proxy loss, by hand
+class _TinyAttention(nn.Module):
+    """logits = H (P (Q x + q) + p) + h: Q and P sit where ``attention_weights`` finds attention (``attn.qkv``,
+    ``attn.proj``), H is a head that the attention noise must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj, self.head = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+        with torch.no_grad():
+            for layer, (w, b) in zip(
+                (self.attn.qkv, self.attn.proj, self.head),
+                (
+                    ([[1.0, 0.5], [-0.5, 1.0]], [0.1, 0.0]),
+                    ([[0.8, 0.0], [0.3, 1.2]], [0.0, -0.2]),
+                    ([[1.0, 2.0], [0.5, -1.0]], [0.1, -0.2]),
+                ),
+            ):
+                layer.weight.copy_(torch.tensor(w))
+                layer.bias.copy_(torch.tensor(b))
+        self.double()
+
+    def forward(self, x):
+        return self.head(self.attn.proj(self.attn.qkv(x)))
+
+
+X = np.array([[1.0, 0.0], [0.5, 2.0]])  # two samples
+X_OTHER = np.array([[0.0, 1.0], [1.0, 1.0]])  # their other view (x_aug, or x_adv for AWP)
+LABELS = np.array([0, 1])
+
+
+def _np_weights(model) -> dict[str, np.ndarray]:
+    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+def _np_forward(w: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(h1, h2, logits) of the tiny model, row per sample."""
+    h1 = x @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]
+    h2 = h1 @ w["attn.proj.weight"].T + w["attn.proj.bias"]
+    return h1, h2, h2 @ w["head.weight"].T + w["head.bias"]
+
+
+def _np_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _np_ce_and_kl(w, x, x_other, y) -> tuple[float, float]:
+    p, q = _np_softmax(_np_forward(w, x)[2]), _np_softmax(_np_forward(w, x_other)[2])
+    ce = -np.log(p[np.arange(len(y)), y]).mean()
+    kl = (p * np.log(p / q)).sum(1).mean()
+    return ce, kl
+
+
+def _t64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).double()
+
+
+@pytest.mark.parametrize("kind", ["awp", "proxy_attention"])
+def test_the_proxy_loss_by_hand(kind):
+    """The proxy minimises -CE(x) + beta KL(p(x) || p(x_aug)) (attention noise: adversarial for the clean loss,
+    consistent with the prior view) or -(CE(x) + beta KL(p(x) || p(x_adv))) (AWP)."""
+    model = _TinyAttention()
+    noise = WeightPerturbation(model, kind, gamma=0.01, beta=3.0)
+    ce, kl = _np_ce_and_kl(_np_weights(model), X, X_OTHER, LABELS)
+    expected = -(ce + 3.0 * kl) if kind == "awp" else -ce + 3.0 * kl
+    got = noise.proxy_loss(_t64(X), _t64(X_OTHER), torch.from_numpy(LABELS)).item()
+    assert got == pytest.approx(expected, rel=1e-6)  # the proxy's losses are computed in float32
+    assert kl > 0 and ce > 0  # both terms count in the check
+
+
+@pytest.mark.parametrize("kind", ["awp", "proxy_attention"])
+def test_the_noise_direction_is_the_proxys_step_rescaled_to_each_layers_norm(kind):
+    """With beta = 0 and plain SGD, the proxy's step is dw = lr * dCE/dw (one step up the clean loss), so
+    d_l = ||w_l|| / ||dw_l|| * dw_l = ||w_l|| / ||G_l|| * G_l with G the hand-computed CE gradient (lr cancels);
+    only the chosen weights get a direction: Q and P for attention noise, every weight matrix for AWP, no bias."""
+    model = _TinyAttention()
+    w = _np_weights(model)
+    noise = WeightPerturbation(model, kind, gamma=0.01, beta=0.0, proxy_lr=0.05, optimizer="sgd")
+    d = noise.compute(_t64(X), _t64(X_OTHER), torch.from_numpy(LABELS))
+    chosen = ["attn.qkv.weight", "attn.proj.weight"] + (["head.weight"] if kind == "awp" else [])
+    assert sorted(d) == sorted(chosen)
+    # backpropagation by hand: delta = (p - onehot) / N at the logits
+    h1, h2, logits = _np_forward(w, X)
+    delta = (_np_softmax(logits) - np.eye(2)[LABELS]) / len(X)
+    grads = {
+        "head.weight": delta.T @ h2,
+        "attn.proj.weight": (delta @ w["head.weight"]).T @ h1,
+        "attn.qkv.weight": (delta @ w["head.weight"] @ w["attn.proj.weight"]).T @ X,
+    }
+    for name in chosen:
+        g = grads[name]
+        expected = np.linalg.norm(w[name]) / np.linalg.norm(g) * g
+        np.testing.assert_allclose(d[name].numpy(), expected, rtol=1e-5, atol=1e-8)  # float32 losses
+        assert np.linalg.norm(d[name].numpy()) == pytest.approx(np.linalg.norm(w[name]))
+    # the model itself is untouched by computing the noise
+    assert all(np.array_equal(p.detach().numpy(), w[n]) for n, p in model.named_parameters())
+
+
+def test_perturb_adds_gamma_d_and_restore_keeps_only_the_optimizers_update():
+    """w <- w + gamma d on the chosen weights only; after an optimizer step at the perturbed weights, restore gives
+    w_0 + (w_stepped - w_perturbed), i.e. the update applied to the unperturbed weights; with no step, bitwise w_0."""
+    model = _TinyAttention()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    noise = WeightPerturbation(model, "proxy_attention", gamma=0.1, beta=1.0)
+    d = {n: torch.full_like(before[n], 0.5) for n in noise.names}
+    noise.perturb(d)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n] + 0.1 * d[n]) if n in d else torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError, match="twice"):
+        noise.perturb(d)
+    noise.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "restored bitwise"
+
+    # a step of plain SGD (lr 0.5) on the loss at the perturbed weights
+    noise.perturb(d, gamma=0.2)
+    perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(_t64(X)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    noise.restore()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n] - 0.5 * grads[n], rtol=0, atol=1e-12), n
+    moved = [n for n in d if not torch.allclose(perturbed[n], before[n])]
+    assert sorted(moved) == sorted(d), "the step was taken at the perturbed weights"
+
+
+def test_the_chosen_weights_of_a_visformer():
+    """Attention noise: only the qkv and proj weights of the attention blocks; AWP: every weight matrix, which
+    includes them, and never a bias or a norm's scale."""
+    model = create_model("tiny_visformer", img_size=32)
+    attention = perturbed_names(model, "proxy_attention")
+    every = perturbed_names(model, "awp")
+    assert attention and all(re.search(r"attn\.(qkv|proj)\.weight$", n) for n in attention)
+    assert set(attention) < set(every)
+    params = dict(model.named_parameters())
+    assert all(params[n].dim() > 1 for n in every)
+    assert not [n for n in every if n.endswith("bias") or ".norm" in n]
