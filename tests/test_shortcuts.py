@@ -1,6 +1,8 @@
 """evaluation/shortcuts.py: calibration error, per-domain report, lung-region tests, saliency outside the body,
 and the diagnose command on real data."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,6 +44,7 @@ def test_domain_report_and_histograms(slices):
     model = create_model("small_cnn", img_size=64).eval()
     report = domain_report(model, {"a": (slices.images, slices.labels), "b": (slices.images * 0.5, slices.labels)})
     assert list(report["domain"]) == ["a", "b"] and (report["n"] == 8).all()
+    assert list(report.columns) == REPORT_COLUMNS and len(report) == 2
     assert report["true_covid_share"].iloc[0] == pytest.approx(float(slices.labels.float().mean()))
     assert report[["predicted_covid_share", "ece", "balanced_accuracy"]].apply(lambda c: c.between(0, 1)).all().all()
     hist = intensity_histograms({"a": slices.images, "dark": slices.images * 0.5}, bins=16)
@@ -94,6 +97,60 @@ def test_body_mask_and_saliency_outside(slices):
     table = saliency_outside(create_model("small_cnn", img_size=64).eval(), slices.images[:4])
     assert list(table.columns) == ["outside_body", "body_area_outside", "outside_lungs", "lung_area_outside"]
     assert table.apply(lambda c: c.between(0, 1)).all().all()
+    assert len(table) == 4  # one row per slice
+    # the chance levels are the areas outside the masks: 1 - the body's (lungs') share of the slice
+    expected_body = 1 - body[:4].flatten(1).float().mean(1)
+    assert table["body_area_outside"].tolist() == pytest.approx(expected_body.tolist())
+    from robustmed_lite.data.preprocess import lungs
+
+    expected_lungs = 1 - lungs(slices.images[:4]).flatten(1).float().mean(1)
+    assert table["lung_area_outside"].tolist() == pytest.approx(expected_lungs.tolist())
+    assert (table["lung_area_outside"] > table["body_area_outside"]).all(), "the lungs lie inside the body"
+
+
+REPORT_COLUMNS = [
+    "domain",
+    "n",
+    "true_covid_share",
+    "predicted_covid_share",
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "balanced_accuracy",
+    "ece",
+]
+
+
+class _AlwaysCovid(torch.nn.Module):
+    """Logits (0, log 3) for every slice: p(COVID) = 3/4, so it predicts COVID everywhere with confidence 3/4."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))  # a parameter, so the model has a device
+
+    def forward(self, x):
+        return torch.tensor([0.0, math.log(3)]).expand(len(x), 2) + self.scale
+
+
+def test_domain_report_of_a_constant_model_by_hand():
+    """The diagnose table, one row per domain, against values derived by hand for a model that always says COVID
+    with p = 3/4: accuracy = the COVID share, sensitivity 1, specificity 0, balanced accuracy 1/2, AUC 1/2 (one
+    score for all) and ECE = |COVID share - 3/4| (one confidence bin)."""
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    domains = {"mostly covid": (x, torch.tensor([1, 1, 1, 0])), "mostly not": (x, torch.tensor([1, 0, 0, 0]))}
+    report = domain_report(_AlwaysCovid(), domains)
+    assert list(report.columns) == REPORT_COLUMNS and len(report) == 2
+    assert list(report["domain"]) == list(domains) and list(report["n"]) == [4, 4]
+    assert report["true_covid_share"].tolist() == [0.75, 0.25]
+    assert report["predicted_covid_share"].tolist() == [1.0, 1.0]
+    assert report["accuracy"].tolist() == pytest.approx([0.75, 0.25])
+    assert report["sensitivity"].tolist() == [1.0, 1.0] and report["specificity"].tolist() == [0.0, 0.0]
+    assert report["balanced_accuracy"].tolist() == [0.5, 0.5] and report["auc"].tolist() == [0.5, 0.5]
+    assert report["ece"].tolist() == pytest.approx([0.0, 0.5], abs=1e-6)  # p = 3/4 in float32
+    numeric = report.drop(columns=["domain", "n"])
+    assert numeric.apply(lambda c: c.between(0, 1)).all().all()
 
 
 def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
