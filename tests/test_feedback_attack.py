@@ -12,6 +12,12 @@ from robustmed_lite.models import create_model
 from robustmed_lite.trainer import fit_erm
 
 
+@pytest.fixture(scope="module")
+def trained(phantom_cnn):
+    """small_cnn trained (ERM) on the 48 px phantom, with 256 held-out slices (conftest's ``phantom_cnn``)."""
+    return phantom_cnn
+
+
 def test_feedback_rules_stop_where_specified():
     """FAT (tau 0): the first misclassified iterate; last_correct: the last iterate still correct."""
     torch.manual_seed(0)
@@ -110,9 +116,3 @@ def test_feedback_frozen_samples_leave_the_forward_passes(trained):
     finally:
         handle.remove()
     assert seen[0] == len(x) and sum(seen) < 10 * len(x)
-
-
-@pytest.fixture(scope="module")
-def trained(phantom_cnn):
-    """small_cnn trained (ERM) on the 48 px phantom, with 256 held-out slices (conftest's ``phantom_cnn``)."""
-    return phantom_cnn
