@@ -1,5 +1,5 @@
 """Shared fixtures: the real data in ../shared/data (skipped with a reason where absent), small thread counts, a
-``reproduce`` that trains nothing for the paired studies."""
+``reproduce`` that trains nothing for the paired studies, and a small trained CNN that the attack tests share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from robustmed_lite.data.loaders import find_shared_data
+from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.models import create_model
 from robustmed_lite.studies import fidelity
+from robustmed_lite.trainer import fit_erm
 
 # Two threads, shared out among pytest-xdist's workers (`make test` runs one per core): more threads than cores
 # make every worker slower.
@@ -39,3 +42,14 @@ def reproduce_calls(monkeypatch, tmp_path):
     monkeypatch.setattr(fidelity, "reproduce", fake_reproduce)
     monkeypatch.chdir(tmp_path)
     return calls
+
+
+@pytest.fixture(scope="session")
+def phantom_cnn():
+    """small_cnn trained (ERM) on the 48 px phantom; 256 held-out slices (model, images, labels). About 15 s on 2
+    cores; shared by test_attacks and test_feedback_attack."""
+    data = make_phantom_dataset(1280, 48, site="A", seed=0)
+    torch.manual_seed(0)
+    net = create_model("small_cnn")
+    fit_erm(net, data.images[:1024], data.labels[:1024], epochs=6, progress=False)
+    return net.eval(), data.images[1024:], data.labels[1024:]

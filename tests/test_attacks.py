@@ -1,12 +1,11 @@
-"""Attacks: invariants (eps-ball, [0,1], mode, determinism, eps=0), consistency on a trained model, the
-early-stopped PGD's rules and batch order, and a cross-check against torchattacks."""
+"""evaluation/attacks.py: invariants (eps-ball, [0,1], mode, determinism, eps=0), consistency on a trained model,
+and a cross-check against torchattacks. The feedback PGD's rules are in test_feedback_attack.py."""
 
 import pytest
 import torch
 from torch import nn
 
-from robustmed_lite.common import eval_mode, format_eps, parse_eps
-from robustmed_lite.data.phantom import make_phantom_dataset
+from robustmed_lite.common import format_eps
 from robustmed_lite.evaluation.attacks import (
     APGD,
     FGSM,
@@ -20,7 +19,6 @@ from robustmed_lite.evaluation.attacks import (
 )
 from robustmed_lite.method.feedback_attack import FeedbackPGD
 from robustmed_lite.models import create_model
-from robustmed_lite.trainer import fit_erm
 
 EPS = 8 / 255
 ATTACKS = {
@@ -67,13 +65,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """small_cnn trained (ERM) on the 48 px phantom; 256 held-out slices. About 15 s on 2 cores."""
-    data = make_phantom_dataset(1280, 48, site="A", seed=0)
-    torch.manual_seed(0)
-    net = create_model("small_cnn")
-    fit_erm(net, data.images[:1024], data.labels[:1024], epochs=6, progress=False)
-    return net.eval(), data.images[1024:], data.labels[1024:]
+def trained(phantom_cnn):
+    """small_cnn trained (ERM) on the 48 px phantom, with 256 held-out slices (conftest's ``phantom_cnn``)."""
+    return phantom_cnn
 
 
 def _accuracy(model, x, y, attack=None, chunk=128):
@@ -96,19 +90,6 @@ def pgd10_accuracy(trained):
 
 
 # ---------------------------------------------------------------------------------------------- eps handling
-
-
-@pytest.mark.parametrize(
-    "text,value", [("8/255", 8 / 255), (" 4 / 255 ", 4 / 255), ("0.03", 0.03), (0.5, 0.5), ("1e-2", 0.01), (0, 0.0)]
-)
-def test_parse_eps(text, value):
-    assert parse_eps(text) == pytest.approx(value)
-
-
-@pytest.mark.parametrize("bad", ["8/", "eight", "-1/255", -0.1, float("nan"), "8/0", "1/0.0"])
-def test_parse_eps_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="eps"):
-        parse_eps(bad)
 
 
 def test_eps_is_quoted_as_k_over_255():
@@ -234,14 +215,6 @@ def test_bad_inputs_are_clear_errors(x, y, match):
         PGD(EPS)(model, x, y)
 
 
-def test_eval_mode_context_restores_mixed_modes():
-    model = create_model("small_cnn").train()
-    model.backbone.head.eval()
-    with eval_mode(model):
-        assert not any(m.training for m in model.modules())
-    assert model.training and not model.backbone.head.training
-
-
 # ----------------------------------------------------------------------------------------------------- APGD
 
 
@@ -329,68 +302,6 @@ def test_agrees_with_torchattacks_pgd(trained, pgd10_accuracy):
 
 
 # -------------------------------------------------------------------------------------- early-stopped PGD
-
-
-def test_feedback_keeps_batch_order_aligned_with_views_and_labels(trained):
-    model, x, y = trained
-    x, y = x[:64], y[:64]
-    x_aug = x.flip(-1)  # an augmented view the caller keeps beside x
-    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
-    for rule in ("fat", "last_correct"):
-        attack = FeedbackPGD("4/255", steps=8, loss="ce", rule=rule, random_start=False)
-        x_adv = attack(model, x, y)
-        steps = attack.last_steps.clone()
-        assert len(steps.unique()) > 1, "samples stopped at different steps"
-        # Shuffling the batch shuffles the result the same way: nothing is reordered inside.
-        assert torch.equal(attack(model, x[perm], y[perm]), x_adv[perm])
-        assert torch.equal(attack.last_steps, steps[perm])
-        # Row i of x_adv is a perturbation of x[i], so x_aug[i] and y[i] still belong to it.
-        assert (x_adv - x).abs().amax((1, 2, 3)).max() <= 4 / 255 + 1e-6
-        assert (x_adv.flip(-1) - x_aug).abs().amax((1, 2, 3)).max() <= 4 / 255 + 1e-6
-
-
-def test_feedback_last_correct_stays_correct(trained):
-    model, x, y = trained
-    attack = FeedbackPGD("8/255", steps=10, rule="last_correct", seed=0)
-    x_adv = attack(model, x, y)
-    with torch.no_grad():
-        clean_ok = model(x).argmax(1) == y
-        adv_ok = model(x_adv).argmax(1) == y
-    assert torch.equal(adv_ok, clean_ok), "correct samples stay correct; wrong ones stay wrong"
-    assert torch.equal(x_adv[~clean_ok], x[~clean_ok]) and (attack.last_steps[~clean_ok] == 0).all()
-    assert (attack.last_steps < 10).any() and (attack.last_steps > 0).any()
-
-
-@pytest.mark.parametrize("tau", [0, 2])
-def test_feedback_fat_freezes_misclassified_iterates(trained, tau):
-    model, x, y = trained
-    attack = FeedbackPGD("8/255", steps=10, rule="fat", tau=tau, loss="ce", seed=0)
-    x_adv = attack(model, x, y)
-    frozen = attack.last_steps < 10
-    assert frozen.any()
-    with torch.no_grad():
-        assert (model(x_adv[frozen]).argmax(1) != y[frozen]).all(), "a frozen sample is misclassified"
-    assert (attack.last_steps[frozen] >= tau).all(), "tau misclassified iterates come before freezing"
-
-
-def test_feedback_rules_reduce_to_pgd(trained):
-    model, x, y = trained
-    x, y = x[:64], y[:64]
-    pgd = PGD(0.03, alpha=2 / 255, steps=6, loss="kl", random_start="normal", seed=3)(model, x, y)
-    plain = FeedbackPGD(0.03, steps=6, rule=None, seed=3)(model, x, y)
-    never_frozen = FeedbackPGD(0.03, steps=6, rule="fat", tau=6, seed=3)(model, x, y)
-    assert torch.equal(plain, pgd) and torch.equal(never_frozen, pgd)
-
-
-def test_feedback_frozen_samples_leave_the_forward_passes(trained):
-    model, x, y = trained
-    seen = []
-    handle = model.register_forward_hook(lambda m, inp, out: seen.append(len(inp[0])))
-    try:
-        FeedbackPGD("8/255", steps=10, rule="fat", loss="ce", seed=0)(model, x, y)
-    finally:
-        handle.remove()
-    assert seen[0] == len(x) and sum(seen) < 10 * len(x)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,5 +1,6 @@
 """Every notebook follows the book's conventions. (They execute once per CI, in the book build.)"""
 
+import ast
 import dataclasses
 import json
 import os
@@ -18,8 +19,116 @@ BOOK_TOC = ROOT / "book" / "_toc.yml"
 REPOSITORY = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["repository"]["url"]
 
 
+def _toc_notebooks() -> list[str]:
+    """The chapters of book/_toc.yml that are notebooks, in the book's order (``notebooks/00_tour``)."""
+    toc = yaml.safe_load(BOOK_TOC.read_text())
+    files = [c["file"] for c in toc.get("chapters", [])]
+    files += [c["file"] for part in toc.get("parts", []) for c in part.get("chapters", [])]
+    return [f for f in files if f.startswith("notebooks/")]
+
+
 def test_there_are_notebooks():
+    """The notebooks folder holds exactly the notebooks the table of contents lists, numbered 00, 01, ... in the
+    book's order."""
     assert NOTEBOOKS, "no notebooks found"
+    listed = _toc_notebooks()
+    assert listed == [f"notebooks/{p.stem}" for p in NOTEBOOKS], "every notebook is a chapter, in file order"
+    assert [p.name[:3] for p in NOTEBOOKS] == [f"{i:02d}_" for i in range(len(NOTEBOOKS))]
+    assert len(set(listed)) == len(listed), "no chapter is listed twice"
+
+
+def _setup_cell(path: Path):
+    return next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+
+def _missing_package(test: ast.expr) -> str | None:
+    """The package ``p`` of a test ``importlib.util.find_spec(p) is None``, else None."""
+    if (
+        isinstance(test, ast.Compare)
+        and isinstance(test.ops[0], ast.Is)
+        and isinstance(test.comparators[0], ast.Constant)
+        and test.comparators[0].value is None
+        and isinstance(test.left, ast.Call)
+        and ast.unparse(test.left.func).endswith("find_spec")
+        and len(test.left.args) == 1
+    ):
+        return ast.literal_eval(test.left.args[0])
+    return None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_colab_badge_is_the_first_cells_link_to_this_notebook(path):
+    """The first cell is the chapter's title and the Open-in-Colab badge, whose link opens this notebook in this
+    repository; no other Colab link in the notebook points elsewhere."""
+    cells = nbformat.read(path, as_version=4).cells
+    first = cells[0].source
+    assert re.match(rf"# {path.name[:2]} · \S", first), "the first line is the chapter's title"
+    repo = REPOSITORY.removeprefix("https://github.com/")
+    url = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{path.name}"
+    badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+    assert badge in first.splitlines(), "the badge is a line of its own"
+    links = re.findall(r"https://colab\.research\.google\.com/github/[^\s)]+", "\n".join(c.source for c in cells))
+    assert links == [url], "one Colab link, to this notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_setup_cell_installs_only_where_the_package_is_missing(path):
+    """The first code cell's pip installs run only under ``if find_spec(package) is None`` (the package itself, and
+    any optional extra a chapter needs), the package is imported after its check, unconditionally; no cell installs
+    anything with a ! or % magic."""
+    tree = ast.parse(_setup_cell(path).source)
+    guards = {_missing_package(node.test): node for node in tree.body if isinstance(node, ast.If)}
+    guards.pop(None, None)
+    assert "robustmed_lite" in guards, "the package is installed only where find_spec does not find it"
+    installs = [
+        node for node in ast.walk(tree) if isinstance(node, ast.Call) and "pip" in ast.unparse(node).split("install")[0]
+    ]
+    inside = {id(node): name for name, guard in guards.items() for node in ast.walk(guard)}
+    assert installs and all(id(node) in inside for node in installs), "pip runs only inside a guard"
+    assert "robustmed_lite" in [inside[id(node)] for node in installs], "the package's own install is guarded by it"
+    assert all(not guard.orelse for guard in guards.values())
+    after = tree.body[tree.body.index(guards["robustmed_lite"]) + 1 :]
+    assert any(isinstance(node, ast.ImportFrom) and node.module.startswith("robustmed_lite") for node in after), (
+        "the package is imported after the guard, whether or not it was installed"
+    )
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code":
+            magics = [line for line in cell.source.splitlines() if line.lstrip().startswith(("!", "%"))]
+            assert not [m for m in magics if "install" in m], f"an unconditional install: {magics}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_profile_switch_comes_from_the_setup_and_sizes_the_work(path):
+    """PROFILE is assigned once, from ``notebook_setup`` in the setup cell (the device or ROBUSTMED_PROFILE decide
+    it, never a hard-coded value), and the notebook branches on it."""
+    setup = ast.parse(_setup_cell(path).source)
+    assigned = [
+        node
+        for node in ast.walk(setup)
+        if isinstance(node, ast.Assign)
+        and any("PROFILE" in [n.id for n in ast.walk(t) if isinstance(n, ast.Name)] for t in node.targets)
+    ]
+    assert len(assigned) == 1 and ast.unparse(assigned[0].value.func) == "notebook_setup"
+    code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert not re.search(r"^\s*PROFILE\s*=", code, re.M), "no cell overrides the profile"
+    assert re.search(r"PROFILE == \"(fast|full)\"", code), "the profile switches something"
+
+
+def test_the_profile_follows_robustmed_profile_and_else_the_device(monkeypatch, tmp_path):
+    """notebook_setup's profile: ROBUSTMED_PROFILE where set ('fast' or 'full', anything else refused), else
+    'fast' on a CPU."""
+    from robustmed_lite.book.setup import notebook_setup
+
+    monkeypatch.setenv("ROBUSTMED_DATA", str(tmp_path))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("ROBUSTMED_PROFILE", raising=False)
+    device, profile, _ = notebook_setup(verbose=False)
+    assert (device.type, profile) == ("cpu", "fast")
+    monkeypatch.setenv("ROBUSTMED_PROFILE", "full")
+    assert notebook_setup(verbose=False)[1] == "full"
+    monkeypatch.setenv("ROBUSTMED_PROFILE", "medium")
+    with pytest.raises(ValueError, match="use 'fast' or 'full'"):
+        notebook_setup(verbose=False)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -87,10 +87,10 @@ def test_unknown_site_and_bad_size():
 
 def test_class_signal_is_learnable_and_site_shift_is_real(tmp_path):
     """The book's ERM run (tiny_visformer, 6 epochs on site A, well under a minute on 2 cores; shipped, and trained
-    again by tests/test_bookruns.py): accurate on site A's test split, >= 10 points worse on the same patients
+    again by tests/test_book_bookruns.py): accurate on site A's test split, >= 10 points worse on the same patients
     seen by scanner site B."""
     cfg = load_config("cpu-demo", {"method": "erm", "out_dir": str(tmp_path / "erm")})
-    assert restore(cfg), "the shipped ERM run matches the cpu-demo preset (tests/test_bookruns.py says why not)"
+    assert restore(cfg), "the shipped ERM run matches the cpu-demo preset (tests/test_book_bookruns.py says why not)"
     model, _ = model_from_checkpoint(cfg.run_dir() / "best_clean.pt")
     held_a, held_b = make_phantom_dataset(600, 64, "A", seed=2), make_phantom_dataset(600, 64, "B", seed=2)
     acc_a = accuracy(model, held_a.images, held_a.labels)

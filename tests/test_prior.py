@@ -1,7 +1,7 @@
 """The guided filter and the lung-cavity prior: exactness against references, gradients, masks, no wrap-around.
 
 Both prior views are tested: ``"cap"`` (CAP's code, the default) and ``"package"`` (the earlier variant). The
-re-statement of CAP's formula on real CT is in ``test_fidelity.py``."""
+re-statement of CAP's formula on real CT is checked against an independent transcription of CAP's code."""
 
 import cv2
 import numpy as np
@@ -9,10 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustmed_lite.data.dataset import PriorDataset
 from robustmed_lite.data.loaders import load_images
 from robustmed_lite.data.phantom import make_phantom_dataset
-from robustmed_lite.method.prior import box_filter, dice, fast_guided_filter, guided_filter, lung_prior, otsu_threshold
+from robustmed_lite.method.prior import (
+    _cap_box_torch,
+    box_filter,
+    cap_guided_filter,
+    cap_window,
+    dice,
+    fast_guided_filter,
+    guided_filter,
+    lung_prior,
+    otsu_threshold,
+)
 
 RADII_EPS = [(1, 1e-4), (2, 0.003), (4, 0.003), (8, 0.1), (16, 0.01)]
 
@@ -246,48 +255,80 @@ def test_negative_filter_outputs_clip_to_black_not_wrap(monkeypatch, prior_views
         _assert_no_bright_artefacts(x, wrapped, OVERSHOOT[view])
 
 
-@pytest.mark.parametrize("view", ["cap", "package"])
-def test_dataset_yields_aligned_views_and_flips(view):
-    data = make_phantom_dataset(16, 64, "A", seed=5)
-    ds = PriorDataset(
-        data.images,
-        data.labels,
-        data.lung_masks,
-        data.lesion_masks,
-        hflip=True,
-        vflip=True,
-        seed=1,
-        prior_kwargs={"view": view},
-    )
-    prior_view = lung_prior(data.images, with_mask=False, view=view)[0]
-    flipped = differs = 0
-    for i in range(len(ds)):
-        x, x_aug, y, lung, lesion = ds[i]
-        assert y == data.labels[i]
-        dims = next(d for d in ([], [-1], [-2], [-1, -2]) if torch.equal(data.images[i].flip(d), x))
-        flipped += bool(dims)
-        assert torch.equal(lung, data.lung_masks[i].flip(dims))
-        assert torch.equal(lesion, data.lesion_masks[i].flip(dims))
-        # Always the prior view of the image as flipped (CAP flips first, then filters).
-        assert torch.allclose(x_aug, lung_prior(x[None], with_mask=False, view=view)[0][0], atol=1e-5)
-        if view == "package":  # it commutes with flips: the stored view is flipped along
-            assert torch.equal(x_aug, prior_view[i].flip(dims))
-        else:  # CAP's 2x2 box does not: a flipped stored view would be off by a pixel at the lung wall
-            differs += bool(dims) and not torch.allclose(x_aug, prior_view[i].flip(dims), atol=1e-5)
-    assert 0 < flipped < len(ds)
-    assert view == "package" or differs > 0
+# ------------------------------------------------------------------------------------ 1. CAP's prior view
+def cap_prior_restated(G: np.ndarray) -> np.ndarray:
+    """CAP's prior of one 8-bit slice, transcribed from its code (the facts in the issue), in float64:
+
+    bright B = G where G > 127 (else 0); dark D = G where G <= 127 (else 0); guide I = G / 255, input p = D / 255;
+    both down-sampled to half size with cv2.INTER_CUBIC; box = cv2.blur with ksize round(5 * 0.5) = 2 and its
+    defaults (anchor at the centre, i.e. offsets -1 and 0; BORDER_DEFAULT = BORDER_REFLECT_101);
+    a = cov(I, p) / (var(I) + 0.003), b = mean(p) - a mean(I); blur a and b; up-sample with cv2.INTER_LINEAR;
+    q = mean_a * I + mean_b at full resolution; x_aug = B / 255 + q over the whole image. CAP then rounds q * 255
+    to uint8 (negative values wrap) and saturates the sum at 255; the package clips to [0, 1] instead, so this
+    transcription clips (and does not round: the comparison is of the formula, before 8-bit storage).
+    """
+    bright = np.where(G > 127, G, 0).astype(np.float64)
+    dark = np.where(G <= 127, G, 0).astype(np.float64)
+    guide, inp = G.astype(np.float64) / 255, dark / 255
+    h, w = G.shape
+    r = round(5 * 0.5)
+    small = (w // 2, h // 2)
+    guide_s = cv2.resize(guide, small, interpolation=cv2.INTER_CUBIC)
+    inp_s = cv2.resize(inp, small, interpolation=cv2.INTER_CUBIC)
+
+    def box(a):
+        return cv2.blur(a, (r, r))
+
+    mean_i, mean_p = box(guide_s), box(inp_s)
+    cov = box(guide_s * inp_s) - mean_i * mean_p
+    var = box(guide_s * guide_s) - mean_i * mean_i
+    a = cov / (var + 0.003)
+    b = mean_p - a * mean_i
+    mean_a = cv2.resize(box(a), (w, h), interpolation=cv2.INTER_LINEAR)
+    mean_b = cv2.resize(box(b), (w, h), interpolation=cv2.INTER_LINEAR)
+    q = mean_a * guide + mean_b
+    return np.clip(bright / 255 + q, 0, 1)
 
 
-def test_dataset_batches_match_items_and_are_deterministic():
-    data = make_phantom_dataset(20, 32, "A", seed=6)
-    ds = PriorDataset(data.images, data.labels, seed=3)
-    ds.set_epoch(2)
-    batches = list(ds.batches(8, shuffle=False))
-    assert [len(b[0]) for b in batches] == [8, 8, 4] and len(batches[0]) == 3
-    stacked = torch.cat([b[0] for b in batches])
-    assert torch.equal(stacked, torch.stack([ds[i][0] for i in range(len(ds))]))
-    again = torch.cat([b[1] for b in ds.batches(8, epoch=2, shuffle=True)])
-    assert torch.equal(again, torch.cat([b[1] for b in ds.batches(8, epoch=2, shuffle=True)]))
-    assert not torch.equal(again, torch.cat([b[1] for b in ds.batches(8, epoch=3, shuffle=True)]))
-    labels = torch.cat([b[2] for b in ds.batches(8, epoch=2)])
-    assert sorted(labels.tolist()) == sorted(data.labels.tolist())
+@pytest.fixture(scope="module")
+def soares_8bit(shared_data, tmp_path_factory):
+    """Five Soares slices at CAP's 224 px, on the 8-bit grid CAP's G lives on."""
+    images = load_images(
+        shared_data / "sarscov2", 224, cache_dir=tmp_path_factory.mktemp("cache"), progress=False
+    ).images[torch.tensor([0, 1, 700, 1500, 2400])]
+    return np.round(images[:, 0].numpy() * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("backend", ["opencv", "torch"])
+def test_cap_prior_matches_a_restatement_of_caps_formula_on_real_ct(soares_8bit, backend):
+    x = torch.from_numpy(soares_8bit.astype(np.float32) / 255)[:, None]
+    x_aug = lung_prior(x, with_mask=False, backend=backend)[0]  # the default view is CAP's
+    for i, G in enumerate(soares_8bit):
+        assert np.abs(x_aug[i, 0].double().numpy() - cap_prior_restated(G)).max() <= 1e-4
+    # The earlier variant (3x3 box, bilinear, dark region only) is measurably another function.
+    package = lung_prior(x, with_mask=False, view="package")[0]
+    assert (package - x_aug).abs().amax(dim=(1, 2, 3)).min() > 0.05
+
+
+def test_caps_window_is_a_2x2_box_at_half_resolution():
+    assert cap_window(2, 0.5) == 2 and cap_window(2, 1.0) == 5 and cap_window(4, 0.5) == 4  # round(4.5) = 4
+    # cv2.blur's 2x2 box averages offsets -1 and 0: a single bright pixel at (2, 2) reaches (2..3, 2..3).
+    x = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    x[0, 0, 2, 2] = 1.0
+    boxed = _cap_box_torch(x, 2)[0, 0]
+    assert torch.equal(boxed.nonzero(), torch.tensor([[2, 2], [2, 3], [3, 2], [3, 3]]))
+    assert torch.allclose(boxed, torch.from_numpy(cv2.blur(x[0, 0].numpy(), (2, 2))))
+    # Borders mirror without repeating the edge pixel (BORDER_REFLECT_101): row -1 is row 1.
+    edge = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    edge[0, 0, 1, :] = 1.0
+    assert torch.allclose(_cap_box_torch(edge, 2)[0, 0, 0], torch.full((4,), 0.5, dtype=torch.float64))
+    # With huge eps, q = box(box(p)) at half resolution, resampled: a constant p stays constant.
+    flat = torch.full((1, 1, 16, 16), 0.3, dtype=torch.float64)
+    assert torch.allclose(cap_guided_filter(flat, flat, eps=1e9), flat)
+
+
+def test_cap_view_is_differentiable_with_the_torch_backend():
+    gen = torch.Generator().manual_seed(0)
+    I = torch.rand(1, 1, 12, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(1, 1, 12, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cap_guided_filter(a, b, 2, 0.01), (I, p))

@@ -12,6 +12,8 @@ from robustmed_lite.cli import main
 from robustmed_lite.config import METHODS
 from robustmed_lite.data.loaders import DataError
 from robustmed_lite.studies import reproduce as rep
+from robustmed_lite.studies.plan import parse_variant
+from robustmed_lite.studies.summary import CLAIMS, SCHEMA, check_results
 from robustmed_lite.trainer import Trainer
 
 TINY = rep.Profile(
@@ -95,7 +97,7 @@ def test_every_output_file_has_its_columns(reproduction):
     defence = gains[gains["comparator"] == "best prior defence"]
     assert set(defence["best_prior"]) == {"trades"}  # the only prior defence run here
     verdicts = pd.read_csv(out / "verdicts.csv")
-    assert set(verdicts["claim"]) == {c.name for c in rep.CLAIMS}
+    assert set(verdicts["claim"]) == {c.name for c in CLAIMS}
     assert set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
     assert verdicts["rule"].str.contains("hi < claimed gain").all()
     for name in (
@@ -108,8 +110,8 @@ def test_every_output_file_has_its_columns(reproduction):
         "ensemble_check.csv",
     ):
         assert (out / name).stat().st_size > 0, name
-    frames = rep.check_results(out)  # the schema the notebook checks too
-    assert set(frames) == set(rep.SCHEMA)
+    frames = check_results(out)  # the schema the notebook checks too
+    assert set(frames) == set(SCHEMA)
     check = frames["ensemble_check.csv"]
     assert {"clean", "ensemble", "APGD-CE-3", "APGD-MARGIN-3", "FAB-2", "Square-10"} <= set(check["condition"])
     assert check["ensemble_at_least_as_strong"].all()
@@ -120,12 +122,12 @@ def test_every_output_file_has_its_columns(reproduction):
 def test_check_results_names_what_is_missing(reproduction, tmp_path):
     root, _ = reproduction
     with pytest.raises(FileNotFoundError, match="runs.csv is missing"):
-        rep.check_results(tmp_path)
-    for name in rep.SCHEMA:
+        check_results(tmp_path)
+    for name in SCHEMA:
         (tmp_path / name).write_text((root / "out" / name).read_text())
     pd.read_csv(tmp_path / "gains.csv").drop(columns="gain_ci_low").to_csv(tmp_path / "gains.csv", index=False)
     with pytest.raises(ValueError, match=r"gains.csv lacks the columns \['gain_ci_low'\]"):
-        rep.check_results(tmp_path)
+        check_results(tmp_path)
 
 
 def test_summary_numbers_are_the_runs_numbers(reproduction):
@@ -224,7 +226,7 @@ def test_shards_split_the_plan_and_own_their_clean_runs(tmp_path):
 
 
 def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
-    name, values = rep.parse_variant("trades+long=trades,epochs=3")
+    name, values = parse_variant("trades+long=trades,epochs=3")
     assert name == "trades+long" and values == {"method": "trades", "epochs": "3"}
     plan = rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={name: values})
     # The variant's robust run starts from a clean run with the same settings, added for it (stage 1 of CAP).
@@ -241,7 +243,7 @@ def test_variants_add_rows_that_are_not_prior_methods(tmp_path):
     with pytest.raises(ValueError, match="taken by a method"):
         rep.build_plan(TINY, "phantom", ("trades",), (0,), tmp_path, variants={"mart": {"method": "mart"}})
     with pytest.raises(ValueError, match="NAME=METHOD"):
-        rep.parse_variant("just-a-name")
+        parse_variant("just-a-name")
 
 
 def _one_class_folder(root):

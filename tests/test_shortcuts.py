@@ -1,5 +1,7 @@
-"""Shortcut diagnosis: calibration error, per-domain report, lung-region tests, saliency outside the body; the
-cross-site study's choice of the best combination."""
+"""evaluation/shortcuts.py: calibration error, per-domain report, lung-region tests, saliency outside the body,
+and the diagnose command on real data."""
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,6 @@ from robustmed_lite.evaluation.shortcuts import (
     saliency_outside,
 )
 from robustmed_lite.models import create_model
-from robustmed_lite.studies.sites import choose_best, components, screening_variants, summarise_sites
 
 
 def test_ece_against_a_hand_computation():
@@ -43,6 +44,7 @@ def test_domain_report_and_histograms(slices):
     model = create_model("small_cnn", img_size=64).eval()
     report = domain_report(model, {"a": (slices.images, slices.labels), "b": (slices.images * 0.5, slices.labels)})
     assert list(report["domain"]) == ["a", "b"] and (report["n"] == 8).all()
+    assert list(report.columns) == REPORT_COLUMNS and len(report) == 2
     assert report["true_covid_share"].iloc[0] == pytest.approx(float(slices.labels.float().mean()))
     assert report[["predicted_covid_share", "ece", "balanced_accuracy"]].apply(lambda c: c.between(0, 1)).all().all()
     hist = intensity_histograms({"a": slices.images, "dark": slices.images * 0.5}, bins=16)
@@ -95,84 +97,60 @@ def test_body_mask_and_saliency_outside(slices):
     table = saliency_outside(create_model("small_cnn", img_size=64).eval(), slices.images[:4])
     assert list(table.columns) == ["outside_body", "body_area_outside", "outside_lungs", "lung_area_outside"]
     assert table.apply(lambda c: c.between(0, 1)).all().all()
+    assert len(table) == 4  # one row per slice
+    # the chance levels are the areas outside the masks: 1 - the body's (lungs') share of the slice
+    expected_body = 1 - body[:4].flatten(1).float().mean(1)
+    assert table["body_area_outside"].tolist() == pytest.approx(expected_body.tolist())
+    from robustmed_lite.data.preprocess import lungs
+
+    expected_lungs = 1 - lungs(slices.images[:4]).flatten(1).float().mean(1)
+    assert table["lung_area_outside"].tolist() == pytest.approx(expected_lungs.tolist())
+    assert (table["lung_area_outside"] > table["body_area_outside"]).all(), "the lungs lie inside the body"
 
 
-def _runs(values: dict) -> pd.DataFrame:
-    """Per-run rows with UCSD val/test balanced accuracy for a few row names (3 seeds each)."""
-    rows = []
-    for name, (val, test) in values.items():
-        for seed in (0, 1, 2):
-            row = {
-                "name": name,
-                "seed": seed,
-                "clean_accuracy": 0.9,
-                "clean_auc": 0.95,
-                "test_n": 372,
-                "ucsd_covidct_test_n": 203,
-                "pgd10_train_eps": 0.5,
-                "corruption_all": 0.7,
-                "corruption_not_augmented": 0.7,
-            }
-            for split, v in (("val", val), ("test", test)):
-                for adapt, bonus in (("", 0.0), ("_adabn", 0.02), ("_tent", -0.01)):
-                    row[f"ucsd_covidct_{split}{adapt}_balanced_accuracy"] = v + bonus + 0.001 * seed
-                    row[f"ucsd_covidct_{split}{adapt}_auc"] = v + bonus
-            rows.append(row)
-    return pd.DataFrame(rows)
+REPORT_COLUMNS = [
+    "domain",
+    "n",
+    "true_covid_share",
+    "predicted_covid_share",
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "balanced_accuracy",
+    "ece",
+]
 
 
-def test_the_best_combination_is_chosen_on_validation_never_on_test():
-    # crop helps on validation but not on test; intensity hurts on validation but helps on test: the choice
-    # must follow validation.
-    runs = _runs({"erm": (0.50, 0.50), "erm+crop": (0.60, 0.40), "erm+intensity": (0.45, 0.70)})
-    best, adaptation, table = choose_best(runs, ["erm"], ["baseline", "crop", "intensity"])
-    assert best == ["crop"] and adaptation == "adabn"
-    row = table[(table["component"] == "crop") & (table["adaptation"] == "none")].iloc[0]
-    assert row["val_gain_mean"] == pytest.approx(0.10) and row["n_pairs"] == 3
+class _AlwaysCovid(torch.nn.Module):
+    """Logits (0, log 3) for every slice: p(COVID) = 3/4, so it predicts COVID everywhere with confidence 3/4."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))  # a parameter, so the model has a device
+
+    def forward(self, x):
+        return torch.tensor([0.0, math.log(3)]).expand(len(x), 2) + self.scale
 
 
-def test_screening_trains_single_components_only_for_the_screened_methods():
-    comps = components("/data/ucsd")
-    full = screening_variants(("erm", "trades"), ("erm", "trades"), comps)
-    assert {"erm+crop", "trades+crop", "trades+multi", "erm+no_lungs", "erm+lungs_only"} <= set(full)
-    cheap = screening_variants(("erm", "trades"), ("erm",), comps)
-    assert not any(name.startswith("trades") for name in cheap) and cheap["erm+multi"]["extra_data"] == "/data/ucsd"
-    with pytest.raises(ValueError, match="screened method must be among"):
-        screening_variants(("erm",), ("trades",), comps)
-
-
-def test_sites_summary_tables():
-    runs = _runs(
-        {
-            "erm": (0.5, 0.5),
-            "erm+crop": (0.6, 0.55),
-            "robustmed": (0.52, 0.51),
-            "robustmed+crop": (0.62, 0.58),
-            "trades": (0.5, 0.5),
-            "trades+crop": (0.6, 0.5),
-            "erm+no_lungs": (0.5, 0.5),
-            "erm+lungs_only": (0.5, 0.5),
-        }
-    )
-    tables = summarise_sites(runs, ["erm", "trades", "robustmed"], ["baseline", "crop"], [])
-    gains = tables["component_gains"]
-    crop = gains[
-        (gains["method"] == "erm")
-        & (gains["component"] == "crop")
-        & (gains["split"] == "test")
-        & (gains["adaptation"] == "none")
-        & (gains["metric"] == "balanced_accuracy")
-    ].iloc[0]
-    assert crop["gain_mean"] == pytest.approx(0.05) and crop["n_pairs"] == 3
-    edge = tables["method_gains"]
-    vs_erm = edge[
-        (edge["component"] == "crop")
-        & (edge["comparator"] == "erm")
-        & (edge["adaptation"] == "none")
-        & (edge["metric"] == "balanced_accuracy")
-    ].iloc[0]
-    assert vs_erm["gain_mean"] == pytest.approx(0.03)
-    assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
+def test_domain_report_of_a_constant_model_by_hand():
+    """The diagnose table, one row per domain, against values derived by hand for a model that always says COVID
+    with p = 3/4: accuracy = the COVID share, sensitivity 1, specificity 0, balanced accuracy 1/2, AUC 1/2 (one
+    score for all) and ECE = |COVID share - 3/4| (one confidence bin)."""
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    domains = {"mostly covid": (x, torch.tensor([1, 1, 1, 0])), "mostly not": (x, torch.tensor([1, 0, 0, 0]))}
+    report = domain_report(_AlwaysCovid(), domains)
+    assert list(report.columns) == REPORT_COLUMNS and len(report) == 2
+    assert list(report["domain"]) == list(domains) and list(report["n"]) == [4, 4]
+    assert report["true_covid_share"].tolist() == [0.75, 0.25]
+    assert report["predicted_covid_share"].tolist() == [1.0, 1.0]
+    assert report["accuracy"].tolist() == pytest.approx([0.75, 0.25])
+    assert report["sensitivity"].tolist() == [1.0, 1.0] and report["specificity"].tolist() == [0.0, 0.0]
+    assert report["balanced_accuracy"].tolist() == [0.5, 0.5] and report["auc"].tolist() == [0.5, 0.5]
+    assert report["ece"].tolist() == pytest.approx([0.0, 0.5], abs=1e-6)  # p = 3/4 in float32
+    numeric = report.drop(columns=["domain", "n"])
+    assert numeric.apply(lambda c: c.between(0, 1)).all().all()
 
 
 def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
@@ -235,23 +213,3 @@ def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
     for _, part in hist.groupby("domain"):  # densities over [0, 1] integrate to one
         assert (part["density"].sum() / len(part)) == pytest.approx(1.0, rel=1e-6)
     assert "reads the site" in capsys.readouterr().out
-
-
-def test_two_calls_of_the_study_compare_row_by_row_paired_by_seed():
-    from robustmed_lite.studies.sites import compare_studies
-
-    before = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.50)})
-    after = _runs({"erm": (0.5, 0.5), "robustmed": (0.52, 0.56), "robustmed+crop": (0.6, 0.6)})
-    after.loc[(after["name"] == "robustmed") & (after["seed"] == 2), "ucsd_covidct_test_balanced_accuracy"] += 0.03
-    table = compare_studies(
-        before, after, ["erm", "robustmed", "robustmed+crop"], ["ucsd_covidct_test_balanced_accuracy", "clean_accuracy"]
-    ).set_index(["name", "metric"])
-    same = table.loc[("erm", "ucsd_covidct_test_balanced_accuracy")]
-    assert same["gain_mean"] == 0 and same["n_pairs"] == 3
-    moved = table.loc[("robustmed", "ucsd_covidct_test_balanced_accuracy")]
-    assert moved["gain_mean"] == pytest.approx(0.07) and moved["gain_ci_low"] < 0.07 < moved["gain_ci_high"]
-    assert moved["after"] - moved["before"] == pytest.approx(0.07)
-    assert "robustmed+crop" not in table.index.get_level_values("name"), "a row only one study has is left out"
-    longer = pd.concat([after, after[after["seed"] == 0].assign(seed=3, ucsd_covidct_test_balanced_accuracy=0.9)])
-    extended = compare_studies(before, longer, ["robustmed"], ["ucsd_covidct_test_balanced_accuracy"]).iloc[0]
-    assert extended["n_pairs"] == 3 and extended["after"] == pytest.approx(moved["after"]), "means over paired seeds"

@@ -3,7 +3,7 @@
 A check never raises: an unfinished starter (``...``), a wrong answer and an answer that crashes all end in one
 line that says what to look at, because a traceback in a room of thirty laptops stops the room. Each check builds
 its own small, seeded test case (a model with known weights, a batch with a known answer), so it runs in a second
-on a CPU, the same in the book build, in Colab and in the tests (``tests/test_workshop.py`` runs every solution
+on a CPU, the same in the book build, in Colab and in the tests (``tests/test_book_workshop.py`` runs every solution
 and every starter through it). The solutions themselves live in the notebooks, folded under each exercise.
 """
 

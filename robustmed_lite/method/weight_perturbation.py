@@ -27,7 +27,7 @@ The proxy's optimizer (``TrainConfig.proxy_optimizer``):
 For both, the learning rate cancels in the rescaling (the step is lr times a direction that does not depend on
 lr), up to float rounding and the decay term. CAP's AdamW runs over all of the proxy's parameters; Adam's update
 is elementwise and the noise reads only the perturbed weights, so here only they take a gradient and a step:
-the same noise (``tests/test_fidelity.py`` checks it), without the backward pass below the first perturbed
+the same noise (``tests/test_weight_perturbation.py`` checks it), without the backward pass below the first perturbed
 layer.
 
 Restoring is exact: the perturbed tensors' original values are kept, and after the model's optimizer step each

@@ -49,7 +49,6 @@ from ..data.slicestore import SliceStore, is_slice_store
 from ..runinfo import environment_info, flush_denormal, progress_options
 from ..trainer import Trainer
 from .plan import (
-    ALL_METHODS,
     DEFAULT_SEEDS,
     PROFILES,
     Profile,
@@ -58,7 +57,6 @@ from .plan import (
     parse_methods,
     parse_seeds,
     parse_shard,
-    parse_variant,
     shard_of,
 )
 from .run_evaluation import (
@@ -71,31 +69,8 @@ from .run_evaluation import (
     read_json,
     write_json,
 )
-from .summary import CLAIMS, SCHEMA, THE_METHOD, check_results, collect_rows, find_results, summarise, write_summary
+from .summary import THE_METHOD, collect_rows, write_summary
 from .writeup import portable_paths, relative_paths_in, write_writeup
-
-__all__ = [
-    "reproduce",
-    "Profile",
-    "PROFILES",
-    "RunSpec",
-    "build_plan",
-    "shard_of",
-    "parse_seeds",
-    "parse_methods",
-    "parse_shard",
-    "parse_variant",
-    "CLAIMS",
-    "SCHEMA",
-    "check_results",
-    "find_results",
-    "summarise",
-    "collect_rows",
-    "evaluate_run",
-    "ensemble_check",
-    "ALL_METHODS",
-    "DEFAULT_SEEDS",
-]
 
 
 def check_existing(spec: RunSpec) -> None:

@@ -496,7 +496,7 @@ def find_site_results(profile: str = "cpu", download: bool = True) -> Path:
 
 
 def check_site_results(folder: str | Path) -> dict[str, pd.DataFrame]:
-    """The committed study's files, with their columns checked (see ``reproduce.check_results``)."""
+    """The committed study's files, with their columns checked (see ``summary.check_results``)."""
     return check_results(folder, SCHEMA)
 
 

@@ -1,5 +1,5 @@
-"""Saliency maps, attention ratios and the proxy-noise view: shapes, normalisation, localisation on a model with a
-known answer, exact metrics on synthetic masks, and exact restoring."""
+"""evaluation/saliency.py: saliency maps, attention ratios and the proxy-noise view: shapes, normalisation,
+localisation on a model with a known answer, exact metrics on synthetic masks, and exact restoring."""
 
 import pandas as pd
 import pytest
@@ -299,7 +299,18 @@ def test_figures(models, images):
     noise = {n: torch.randn(w.shape) for n, w in attention_weights(models["vit"]).items()}
     plot_noise_magnitudes(attention_noise_magnitudes(models["vit"], noise))
     plt.close("all")
-    assert isinstance(attention_summary(attention_ratios(maps, masks)), pd.DataFrame)
+    summary = attention_summary(attention_ratios(maps, masks))
+    assert isinstance(summary, pd.DataFrame)
+    assert list(summary.columns) == ["model", "method", "n", "lung_ratio", "lung_ratio_sd", "lung_area"]
+    assert len(summary) == 2 and set(summary["method"]) == {"gradcam", "input_grad"}  # one row per model and map
+    assert (summary["n"] == len(images)).all()
+    assert summary[["lung_ratio", "lung_area"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (summary["lung_ratio_sd"] >= 0).all()
+    assert summary["lung_area"].tolist() == pytest.approx([0.25, 0.25])  # a 16 x 16 mask on 32 x 32 slices
+    for method, v in (("gradcam", maps["cnn", "gradcam"]), ("input_grad", maps["cnn", "input_grad"])):
+        by_hand = (v[:, 0, 8:24, 8:24].sum((1, 2)) / v.sum((1, 2, 3))).mean().item()  # the mass inside the mask
+        row = summary[summary["method"] == method].iloc[0]
+        assert row["lung_ratio"] == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_feature_grid_is_the_size_a_stage_map_has_before_upsampling(models):

@@ -1,5 +1,6 @@
-"""The robust + clinical evaluation table: data forms, metrics against scikit-learn, the worst case per sample,
-one attack run per batch, eps = 0, and AutoAttack's convention for samples that are wrong to begin with."""
+"""evaluation/metrics.py: the robust + clinical evaluation table: data forms, metrics against scikit-learn, the worst
+case per sample, one attack run per batch, eps = 0, and AutoAttack's convention for samples that are wrong to begin
+with."""
 
 import numpy as np
 import pandas as pd
