@@ -682,7 +682,7 @@ def test_nifti_folders_labels_slices_and_patient_grouping(tmp_path):
     assert len(data) == 24 and data.labels.tolist() == [1] * 12 + [0] * 12
     assert data.paths[:2] == [f"{root / 'COVID' / 'a.nii.gz'}#z=0", f"{root / 'COVID' / 'a.nii.gz'}#z=1"]
     assert data.patient_ids[0] == data.patient_ids[5] != data.patient_ids[6]  # one volume, one patient
-    parts = data.splits(val=0.5, test=0.0, seed=0)  # four volumes: two for training, two for validation
+    parts = data.splits(val=0.5, test=0.0, seed=0, duplicates="off")  # identical volumes; two train, two val
     owners = {name: {data.patient_ids[i] for i in idx} for name, idx in parts.items()}
     assert len(owners["train"]) == len(owners["val"]) == 2 and not owners["train"] & owners["val"]
     every_other = _read(root, 4, slice_step=2)
