@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from _small import SIZES, options
 from torch import nn
 
 from robustmed_lite.data.phantom import make_phantom_dataset
@@ -86,28 +87,7 @@ def test_evaluate_with_adaptation_leaves_the_checkpoint_alone(tmp_path, capsys):
     from robustmed_lite.cli import main
 
     out = str(tmp_path / "run")
-    tiny = [
-        "--img_size",
-        "32",
-        "--n_train",
-        "64",
-        "--n_val",
-        "32",
-        "--n_test",
-        "32",
-        "--batch_size",
-        "32",
-        "--eval_n",
-        "16",
-        "--epochs",
-        "1",
-        "--progress",
-        "false",
-        "--lung_crop",
-        "true",
-        "--intensity",
-        "anchor",
-    ]
+    tiny = options(**SIZES, epochs=1, progress=False, lung_crop=True, intensity="anchor")
     assert main(["train", "--method", "erm", "--out_dir", out, *tiny]) == 0
     checkpoint = tmp_path / "run" / "best_clean.pt"
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _bad_files import bad_checkpoint
 from _medical_files import nibabel_or_skip, pydicom_or_skip, write_dicom, write_nifti
+from _small import SIZES, options
 from PIL import Image
 from torch import nn
 
@@ -28,26 +30,7 @@ from robustmed_lite.evaluation.attacks import FGSM, PGD
 from robustmed_lite.evaluation.metrics import accuracy, evaluate
 from robustmed_lite.runinfo import LOG_PROGRESS_INTERVAL, progress_options
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--img_size",
-    "32",
-    "--n_train",
-    "64",
-    "--n_val",
-    "32",
-    "--n_test",
-    "32",
-    "--batch_size",
-    "32",
-    "--eval_n",
-    "16",
-    "--eval_attack_steps",
-    "1",
-    "--progress",
-    "false",
-]
+TINY = options(model="small_cnn", **SIZES, eval_attack_steps=1, progress=False)
 
 
 def _png(path: Path, array=None) -> Path:
@@ -270,25 +253,8 @@ def test_bad_config_values_are_one_line_errors_and_leave_no_run(tmp_path, capsys
 # ================================================================================== 5. checkpoints
 
 
-def _ckpt(tmp_path, kind: str) -> Path:
-    path = tmp_path / "model.pt"
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("this is a text file named .pt\n")
-    elif kind == "random":
-        path.write_bytes(np.random.default_rng(0).bytes(4096))
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "no-keys":
-        torch.save({"weights": torch.zeros(3)}, path)
-    elif kind == "tensor":
-        torch.save(torch.zeros(3), path)
-    return path
-
-
 def test_bad_checkpoint_on_the_command_line_is_one_line(tmp_path, capsys):
-    path = _ckpt(tmp_path, "text")
+    path = bad_checkpoint(tmp_path, "text")
     code, err = _cli(capsys, "evaluate", "--checkpoint", str(path), "--attacks", "fgsm")
     assert code == 2 and "is not a robustmed_lite checkpoint (not a torch file)" in _one_error_line(err)
     with pytest.raises(CheckpointError):  # --debug: the traceback, for a bug report

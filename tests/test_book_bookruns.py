@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _small import SMALL as SMALL_OF_EVERY_METHOD
 
 from robustmed_lite.book import bookruns
 from robustmed_lite.book.runs import train_or_load
@@ -12,20 +13,7 @@ from robustmed_lite.checkpoints import CheckpointError, load_checkpoint
 from robustmed_lite.config import load_config
 from robustmed_lite.trainer import Trainer
 
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-)
+SMALL = {k: v for k, v in SMALL_OF_EVERY_METHOD.items() if k != "gamma"}  # trades and erm read no gamma
 
 
 @pytest.fixture(scope="module")

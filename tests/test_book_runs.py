@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import torch
+from _small import SMALL
 
 from robustmed_lite.book.runs import load_selected, train_or_load
 from robustmed_lite.checkpoints import load_checkpoint
-
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
 
 
 def test_load_selected_loads_each_runs_validation_chosen_checkpoint(tmp_path):

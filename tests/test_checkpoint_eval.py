@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from robustmed_lite.config import load_config
+from _small import SMALL
 
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
+from robustmed_lite.config import load_config
 
 
 def _config(tmp_path, **overrides):

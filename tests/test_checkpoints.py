@@ -3,11 +3,8 @@ match the settings the run was trained with), and bad checkpoint files say what 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
+from _bad_files import bad_checkpoint
 
 from robustmed_lite.checkpoints import CheckpointError, config_differences, model_from_checkpoint
 from robustmed_lite.config import ADDED_FIELDS, load_config
@@ -48,23 +45,6 @@ def test_a_missing_key_that_is_not_a_known_added_field_is_a_difference():
     assert config_differences(saved, cfg) == ["beta"]
 
 
-def _ckpt(tmp_path, kind: str) -> Path:
-    path = tmp_path / "model.pt"
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("this is a text file named .pt\n")
-    elif kind == "random":
-        path.write_bytes(np.random.default_rng(0).bytes(4096))
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "no-keys":
-        torch.save({"weights": torch.zeros(3)}, path)
-    elif kind == "tensor":
-        torch.save(torch.zeros(3), path)
-    return path
-
-
 @pytest.mark.parametrize(
     "kind, why",
     [
@@ -77,6 +57,6 @@ def _ckpt(tmp_path, kind: str) -> Path:
     ],
 )
 def test_bad_checkpoints_say_what_they_are(tmp_path, kind, why):
-    path = _ckpt(tmp_path, kind)
+    path = bad_checkpoint(tmp_path, kind)
     with pytest.raises(CheckpointError, match=rf"model\.pt is not a robustmed_lite checkpoint {why}.*Fix"):
         model_from_checkpoint(path)

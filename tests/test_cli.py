@@ -6,30 +6,12 @@ import re
 
 import pandas as pd
 import pytest
+from _small import TINY_OPTIONS
 
 from robustmed_lite import cli
 from robustmed_lite.cli import main
 
-TINY = [
-    "--img_size",
-    "32",
-    "--n_train",
-    "64",
-    "--n_val",
-    "32",
-    "--n_test",
-    "32",
-    "--batch_size",
-    "32",
-    "--eval_n",
-    "16",
-    "--attack_steps",
-    "2",
-    "--eval_attack_steps",
-    "2",
-    "--progress",
-    "false",
-]
+TINY = TINY_OPTIONS
 
 
 def test_train_resume_and_evaluate(tmp_path, capsys):

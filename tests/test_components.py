@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _small import SMALL, TINY_OPTIONS
 
 from robustmed_lite.cli import main
 from robustmed_lite.components import (
@@ -30,45 +31,7 @@ from robustmed_lite.method.objectives import trades_loss
 from robustmed_lite.models import create_model
 from robustmed_lite.trainer import Trainer
 
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
-
-
-TINY_CLI = [
-    "--img_size",
-    "32",
-    "--n_train",
-    "64",
-    "--n_val",
-    "32",
-    "--n_test",
-    "32",
-    "--batch_size",
-    "32",
-    "--eval_n",
-    "16",
-    "--attack_steps",
-    "2",
-    "--eval_attack_steps",
-    "2",
-    "--progress",
-    "false",
-    "--epochs",
-    "1",
-]
+TINY_CLI = [*TINY_OPTIONS, "--epochs", "1"]
 
 
 def _config(tmp_path, **overrides):

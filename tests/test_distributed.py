@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed_workers import all_runs, launch
+from _small import SMALL
 from filelock import FileLock
 
 from robustmed_lite import distributed
@@ -27,21 +28,7 @@ from robustmed_lite.trainer import Trainer
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
+
 # ERM against one process, weights within 1e-5:
 # - deit_tiny has LayerNorm only: without SyncBatchNorm each rank's BatchNorm normalises with its own half of the
 #   batch, which legitimately differs from one process normalising the whole batch;

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from _small import SIZES
 
 from robustmed_lite import checkpoints
 from robustmed_lite.checkpoints import (
@@ -24,18 +25,7 @@ from robustmed_lite.config import load_config
 from robustmed_lite.data.splits import build_data
 from robustmed_lite.trainer import Trainer, TrainingInterrupted
 
-TINY = dict(
-    method="erm",
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    eval_attack_steps=1,
-    progress=False,
-)
+TINY = dict(SIZES, method="erm", epochs=2, eval_attack_steps=1, progress=False)
 
 
 @pytest.fixture(scope="module")

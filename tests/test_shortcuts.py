@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _small import SIZES, options
 
 from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.data.preprocess import lung_region, prepare
@@ -157,32 +158,8 @@ def test_the_diagnose_command_reports_every_site(tmp_path, shared_data, capsys):
     from robustmed_lite.cli import main
 
     run = str(tmp_path / "run")
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "erm",
-                "--epochs",
-                "1",
-                "--img_size",
-                "32",
-                "--n_train",
-                "64",
-                "--n_val",
-                "32",
-                "--n_test",
-                "32",
-                "--batch_size",
-                "32",
-                "--progress",
-                "false",
-                "--out_dir",
-                run,
-            ]
-        )
-        == 0
-    )
+    trained = main(["train", "--method", "erm", "--out_dir", run, *options(**SIZES, epochs=1, progress=False)])
+    assert trained == 0
     out = tmp_path / "diagnosis.csv"
     assert (
         main(

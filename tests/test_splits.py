@@ -5,26 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _small import SMALL
 
 from robustmed_lite.config import load_config
 from robustmed_lite.data.splits import build_data
 from robustmed_lite.method.prior import lung_prior
-
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
 
 
 @pytest.mark.parametrize("view", ["cap", "package"])

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _small import SMALL
 
 from robustmed_lite.checkpoints import CHECKPOINTS, load_checkpoint
 from robustmed_lite.components import LOSSES, register_loss
@@ -12,22 +13,6 @@ from robustmed_lite.config import METHODS, load_config
 from robustmed_lite.data.loaders import DataError
 from robustmed_lite.data.splits import build_data, check_split_classes
 from robustmed_lite.trainer import Trainer, attack_steps_at
-
-SMALL = dict(
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=32,
-    epochs=2,
-    eval_n=16,
-    attack_steps=2,
-    eval_attack_steps=2,
-    progress=False,
-    eps="8/255",
-    step_size="2/255",
-    gamma=0.01,
-)
 
 
 def _config(tmp_path, **overrides):
