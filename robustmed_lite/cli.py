@@ -11,6 +11,8 @@ Commands:
     fidelity      CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired)
     ablation      robustmed with one part switched off at a time: prior, feedback, weight noise, loss (paired)
     diagnose      is the model looking at the disease? per-site predictions, calibration, saliency outside the lungs
+    report        one model's robustness and generalisation report (HTML + Model Card JSON) to file or print
+    results writeup  write a study folder's README.md again from its result files, without training
     doctor        is this machine ready for the notebooks? a short pass/fail report to paste
     bookruns      the fast-profile runs shipped for the notebooks: regenerate them, or check them against their record
     data fetch    download a real CT set (sarscov2, ucsd), check its counts, say how to point ROBUSTMED_DATA at it

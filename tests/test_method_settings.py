@@ -153,9 +153,9 @@ def test_an_option_set_on_the_command_line_that_nothing_reads_is_an_error(method
         load_config("cpu-demo", {"method": method, option: value})
 
 
-def test_proxy_attention_without_the_prior_is_an_error():
-    with pytest.raises(ValueError, match="reduces to -CE"):
-        load_config("cpu-demo", {"method": "cap", "prior": False})
+def test_proxy_attention_without_the_prior_is_an_error_or_a_said_ablation():
+    with pytest.warns(UserWarning, match="reduces to -CE .*the no-prior ablation"):
+        assert load_config("cpu-demo", {"method": "cap", "prior": False}).weight_noise == "proxy_attention"
     with pytest.raises(ValueError, match="reduces to -CE"):
         load_config("cpu-demo", {"method": "awp", "weight_noise": "proxy_attention"})
 

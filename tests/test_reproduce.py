@@ -452,7 +452,8 @@ def test_orphan_checkpoints_of_a_killed_first_epoch_are_cleared(tmp_path):
 def test_a_resumed_run_repairs_a_log_that_missed_its_last_epoch(tmp_path):
     from robustmed_lite.config import load_config
 
-    cfg = load_config("cpu-demo", {**TINY.train, "epochs": 2, "out_dir": str(tmp_path / "run"), "progress": False})
+    chosen = {"epochs": 2, "out_dir": str(tmp_path / "run"), "progress": False}
+    cfg = load_config("cpu-demo", chosen, defaults=TINY.train)  # the profile's settings, as a study applies them
     Trainer(cfg).fit(stop_after=1)
     log = tmp_path / "run" / "log.jsonl"
     log.write_text("")  # killed after last.pt, before the log row was appended

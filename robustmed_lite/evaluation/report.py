@@ -22,6 +22,7 @@ import base64
 import dataclasses
 import hashlib
 import html
+import importlib.util
 import io
 import json
 import math
@@ -851,9 +852,7 @@ def section_adversarial(inp: ReportInputs) -> dict:
     clean_ok = predict_logits(inp.model, x).argmax(1) == y
     extra = {"FAB": s.fab_steps, "Square": s.square_queries}
     if any(extra.values()):
-        try:
-            import torchattacks  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torchattacks") is None:  # FAB and Square come from torchattacks
             extra = dict.fromkeys(extra, 0)
     budget = f"APGD-CE and APGD-margin {s.apgd_steps} steps each" + "".join(
         f", {kind} {steps} {'queries' if kind == 'Square' else 'steps'}" for kind, steps in extra.items() if steps

@@ -183,7 +183,7 @@ def study_of(folder: str | Path) -> str:
     if (folder / "sites_table.csv").exists():
         return "sites"
     if (folder / "effects.csv").exists():
-        groups = set(pd.read_csv(folder / "effects.csv")["group"])
+        groups = set(_read_csv(folder / "effects.csv")["group"])
         return "fidelity" if groups & {"before -> after", "one change reverted", "AWP vs TRADES"} else "ablation"
     if (folder / "verdicts.csv").exists():
         return "reproduction"
@@ -246,7 +246,7 @@ def _setup(folder: Path, details: Path) -> list[str]:
     """The setting in a few bullets: data, model, seeds, n, from profile.json and runs.csv."""
     profile = _json(details / "profile.json") or {}
     base = profile.get("base_config", {})
-    runs = pd.read_csv(details / "runs.csv")
+    runs = _read_csv(details / "runs.csv")
     seeds = sorted(runs["seed"].unique().tolist())
     lines = ["## Setting", ""]
 
@@ -325,6 +325,14 @@ def _provenance(folder: Path, details: Path, study: str) -> list[str]:
     return lines
 
 
+def _read_csv(path, **kwargs) -> pd.DataFrame:
+    """A result table; an empty file (no row to write, e.g. no gain in an ERM-only study) is an empty table."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
 def _files(folder: Path) -> list[str]:
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     return ["## Files", "", ", ".join(f"[`{n}`]({n})" for n in names), ""]
@@ -335,10 +343,10 @@ def _files(folder: Path) -> list[str]:
 
 
 def _reproduction(folder: Path) -> list[str]:
-    table = pd.read_csv(folder / "table.csv")
-    verdicts = pd.read_csv(folder / "verdicts.csv")
-    gains = pd.read_csv(folder / "gains.csv")
-    runs = pd.read_csv(folder / "runs.csv")
+    table = _read_csv(folder / "table.csv")
+    verdicts = _read_csv(folder / "verdicts.csv")
+    gains = _read_csv(folder / "gains.csv")
+    runs = _read_csv(folder / "runs.csv")
     labels = _metric_labels(folder)
     names = list(dict.fromkeys(table["name"]))
     domains = [d for d in str(runs["domains"].iloc[0]).split(",") if d and d != "nan"]
@@ -360,38 +368,42 @@ def _reproduction(folder: Path) -> list[str]:
             cells.append("n/a" if r.empty else _pm(r["mean"].iloc[0], r["ci_low"].iloc[0], r["ci_high"].iloc[0]))
         rows.append([labels.get(metric, metric), *cells])
     lines += _table(["", *(METHOD_LABELS.get(n, f"`{n}`") for n in names)], rows) + [""]
-    lines += ["## The paper's claims", "", verdicts["rule"].iloc[0], ""]
-    rows = [
-        [
-            v["claim"],
-            f"{v['comparator']} ({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])})",
-            _iv(v["gain_mean"], v["gain_ci_low"], v["gain_ci_high"]),
-            str(int(v["n_pairs"])),
-            f"**{v['verdict']}**",
+    if verdicts.empty:  # no row of the method beside a prior one: nothing to judge
+        lines += ["## The paper's claims", "", "Not judged: the study has no row of the method beside a prior one.", ""]
+    else:
+        lines += ["## The paper's claims", "", verdicts["rule"].iloc[0], ""]
+        rows = [
+            [
+                v["claim"],
+                f"{v['comparator']} ({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])})",
+                _iv(v["gain_mean"], v["gain_ci_low"], v["gain_ci_high"]),
+                str(int(v["n_pairs"])),
+                f"**{v['verdict']}**",
+            ]
+            for _, v in verdicts.iterrows()
         ]
-        for _, v in verdicts.iterrows()
-    ]
-    lines += _table(["claim", "comparator", "paired gain (95% CI)", "seed pairs", "verdict"], rows) + [""]
-    lines += ["## What the numbers say", ""]
-    for _, v in verdicts[verdicts["primary"]].iterrows():
-        lines.append(
-            f"- {v['claim']}: the method's paired gain over the {v['comparator']} "
-            f"({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])}) is "
-            f"{_iv(v['gain_mean'], v['gain_ci_low'], v['gain_ci_high'], 100, 1)} points over "
-            f"{int(v['n_pairs'])} seeds: **{v['verdict']}**."
-        )
-    clear = gains[
-        gains["metric"].isin(metrics)
-        & (gains["comparator"] == "best prior defence")
-        & ((gains["gain_ci_low"] > 0) | (gains["gain_ci_high"] < 0))
-    ]
-    for _, g in clear.iterrows():
-        direction = "better" if g["gain_mean"] > 0 else "worse"
-        lines.append(
-            f"- On {labels.get(g['metric'], g['metric'])} the method is {direction} than the best prior defence "
-            f"({METHOD_LABELS.get(g['best_prior'], g['best_prior'])}): "
-            f"{_iv(g['gain_mean'], g['gain_ci_low'], g['gain_ci_high'])}."
-        )
+        lines += _table(["claim", "comparator", "paired gain (95% CI)", "seed pairs", "verdict"], rows) + [""]
+        lines += ["## What the numbers say", ""]
+        for _, v in verdicts[verdicts["primary"]].iterrows():
+            lines.append(
+                f"- {v['claim']}: the method's paired gain over the {v['comparator']} "
+                f"({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])}) is "
+                f"{_iv(v['gain_mean'], v['gain_ci_low'], v['gain_ci_high'], 100, 1)} points over "
+                f"{int(v['n_pairs'])} seeds: **{v['verdict']}**."
+            )
+        clear = gains[
+            gains["metric"].isin(metrics)
+            & (gains["comparator"] == "best prior defence")
+            & ((gains["gain_ci_low"] > 0) | (gains["gain_ci_high"] < 0))
+        ]
+        for _, g in clear.iterrows():
+            direction = "better" if g["gain_mean"] > 0 else "worse"
+            lines.append(
+                f"- On {labels.get(g['metric'], g['metric'])} the method is {direction} than the best prior defence "
+                f"({METHOD_LABELS.get(g['best_prior'], g['best_prior'])}): "
+                f"{_iv(g['gain_mean'], g['gain_ci_low'], g['gain_ci_high'])}."
+            )
+    lines += ["## What the data say", ""] if verdicts.empty else []
     for d in domains:
         ba = runs.groupby("name")[f"{d}_balanced_accuracy"].mean()
         auc = runs.groupby("name")[f"{d}_auc"].mean()
@@ -402,7 +414,7 @@ def _reproduction(folder: Path) -> list[str]:
         )
     check = folder / "ensemble_check.csv"
     if check.exists():
-        c = pd.read_csv(check)
+        c = _read_csv(check)
         ok = bool(c["ensemble_at_least_as_strong"].all())
         lines.append(
             f"- The attack ensemble on {c['run'].iloc[0]} (`ensemble_check.csv`, n = {int(c['n'].iloc[0])}) is "
@@ -418,13 +430,13 @@ def _site_label(method: str, component: str) -> str:
 
 
 def _sites(folder: Path) -> list[str]:
-    table = pd.read_csv(folder / "sites_table.csv")
-    goal = pd.read_csv(folder / "goal.csv")
-    choice = pd.read_csv(folder / "best_choice.csv")
+    table = _read_csv(folder / "sites_table.csv")
+    goal = _read_csv(folder / "goal.csv")
+    choice = _read_csv(folder / "best_choice.csv")
     best = _json(folder / "best.json") or {}
-    gains = pd.read_csv(folder / "component_gains.csv")
-    method_gains = pd.read_csv(folder / "method_gains.csv")
-    shortcuts = pd.read_csv(folder / "shortcut_tests.csv")
+    gains = _read_csv(folder / "component_gains.csv")
+    method_gains = _read_csv(folder / "method_gains.csv")
+    shortcuts = _read_csv(folder / "shortcut_tests.csv")
     adaptations = ["none", "adabn", "tent"]
     test = table[(table["split"] == "test") & (table["metric"] == "balanced_accuracy")]
     n_target = shortcuts[shortcuts["domain"] == "target test"]["n_images"]
@@ -548,7 +560,7 @@ def _sites(folder: Path) -> list[str]:
 
 
 def _effects(folder: Path, study: str) -> list[str]:
-    effects = pd.read_csv(folder / "effects.csv")
+    effects = _read_csv(folder / "effects.csv")
     details = _details(folder)
     labels = _metric_labels(details)
     metrics = list(dict.fromkeys(effects["metric"]))
@@ -598,7 +610,7 @@ def _effects(folder: Path, study: str) -> list[str]:
             )
             + ". Every other interval contains zero."
         )
-    runs = pd.read_csv(details / "runs.csv")
+    runs = _read_csv(details / "runs.csv")
     if "ensemble_train_eps" in runs:
         means = runs.groupby("name")["ensemble_train_eps"].mean().drop("erm", errors="ignore")
         reference = "robustmed"
@@ -691,7 +703,7 @@ def write_index(root: str | Path = "results") -> Path:
     for folder in study_folders(root):
         study = study_of(folder)
         details = _details(folder)
-        runs = pd.read_csv(details / "runs.csv")
+        runs = _read_csv(details / "runs.csv")
         data = (_json(details / "profile.json") or {}).get("base_config", {}).get("data", "?")
         rows.append(
             [
