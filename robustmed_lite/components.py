@@ -189,7 +189,7 @@ class Batch:
 
 
 ATTACKS = Registry("sample attack", "make(cfg, steps) -> attack(model, x, y) -> x_adv, or None")
-FEEDBACK = Registry("feedback rule", "an attacks.FeedbackRule subclass: Rule(x, steps, tau)")
+FEEDBACK = Registry("feedback rule", "a feedback_attack.FeedbackRule subclass: Rule(x, steps, tau)")
 WEIGHT_NOISE = Registry(
     "weight noise",
     "make(model, cfg) -> object with compute_batch(batch), perturb(direction, "
