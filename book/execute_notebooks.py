@@ -52,6 +52,9 @@ def main() -> int:
     # one notebook per core, one torch (OpenMP) thread each: more threads than cores only wait for each other
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("ROBUSTMED_PROFILE", "fast")
+    # jupyter-cache runs each notebook in a temporary folder: a page a chapter writes for the book (chapter 10's
+    # report) goes to this absolute path, which the build then copies into the site.
+    os.environ["ROBUSTMED_BOOK_STATIC"] = str(Path(__file__).resolve().parent / "_static")
     shutil.rmtree(CACHE, ignore_errors=True)  # every build executes every notebook
     cache = get_cache(CACHE)
     for notebook in longest_first(book_notebooks()):
