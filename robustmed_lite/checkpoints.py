@@ -123,7 +123,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_holder(run_dir: Path) -> dict | None:
+def lock_holder(run_dir: Path) -> dict | None:
     """The live process holding the run folder's lock (other than this one), or None; a stale lock (its process
     is gone: a crash or a kill) counts as none."""
     try:
@@ -144,7 +144,7 @@ def check_unlocked(run_dir: Path) -> None:
     Raises:
         RunLockedError: The lock names a live process (on another host: any lock, as its liveness is unknown).
     """
-    holder = _lock_holder(run_dir)
+    holder = lock_holder(run_dir)
     if holder is not None:
         raise RunLockedError(
             f"{run_dir} is being written by process {holder.get('pid')} on {holder.get('host')} (since "

@@ -7,6 +7,7 @@ Commands:
     evaluate      clean, attack and worst-case accuracy with clinical metrics of checkpoints (--attacks none:
                   clean metrics alone); --ood: the corruption and cross-site suite
     reproduce     the paper's comparison on real CT: every method x seed, intervals, verdicts (resumable)
+    sweep         the weight-noise scale of robustmed and awp chosen on validation (published value and two others)
     sites         the cross-site study: Soares -> UCSD with and without each component against the shift
     fidelity      CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired)
     ablation      robustmed with one part switched off at a time: prior, feedback, weight noise, loss (paired)
@@ -18,7 +19,7 @@ Commands:
     data fetch    download a real CT set (sarscov2, ucsd), check its counts, say how to point ROBUSTMED_DATA at it
     data store    write a data set once as an on-disk uint8 slice store, for data larger than memory
 
-Config overrides: every command that trains (train, demo, reproduce, sites, fidelity, ablation) takes any
+Config overrides: every command that trains (train, demo, reproduce, sweep, sites, fidelity, ablation) takes any
 TrainConfig field as ``--KEY VALUE`` (``--epochs 3 --beta 2 --eps 8/255``); a study applies it to every run. Where
 a field's name is also a study's own option (--data, and --ood_data in reproduce), the study's option wins. A study
 sets each run's method, seed, out_dir, init_from and progress itself: choose them with its rows (--methods,
@@ -87,6 +88,7 @@ SET_BY_STUDY = {
 # Folders of the studies (shown in --help): results, runs.
 STUDY_FOLDERS = {
     "reproduce": ("results/reproduction/<profile>", "runs/reproduction/<profile>"),
+    "sweep": ("results/sweep/<profile>", "the reproduction's, runs/reproduction/<profile>"),
     "sites": ("results/sites/<profile>", "the reproduction's, runs/reproduction/<profile>"),
     "fidelity": ("results/fidelity/<profile>[-phantom]", "runs/fidelity/<profile>[-phantom], shared with ablation"),
     "ablation": ("results/ablation/<profile>[-phantom]", "runs/fidelity/<profile>[-phantom], shared with fidelity"),
@@ -387,6 +389,24 @@ def _sites(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results/sites/{args.profile}")
     print((out / "table.md").read_text())
     print(f"{len(tables['runs'])} runs; tables in {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .studies.sweep import run_sweep
+
+    choice = run_sweep(
+        args.profile,
+        data=args.data,
+        methods=args.methods,
+        seeds=args.seeds,
+        out=args.out,
+        runs=args.runs,
+        jobs=args.jobs,
+        overrides=_overrides(args),
+        progress=not args.quiet,
+    )
+    print(choice.round(4).to_string(index=False))
     return 0
 
 
@@ -766,6 +786,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="add the cross-site study's best combination (its best.json in DIR, e.g. results/sites/cpu) "
         "as a row robustmed+sites, and its test-time adaptation to the evaluation",
+    )
+
+    _study_parser(
+        sub,
+        "sweep",
+        "the weight-noise scale of robustmed and awp chosen on validation: the published value and two others",
+        [common],
+        _sweep,
+        methods="robustmed,awp",
     )
 
     sites = _study_parser(

@@ -41,7 +41,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..checkpoints import completed_epochs, config_differences
+from ..checkpoints import completed_epochs, config_differences, lock_holder
 from ..common import format_eps
 from ..data.loaders import DataError, find_shared_data, load_images
 from ..data.preprocess import resolve_spec, split_spec
@@ -98,18 +98,11 @@ def train_run(spec: RunSpec, wait_poll: float = 5.0, wait_timeout: float = 48 * 
     cfg = spec.config()
     check_existing(spec)
     marker = spec.run_dir / TRAINED
+    _wait_for(marker, lambda: lock_holder(spec.run_dir) is not None, wait_poll, wait_timeout, spec.run_dir)
     if marker.exists():
         return
-    if spec.init_from is not None:
-        clean_marker, waited = spec.init_from.parent / TRAINED, 0.0
-        while not clean_marker.exists():  # another shard trains the clean model of this seed
-            if waited > wait_timeout:
-                raise TimeoutError(
-                    f"{spec.init_from.parent} did not finish training within {wait_timeout / 3600:g} "
-                    "h: start the shard that trains it (the clean run of this seed)"
-                )
-            time.sleep(wait_poll)
-            waited += wait_poll
+    if spec.init_from is not None:  # another shard trains the clean model of this seed
+        _wait_for(spec.init_from.parent / TRAINED, lambda: True, wait_poll, wait_timeout, spec.init_from.parent)
     if not (spec.run_dir / "last.pt").exists():
         orphans = [p for p in (spec.run_dir / "best_clean.pt", spec.run_dir / "best_robust.pt") if p.exists()]
         if orphans:
@@ -125,11 +118,28 @@ def train_run(spec: RunSpec, wait_poll: float = 5.0, wait_timeout: float = 48 * 
     write_json(marker, {"epochs": completed_epochs(spec.run_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _task(spec: RunSpec, settings: EvalSettings, threads: int | None) -> str:
-    """Train (or reuse) and evaluate one run; the unit of work of a worker process."""
+def _wait_for(marker: Path, waiting, poll: float, timeout: float, run_dir: Path) -> None:
+    """Waits while ``marker`` is missing and ``waiting()`` holds: another process (a shard, or another study
+    sharing the run folder) trains that run."""
+    waited = 0.0
+    while not marker.exists() and waiting():
+        if waited > timeout:
+            raise TimeoutError(
+                f"{run_dir} did not finish training within {timeout / 3600:g} h: start the shard or study that "
+                "trains it, or remove its run.lock if no process holds it"
+            )
+        time.sleep(poll)
+        waited += poll
+
+
+def _task(spec: RunSpec, settings: EvalSettings | None, threads: int | None) -> str:
+    """Train (or reuse) and evaluate one run (train only where ``settings`` is None); the unit of work of a
+    worker process."""
     if threads:
         torch.set_num_threads(threads)
     train_run(spec)
+    if settings is None:
+        return spec.name
     eval_file = settings.eval_file(spec.run_dir)
     record = read_json(eval_file)
     if record is None or record.get("settings") != settings.to_dict():
@@ -205,14 +215,14 @@ def check_classes(data: str, img_size: int) -> None:
         )
 
 
-class _ProgressPoller:
+class ProgressPoller:
     """One bar over all runs, fed by a thread that reads the run directories (epochs logged, evaluations
     written). Epochs are weighted by their cost in forward-backward passes (an ERM epoch 1, a robust epoch with
     k attack steps k + 3) and an evaluation by a few robust epochs, so that the ETA means something."""
 
     EVAL_WEIGHT = 6
 
-    def __init__(self, specs: list[RunSpec], settings: EvalSettings, enabled: bool):
+    def __init__(self, specs: list[RunSpec], settings: EvalSettings | None, enabled: bool, desc="reproduction"):
         self.items, self.settings = [], settings
         for spec in specs:
             cfg = spec.config()
@@ -221,7 +231,7 @@ class _ProgressPoller:
         self.bar = tqdm(
             total=total,
             initial=self._done()[0],
-            desc="reproduction",
+            desc=desc,
             unit="work",
             bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}",
             **progress_options(enabled),
@@ -233,7 +243,8 @@ class _ProgressPoller:
         work = epochs = runs = 0
         for spec, n_epochs, weight in self.items:
             e = min(logged_epochs(spec.run_dir), n_epochs)
-            evaluated = self.settings.eval_file(spec.run_dir).exists()
+            finished = self.settings.eval_file(spec.run_dir) if self.settings else spec.run_dir / TRAINED
+            evaluated = finished.exists()
             work += e * weight + self.EVAL_WEIGHT * evaluated
             epochs, runs = epochs + e, runs + evaluated
         return work, epochs, runs
@@ -260,7 +271,7 @@ class _ProgressPoller:
         self.bar.close()
 
 
-def _execute(specs: list[RunSpec], settings: EvalSettings, jobs: int) -> list[tuple[str, BaseException]]:
+def execute(specs: list[RunSpec], settings: EvalSettings, jobs: int) -> list[tuple[str, BaseException]]:
     """Runs the tasks, ``jobs`` at a time; a robust run starts once its clean run finished (within a shard).
     Returns the failures (name, error); runs already started finish, no new run starts after a failure."""
     failures = []
@@ -396,11 +407,11 @@ def reproduce(
     if not torch.cuda.is_available():
         jobs = min(jobs, os.cpu_count() or 1)  # on a CPU a process per core at most
     out.mkdir(parents=True, exist_ok=True)
-    _record_provenance(out, prof, plan, settings, command, shard_i_n, jobs)
+    record_provenance(out, prof, plan, settings, command, shard_i_n, jobs)
 
     clock = {"start": time.time()}
-    with _ProgressPoller(mine, settings, progress):
-        failures = _execute(mine, settings, jobs)
+    with ProgressPoller(mine, settings, progress):
+        failures = execute(mine, settings, jobs)
     clock["trained"] = time.time()
     finished = [s for s in mine if settings.eval_file(s.run_dir).exists()]
     corruption_stage(finished, settings, progress=progress)
@@ -415,7 +426,7 @@ def reproduce(
                 "that finished failed too (its error is below)"
             ) from summary_error
         raise
-    _record_timing(out, clock, shard_i_n, jobs, len(mine), len(finished))
+    record_timing(out, clock, shard_i_n, jobs, len(mine), len(finished))
     if writeup and len(results["runs"]):
         write_writeup(out, "reproduction", machine_folder=out.resolve())
     else:
@@ -430,7 +441,7 @@ def reproduce(
     return results
 
 
-def _record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_finished: int) -> None:
+def record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_finished: int) -> None:
     """Appends this call's wall times per stage to ``timings.json`` (the wall time each study's README.md quotes)."""
     now = time.time()
     record = {
@@ -449,7 +460,7 @@ def _record_timing(out: Path, clock: dict, shard, jobs: int, n_runs: int, n_fini
     write_json(out / "timings.json", [*previous, record])
 
 
-def _record_provenance(
+def record_provenance(
     out: Path, prof: Profile, plan: list[RunSpec], settings: EvalSettings, command, shard, jobs: int
 ) -> None:
     command = command if command is not None else [Path(sys.executable).name, "-m", "robustmed_lite", *sys.argv[1:]]
@@ -472,7 +483,7 @@ def _record_provenance(
         out / "profile.json",
         {
             "profile": dataclasses.asdict(prof),
-            "evaluation": settings.to_dict(),
+            "evaluation": settings.to_dict() if settings else None,
             "base_config": base,
             "runs": [
                 {

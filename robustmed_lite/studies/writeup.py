@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..common import format_eps
 
-STUDIES = ("reproduction", "sites", "fidelity", "ablation")
+STUDIES = ("reproduction", "sweep", "sites", "fidelity", "ablation")
 GENERATED = (
     "<!-- Written by `python -m robustmed_lite results writeup {folder}` from this folder's files; do not edit. -->"
 )
@@ -43,6 +43,13 @@ ABOUT = {
         "corruption types and the CT-physics ones, and the other hospital's data), summarised as mean and 95%"
         " t-interval over seeds, with the method's paired gain over the best prior method and a verdict on "
         "each claim of the paper. Chapter 08 of the book reads these files."
+    ),
+    "sweep": (
+        "The weight-noise scale `gamma` of the methods with weight noise, chosen on the validation split: each "
+        "method trained at CAP's published 1e-4, TRADES-AWP's 5e-3 and 1e-3 between them, every run's checkpoint "
+        "chosen on validation (best PGD accuracy), and the value with the highest mean validation PGD accuracy "
+        "over seeds chosen (a tie goes to the published value). No test image is read here: the reproduction "
+        "evaluates the chosen value as an extra row beside the published one."
     ),
     "sites": (
         "Why models trained on one hospital fail on another: the methods trained on one site (the Soares set "
@@ -182,6 +189,8 @@ def study_of(folder: str | Path) -> str:
     folder = Path(folder)
     if (folder / "sites_table.csv").exists():
         return "sites"
+    if (folder / "choice.csv").exists():
+        return "sweep"
     if (folder / "effects.csv").exists():
         groups = set(_read_csv(folder / "effects.csv")["group"])
         return "fidelity" if groups & {"before -> after", "one change reverted", "AWP vs TRADES"} else "ablation"
@@ -340,6 +349,60 @@ def _files(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # One page per study
+
+
+def _sweep(folder: Path) -> list[str]:
+    runs, choice = _read_csv(folder / "runs.csv"), _read_csv(folder / "choice.csv")
+    profile = _json(folder / "profile.json") or {}
+    base = profile.get("base_config", {})
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    lines = [
+        "## Setting",
+        "",
+        f"- data: `{base.get('data', '?')}`" + (" (relative to this folder)" if base.get("data") != "phantom" else ""),
+        f"- model: `{base.get('model', '?')}`, {base.get('img_size', '?')} px, {base.get('epochs', '?')} epochs, "
+        f"profile `{profile.get('profile', {}).get('name', '?')}`, training eps {_eps_text(folder)}",
+        f"- {len(runs)} runs: {runs['method'].nunique()} methods x {runs['gamma'].nunique()} values x seeds {seeds}",
+        "- every number below is on the validation split; the test split chooses nothing",
+        "",
+        "## Validation accuracy per value",
+        "",
+        "Mean [95% t-interval] over seeds, at each run's validation-chosen checkpoint.",
+        "",
+    ]
+    rows = []
+    for _, r in choice.iterrows():
+        rows.append(
+            [
+                f"`{r['method']}`",
+                f"{r['gamma']:g}" + (" (published)" if r["published"] else ""),
+                f"{r['val_robust_mean']:.3f} [{r['val_robust_ci_low']:.3f}, {r['val_robust_ci_high']:.3f}]",
+                f"{r['val_clean_mean']:.3f} [{r['val_clean_ci_low']:.3f}, {r['val_clean_ci_high']:.3f}]",
+                "**chosen**" if r["chosen"] else "",
+            ]
+        )
+    lines += _table(["method", "gamma", "validation PGD accuracy", "validation clean accuracy", ""], rows)
+    lines += ["", "## What the numbers say", ""]
+    for method, group in choice.groupby("method", sort=False):
+        chosen = group[group["chosen"]].iloc[0]
+        published = group[group["published"]].iloc[0]
+        others = group[~group["chosen"]]
+        if chosen[["val_robust_ci_low", "val_robust_ci_high"]].isna().any():
+            noise = "one seed gives no interval, so the choice cannot be told from seed noise."
+        elif all(
+            o["val_robust_ci_low"] <= chosen["val_robust_ci_high"]
+            and chosen["val_robust_ci_low"] <= o["val_robust_ci_high"]
+            for _, o in others.iterrows()
+        ):
+            noise = "its interval overlaps every other value's, so the choice is not clear of seed noise."
+        else:
+            noise = "its interval is clear of at least one other value's."
+        lines.append(
+            f"- `{method}`: validation chose gamma {chosen['gamma']:g}"
+            + (" (its published value)" if chosen["published"] else f" (published: {published['gamma']:g})")
+            + f"; {noise}"
+        )
+    return lines + [""]
 
 
 def _reproduction(folder: Path) -> list[str]:
@@ -648,17 +711,21 @@ def writeup(folder: str | Path, study: str | None = None) -> str:
     location = _repository_location(folder, study).as_posix()
     titles = {
         "reproduction": "Reproduction of the paper's comparison",
+        "sweep": "Weight-noise scale chosen on validation",
         "sites": "Cross-site study",
         "fidelity": "Fidelity to CAP's code",
         "ablation": "Ablation of the method",
     }
     lines = [GENERATED.format(folder=location), "", f"# {titles[study]}: `{folder.name}`", "", ABOUT[study], ""]
-    lines += _setup(folder, details)
+    if study == "sweep":
+        lines += _sweep(folder)
+    else:
+        lines += _setup(folder, details)
     if study == "reproduction":
         lines += _reproduction(folder)
     elif study == "sites":
         lines += _sites(folder)
-    else:
+    elif study != "sweep":
         lines += _effects(folder, study)
     lines += _provenance(folder, details, study)
     lines += _files(folder)
