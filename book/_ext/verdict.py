@@ -66,9 +66,9 @@ def _setting(folder: Path, seeds: int) -> str:
 def _claim_sentence(v: pd.Series) -> str:
     claimed = 100 * float(v["claimed_gain"])
     return (
-        f"the paper claims {v['claim'].split(' +')[0]} about {claimed:.3g} points above the {v['comparator']}; "
-        f"here the method's paired gain over it ({_label(v['comparator_method'])}) is "
-        f"{_points(v['gain_mean'], v['gain_ci_low'], v['gain_ci_high'])} points: **{v['verdict']}**"
+        f"**{v['claim'].split(' +')[0].capitalize()}**: the paper claims about {claimed:.3g} points above the "
+        f"{v['comparator']}; here the method's paired gain over it ({_label(v['comparator_method'])}) is "
+        f"{_points(v['gain_mean'], v['gain_ci_low'], v['gain_ci_high'])} points, **{v['verdict']}**"
     )
 
 
