@@ -3,8 +3,9 @@ laptop) and 390 px (a phone), screenshotted and checked.
 
 Chromium runs with every host name unresolvable (and, where ``unshare -n`` is allowed, in a network namespace
 with no interface but loopback), so anything a page would fetch from the web fails, as in a room without Wi-Fi.
-Each page is loaded once more with a small script added (in a temporary copy beside it) that measures the page
-after its scripts and MathJax ran and writes what it found into the DOM, which ``--dump-dom`` reads back:
+Each page is loaded in a frame of the width under test with a small script added (in a temporary copy beside it)
+that measures the page after its scripts and MathJax ran and hands what it found to the frame's page, whose DOM
+``--dump-dom`` reads back:
 
 - no table, pre block or display equation wider than the content column unless it sits in a scroll wrapper
   (an element that scrolls sideways and itself fits the column), and no image wider than the column;
@@ -12,9 +13,11 @@ after its scripts and MathJax ran and writes what it found into the DOM, which `
 - no raw Markdown or LaTeX in the rendered text outside code: ``$``, a table rule ``|---|``, ``**``, ``\\[``;
 - formulas rendered by MathJax, and the Colab badges served from the book itself.
 
-Usage: python book/screenshots.py [book/_build/html] [--out book/screenshots] [--pages intro workshop ...]
-Needs Chromium (Debian: ``apt-get install chromium``). Writes PNGs and ``report.json`` to ``--out``; exits 1 when a
-page fails a check, 2 when the book is not built or no Chromium is found.
+Usage: python book/screenshots.py [book/_build/html] [--out book/screenshots] [--shots book/_build/screenshots]
+       [--pages intro.html ...] [--if-chromium]
+Needs Chromium (Debian: ``apt-get install chromium``). Writes ``report.json`` to ``--out`` (the committed record)
+and one PNG per page and width to ``--shots``; exits 1 when a page fails a check, 2 when the book is not built or
+no Chromium is found (0 with ``--if-chromium``, which `make book` uses).
 """
 
 from __future__ import annotations
@@ -98,18 +101,28 @@ MEASURE = """
       mathjax_containers: document.querySelectorAll("mjx-container").length,
       badges: badges, remote_badges: badges.filter(s => /^(https?:)?\\/\\//.test(s)), problems: problems,
     };
-    const out = document.createElement("script");
-    out.type = "application/json";
-    out.id = "%s";
-    out.textContent = JSON.stringify(report);
-    document.body.appendChild(out);
+    parent.postMessage(JSON.stringify(report), "*");  // to the frame page, which --dump-dom reads
   }
   window.addEventListener("load", function () {
     const ready = (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve();
     ready.then(() => setTimeout(measure, 300), () => setTimeout(measure, 300));
   });
 })();
-""".replace("%s", REPORT_ID)
+"""
+
+# Holds the page in a frame of the width under test: headless Chromium will not open a window narrower than 500 px,
+# but a frame can be a phone's width, and the page's media queries answer to the frame.
+FRAME = """<!DOCTYPE html><html><head><meta charset="utf-8"><style>body {{ margin: 0 }}</style></head><body>
+<iframe src="{src}" style="width: {width}px; height: {height}px; border: 0; display: block"></iframe>
+<script>
+window.addEventListener("message", function (event) {{
+  const out = document.createElement("script");
+  out.type = "application/json";
+  out.id = "{report_id}";
+  out.textContent = event.data;
+  document.body.appendChild(out);
+}});
+</script></body></html>"""
 
 
 def chromium() -> str | None:
@@ -124,7 +137,7 @@ def offline_prefix() -> list[str]:
     return []
 
 
-def browse(page: Path, width: int, *args: str) -> subprocess.CompletedProcess:
+def browse(page: Path, width: int, height: int, *args: str) -> subprocess.CompletedProcess:
     command = [
         *offline_prefix(),
         chromium() or "chromium",
@@ -132,7 +145,7 @@ def browse(page: Path, width: int, *args: str) -> subprocess.CompletedProcess:
         "--no-sandbox",
         "--disable-gpu",
         "--hide-scrollbars",
-        f"--window-size={width},{WIDTHS.get(width, 1200)}",
+        f"--window-size={width},{height}",
         "--virtual-time-budget=10000",
         *NO_NETWORK,
         *args,
@@ -141,18 +154,24 @@ def browse(page: Path, width: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-def measure(page: Path, width: int) -> dict:
-    """Loads ``page`` at ``width`` with the measuring script (from a temporary copy beside it, so that its relative
-    links still resolve) and returns what the script found."""
+def measure(page: Path, width: int, screenshot: Path | None = None) -> dict:
+    """Loads ``page`` in a frame ``width`` pixels wide with the measuring script (both from temporary copies beside
+    the page, so that its relative links still resolve), saves a screenshot where asked, and returns what the
+    script found."""
+    height = WIDTHS.get(width, 1200)
     html = page.read_text(encoding="utf-8")
     script = f"<script>{MEASURE}</script>"
     html = html.replace("</head>", script + "</head>", 1) if "</head>" in html else script + html
     probe = page.with_name(f".{page.stem}.layout-check.html")
+    frame = page.with_name(f".{page.stem}.layout-frame.html")
     probe.write_text(html, encoding="utf-8")
+    frame.write_text(FRAME.format(src=probe.name, width=width, height=height, report_id=REPORT_ID), encoding="utf-8")
+    shot = [f"--screenshot={screenshot.resolve()}"] if screenshot else []
     try:
-        dom = browse(probe, width, "--dump-dom").stdout
+        dom = browse(frame, max(width, 500), height, "--dump-dom", *shot).stdout
     finally:
         probe.unlink()
+        frame.unlink()
     found = re.search(rf'<script type="application/json" id="{REPORT_ID}">(.*?)</script>', dom, re.S)
     if found is None:
         return {"problems": [{"check": "the page did not finish loading", "what": str(page)}]}
@@ -170,31 +189,36 @@ def toc_pages() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("html", nargs="?", default="book/_build/html")
-    parser.add_argument("--out", default="book/screenshots")
+    parser.add_argument("--out", default="book/screenshots", help="where report.json goes (committed: the record)")
+    parser.add_argument("--shots", default="book/_build/screenshots", help="where the PNGs go (one per page, width)")
     parser.add_argument("--pages", nargs="*", help="pages relative to the build (default: every page of the TOC)")
+    parser.add_argument("--if-chromium", action="store_true", help="without Chromium, say so and exit 0 (make book)")
     args = parser.parse_args(argv)
     if chromium() is None:
+        if args.if_chromium:
+            print("book/screenshots.py skipped: no Chromium here (apt-get install chromium runs it)")
+            return 0
         print("error: no Chromium found. Fix: apt-get install chromium", file=sys.stderr)
         return 2
-    html, out = Path(args.html).resolve(), Path(args.out)
+    html, out, shots = Path(args.html).resolve(), Path(args.out), Path(args.shots)
     names = args.pages or toc_pages()
     missing = [name for name in names if not (html / name).exists()]
     if missing:
         print(f"error: {html} lacks {', '.join(missing)}. Fix: build the book first (make book)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
     report = {"offline": " ".join(offline_prefix() + NO_NETWORK), "widths": list(WIDTHS), "pages": {}}
     failed = 0
     for name in names:
         report["pages"][name] = {}
         for width in WIDTHS:
-            shot = out / f"{name.removesuffix('.html').replace('/', '__')}-{width}.png"
-            browse(html / name, width, f"--screenshot={shot.resolve()}")
-            seen = measure(html / name, width)
+            shot = shots / f"{name.removesuffix('.html').replace('/', '__')}-{width}.png"
+            seen = measure(html / name, width, shot)
             problems = seen.setdefault("problems", [])
             problems += [{"check": "remote badge", "what": b} for b in seen.get("remote_badges", [])]
             problems += [] if shot.exists() else [{"check": "no screenshot", "what": str(shot)}]
-            seen["screenshot"] = str(shot)
+            seen["screenshot"] = shot.name
             report["pages"][name][str(width)] = seen
             failed += bool(problems)
             print(
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     report["failures"] = failed
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{len(names)} pages x {len(WIDTHS)} widths: {failed} with problems; report: {out / 'report.json'}")
+    print(f"{len(names)} pages x {len(WIDTHS)} widths: {failed} with problems; {out / 'report.json'}, PNGs in {shots}")
     return 1 if failed else 0
 
 
