@@ -80,9 +80,16 @@ MEASURE = """
         problems.push({check: kind + " wider than the column, not in a scroll wrapper", what: describe(el)});
       }
     }
-    if (document.documentElement.scrollWidth > window.innerWidth + 1)
+    if (document.documentElement.scrollWidth > window.innerWidth + 1) {  // name what sticks out, innermost first
+      const out = Array.from(document.body.querySelectorAll("*")).filter(e => {
+        const r = e.getBoundingClientRect();
+        return r.width > 0 && r.right > window.innerWidth + 1 && !scrollWrapper(e, null);
+      });
+      const innermost = out.filter(e => !Array.from(e.children).some(c => out.includes(c))).slice(0, 3);
       problems.push({check: "page wider than the window",
-                     what: document.documentElement.scrollWidth + " px in a " + window.innerWidth + " px window"});
+                     what: document.documentElement.scrollWidth + " px in a " + window.innerWidth + " px window: "
+                           + innermost.map(describe).join("; ")});
+    }
     const walker = document.createTreeWalker(column, NodeFilter.SHOW_TEXT);
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
       if (node.parentElement.closest(SKIP)) continue;
