@@ -46,6 +46,7 @@ book: setup
 	ROBUSTMED_PROFILE=$${ROBUSTMED_PROFILE:-fast} $(BIN)/python book/execute_notebooks.py
 	ROBUSTMED_PROFILE=$${ROBUSTMED_PROFILE:-fast} $(BIN)/jupyter-book build book --warningiserror --keep-going
 	$(BIN)/python book/check_offline.py book/_build/html
+	$(BIN)/python book/screenshots.py book/_build/html --if-chromium  # every page at 1280 and 390 px, checked
 
 bench: setup
 	$(BIN)/python benchmarks/phantom.py

@@ -28,10 +28,23 @@ CACHE = BOOK / "_build" / ".jupyter_cache"
 TIMES = BOOK.parent / "benchmarks" / "results" / "notebooks_cpu_found.json"
 
 
+def _files(entries: list[dict]) -> list[str]:
+    return [f for entry in entries for f in [entry["file"], *_files(entry.get("sections", []))]]
+
+
+def toc_documents(book: Path = BOOK) -> list[str]:
+    """Every page of the table of contents in reading order, the root first: ``intro``, ``notebooks/00_tour``, ...
+    (chapters, chapters in parts, and their sections)."""
+    toc = yaml.safe_load((book / "_toc.yml").read_text())
+    return [
+        toc["root"],
+        *_files(toc.get("chapters", []) + [c for part in toc.get("parts", []) for c in part["chapters"]]),
+    ]
+
+
 def book_notebooks() -> list[Path]:
     """The notebooks of the table of contents, in book order."""
-    chapters = yaml.safe_load((BOOK / "_toc.yml").read_text())["chapters"]
-    return [BOOK / f"{c['file']}.ipynb" for c in chapters if (BOOK / f"{c['file']}.ipynb").exists()]
+    return [BOOK / f"{f}.ipynb" for f in toc_documents() if (BOOK / f"{f}.ipynb").exists()]
 
 
 def longest_first(notebooks: list[Path]) -> list[Path]:

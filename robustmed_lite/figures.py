@@ -1,4 +1,8 @@
-"""Figures used across the book: sample grids with masks, and the shared plotting style."""
+"""Figures used across the book: sample grids with masks, and the shared plotting style.
+
+Every figure fits the book's text column: at most ``PAGE_WIDTH`` inches wide, its text at least ``MIN_FONT``
+points at that width (tests/test_figures.py draws each and checks both); grids of panels wrap into rows.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,25 @@ import torch
 
 from .common import CLASS_NAMES
 from .evaluation.saliency import for_display
+
+PAGE_WIDTH = 7.0  # inches: the text column of the rendered book at 1280 px
+MIN_FONT = 8  # points, at PAGE_WIDTH
+
+
+def _panels(n: int, max_cols: int, panel_height: float, **kwargs):
+    """A figure ``PAGE_WIDTH`` wide with ``n`` panels in rows of at most ``max_cols``; the unused cells are off.
+
+    Returns:
+        The figure and its ``n`` axes, in reading order.
+    """
+    cols = max(1, min(max_cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(PAGE_WIDTH, panel_height * rows + 0.5), squeeze=False, layout="constrained", **kwargs
+    )
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
 
 
 def _numpy(t) -> np.ndarray:
@@ -49,6 +72,7 @@ def plot_samples(
     n = min(n, len(images))
     rows = max(1, int(np.ceil(n / cols)))
     cols = min(cols, n)
+    figsize_per = min(figsize_per, PAGE_WIDTH / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(figsize_per * cols, figsize_per * rows + 0.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -67,47 +91,6 @@ def plot_samples(
 
 
 # ------------------------------------------------------------------------------ guided filter and lung prior
-def _image_grid(
-    panels,
-    row_labels=None,
-    col_labels=None,
-    cmap="gray",
-    vmin=0.0,
-    vmax=1.0,
-    colorbar=False,
-    title=None,
-    figsize_per=1.9,
-):
-    rows, cols = len(panels), max(len(row) for row in panels)
-
-    def per_column(value):
-        return list(value) if isinstance(value, (list, tuple)) else [value] * cols
-
-    cmaps, vmins, vmaxs, bars = per_column(cmap), per_column(vmin), per_column(vmax), per_column(colorbar)
-    width = figsize_per * cols + (0.3 if row_labels is not None else 0) + 0.6 * sum(map(bool, bars))
-    height = figsize_per * rows + (0.3 if col_labels is not None else 0) + (0.3 if title else 0)
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, layout="constrained")
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.spines[:].set(color="0.75", linewidth=0.5)
-            image = panels[r][c] if c < len(panels[r]) else None
-            if image is None:
-                continue
-            shown = ax.imshow(_numpy(image).squeeze().astype(float), cmap=cmaps[c], vmin=vmins[c], vmax=vmaxs[c])
-            if bars[c] and r == rows - 1:
-                fig.colorbar(shown, ax=axes[:, c], shrink=0.8, aspect=30)
-        if row_labels is not None:
-            axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
-    for c, label in enumerate(col_labels or []):
-        axes[0, c].set_title(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig, axes
-
-
 def plot_image_grid(
     panels,
     row_labels=None,
@@ -131,12 +114,41 @@ def plot_image_grid(
         vmax: Upper end of the display range, one value or one per column.
         colorbar: Draw a colour bar right of a column: a bool for all columns or one per column.
         title: Optional figure title.
-        figsize_per: Inches per panel.
+        figsize_per: Inches per panel, at most: the grid shrinks to fit ``PAGE_WIDTH``.
 
     Returns:
-        The matplotlib figure.
+        The matplotlib figure; its first ``rows x cols`` axes are the grid's, row by row.
     """
-    return _image_grid(panels, row_labels, col_labels, cmap, vmin, vmax, colorbar, title, figsize_per)[0]
+    rows, cols = len(panels), max(len(row) for row in panels)
+
+    def per_column(value):
+        return list(value) if isinstance(value, (list, tuple)) else [value] * cols
+
+    cmaps, vmins, vmaxs, bars = per_column(cmap), per_column(vmin), per_column(vmax), per_column(colorbar)
+    extra = (0.3 if row_labels is not None else 0) + 0.6 * sum(map(bool, bars))
+    figsize_per = min(figsize_per, (PAGE_WIDTH - extra) / cols)
+    width = figsize_per * cols + extra
+    height = figsize_per * rows + (0.3 if col_labels is not None else 0) + (0.3 if title else 0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, layout="constrained")
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set(color="0.75", linewidth=0.5)
+            image = panels[r][c] if c < len(panels[r]) else None
+            if image is None:
+                continue
+            shown = ax.imshow(_numpy(image).squeeze().astype(float), cmap=cmaps[c], vmin=vmins[c], vmax=vmaxs[c])
+            if bars[c] and r == rows - 1:
+                fig.colorbar(shown, ax=axes[:, c], shrink=0.8, aspect=30)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
+    for c, label in enumerate(col_labels or []):
+        axes[0, c].set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def plot_prior_views(x, p, q, x_aug, lung_masks=None, row_labels=None, figsize_per=1.9):
@@ -159,9 +171,10 @@ def plot_prior_views(x, p, q, x_aug, lung_masks=None, row_labels=None, figsize_p
     """
     from matplotlib.colors import ListedColormap
 
-    cols = ["x", "p: x on the dark region", "q: guided filter of p", "x_aug", "lung mask"]
+    cols = ["x", "p: x on the dark region", "q: guided filter of p", "prior view x_aug", "lung mask"]
     panels = [[x[i], p[i], q[i], x_aug[i]] + ([x[i]] if lung_masks is not None else []) for i in range(len(x))]
-    fig, axes = _image_grid(panels, row_labels, cols[: len(panels[0])], figsize_per=figsize_per)
+    fig = plot_image_grid(panels, row_labels, cols[: len(panels[0])], figsize_per=figsize_per)
+    axes = np.array(fig.axes[: len(panels) * len(panels[0])]).reshape(len(panels), len(panels[0]))
     if lung_masks is not None:
         for i in range(len(x)):
             mask = _numpy(lung_masks[i]).squeeze().astype(bool)
@@ -249,6 +262,7 @@ def plot_adversarial(image, adversarials: dict, probs: dict | None = None, figsi
     """
     clean = _numpy(image).squeeze()
     cols = 1 + len(adversarials)
+    figsize_per = min(figsize_per, PAGE_WIDTH / cols)
     fig, axes = plt.subplots(2, cols, figsize=(figsize_per * cols, 2 * figsize_per + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -354,7 +368,7 @@ def plot_layer_noise(
     sns.barplot(data=data, y="layer", x=value, hue="kind", order=order, orient="h", ax=ax)
     ax.set_ylabel(None)
     ax.set_xlabel(xlabel or value)
-    ax.tick_params(axis="y", labelsize=7)
+    ax.tick_params(axis="y", labelsize=MIN_FONT)
     if log:
         ax.set_xscale("log")
     ax.grid(axis="x", alpha=0.3)
@@ -443,10 +457,10 @@ def plot_training_curves(
     """
     import seaborn as sns
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.5), squeeze=False)
+    fig, axes = _panels(len(metrics), 2, 2.6)
     methods = list(dict.fromkeys(history["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
-    for ax, (column, label) in zip(axes[0], metrics):
+    for ax, (column, label) in zip(axes, metrics):
         sns.lineplot(data=history, x="epoch", y=column, hue="method", palette=palette, marker="o", ax=ax, legend=False)
         for method, epoch in (selected or {}).items():
             row = history[(history["method"] == method) & (history["epoch"] == epoch)]
@@ -465,27 +479,26 @@ def plot_training_curves(
         ax.set_xticks(sorted(history["epoch"].unique()))
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
-    note = "   (circles: the checkpoint each method's comparison uses, chosen on validation)" if selected else ""
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    note = "circles: the checkpoint each method's\ncomparison uses, chosen on validation" if selected else None
     fig.legend(
         handles=handles,
-        loc="lower center",
-        ncol=len(methods),
+        loc="outside lower center",
+        ncols=min(4, len(methods)),
         frameon=False,
         fontsize=9,
-        title=note or None,
+        title=note,
         title_fontsize=9,
     )
     return fig
 
 
-def plot_corruption_heatmap(table, models=None, figsize_per: float = 3.2):
-    """Accuracy per corruption (rows) and severity (columns), one heatmap per model, shared colour scale.
+def plot_corruption_heatmap(table, models=None):
+    """Accuracy per corruption (rows) and severity (columns), one heatmap per model (two per row), shared colour
+    scale.
 
     Args:
         table: ``ood.corruption_table``'s long table.
         models: Models to show, in order (default: all).
-        figsize_per: Width in inches per model.
 
     Returns:
         The matplotlib figure.
@@ -495,15 +508,8 @@ def plot_corruption_heatmap(table, models=None, figsize_per: float = 3.2):
     models = list(models or dict.fromkeys(table["model"]))
     corrupted = table[table["severity"] > 0]
     order = list(dict.fromkeys(corrupted["corruption"]))
-    fig, axes = plt.subplots(
-        1,
-        len(models),
-        figsize=(figsize_per * len(models) + 1.2, 0.28 * len(order) + 1.6),
-        sharey=True,
-        squeeze=False,
-        layout="constrained",
-    )
-    for i, (ax, model) in enumerate(zip(axes[0], models)):
+    fig, axes = _panels(len(models), 2, 0.24 * len(order) + 1.0, sharey=True)
+    for i, (ax, model) in enumerate(zip(axes, models)):
         rows = corrupted[corrupted["model"] == model]
         grid = rows.pivot(index="corruption", columns="severity", values="accuracy").loc[order]
         clean = table[(table["model"] == model) & (table["severity"] == 0)]["accuracy"].iloc[0]
@@ -515,13 +521,13 @@ def plot_corruption_heatmap(table, models=None, figsize_per: float = 3.2):
             cmap="viridis",
             annot=True,
             fmt=".2f",
-            annot_kws={"size": 6},
+            annot_kws={"size": MIN_FONT},
             cbar=i == len(models) - 1,
             cbar_kws={"label": "accuracy"},
         )
         ax.set_title(f"{model} (clean {clean:.2f})", fontsize=9)
         ax.set_xlabel("severity")
-        ax.set_ylabel("" if i else "corruption")
+        ax.set_ylabel("" if i % 2 else "corruption")
     fig.suptitle(f"Accuracy under corruption (n = {int(table['n'].iloc[0])})", fontsize=10)
     return fig
 
@@ -536,39 +542,33 @@ def plot_shift_bars(table, metric: str = "accuracy", ax=None):
 
     settings = list(dict.fromkeys(table["setting"])) if "setting" in table else [None]
     if ax is None:
-        fig, axes = plt.subplots(
-            1, len(settings), figsize=(4.2 * len(settings), 3.2), squeeze=False, layout="constrained"
-        )
-        axes = axes[0]
+        fig, axes = _panels(len(settings), 2, 3.2)
     else:
         fig, axes = ax.figure, [ax]
     for ax, setting in zip(axes, settings):
         rows = table if setting is None else table[table["setting"] == setting]
         sns.barplot(rows, x="model", y=metric, hue="domain", ax=ax)
         for container in ax.containers:
-            ax.bar_label(container, fmt="%.2f", fontsize=7)
+            ax.bar_label(container, fmt="%.2f", fontsize=MIN_FONT)
         ax.set_ylim(0, 1.05)
         ax.set_title(setting or "", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=MIN_FONT, loc="lower left")
     return fig
 
 
-def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5, figsize_per: float = 3.2):
+def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5):
     """Sensitivity (solid) and specificity (dashed) against the decision threshold, one panel per model, one
     colour per domain (``metrics.threshold_sweep`` tables), with the values at ``threshold`` marked.
 
     Args:
         sweeps: ``{model: {domain: sweep table}}``.
         threshold: The threshold to mark (the argmax rule is 0.5).
-        figsize_per: Width of a panel in inches.
 
     Returns:
         The matplotlib figure.
     """
-    fig, axes = plt.subplots(
-        1, len(sweeps), figsize=(figsize_per * len(sweeps), 3.0), sharey=True, squeeze=False, layout="constrained"
-    )
-    for ax, (model, by_domain) in zip(axes[0], sweeps.items()):
+    fig, axes = _panels(len(sweeps), 3, 2.6, sharey=True)
+    for ax, (model, by_domain) in zip(axes, sweeps.items()):
         for colour, (domain, table) in enumerate(by_domain.items()):
             t = table["threshold"].to_numpy()
             at = int(np.abs(t - threshold).argmin())
@@ -580,37 +580,34 @@ def plot_threshold_sweep(sweeps: dict, threshold: float = 0.5, figsize_per: floa
         ax.set_title(f"{model}, threshold {threshold:.2f}", fontsize=9)
         ax.set_xlabel("threshold on p(COVID)", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("sensitivity / specificity", fontsize=8)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=7)
+    axes[0].set_ylabel("sensitivity / specificity", fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=MIN_FONT)
     return fig
 
 
-def plot_corruption_predictions(image, label: int, corrupted: dict, p_covid: dict, figsize_per: float = 2.0):
-    """A slice under corruptions, each panel titled with every model's p(COVID) (a tick where the prediction is
-    right at the 0.5 threshold).
+def plot_corruption_predictions(image, label: int, corrupted: dict, p_covid: dict):
+    """A slice under corruptions, four panels a row, each titled with every model's p(COVID) (a tick where the
+    prediction is right at the 0.5 threshold).
 
     Args:
         image: The clean slice, (1, H, W) or (H, W).
         label: Its true class (1 = COVID).
         corrupted: ``{panel title: corrupted slice}``, in panel order.
         p_covid: ``{model: {panel title or "clean": p(COVID)}}``.
-        figsize_per: Width of a panel in inches.
 
     Returns:
         The matplotlib figure.
     """
     panels = {"clean": image, **corrupted}
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(figsize_per * len(panels), figsize_per + 0.9), squeeze=False, layout="constrained"
-    )
-    for ax, (title, panel) in zip(axes[0], panels.items()):
+    fig, axes = _panels(len(panels), 4, PAGE_WIDTH / 4 + 0.2 * len(p_covid) + 0.3)
+    for ax, (title, panel) in zip(axes, panels.items()):
         ax.imshow(_numpy(panel).squeeze(), cmap="gray", vmin=0, vmax=1)
         ax.set_axis_off()
         lines = [
             f"{model}: {probs[title]:.2f} {'✓' if (probs[title] > 0.5) == bool(label) else '✗'}"
             for model, probs in p_covid.items()
         ]
-        ax.set_title(f"{title}\n" + "\n".join(lines), fontsize=7)
+        ax.set_title(f"{title}\n" + "\n".join(lines), fontsize=MIN_FONT)
     fig.suptitle(f"p(COVID) per model; the slice is {CLASS_NAMES[label]}", fontsize=9)
     return fig
 
@@ -646,6 +643,7 @@ def plot_saliency_grid(
     """
     cols = ["slice"] + list(maps_by_column)
     n = len(images)
+    figsize_per = min(figsize_per, PAGE_WIDTH / len(cols))
     fig, axes = plt.subplots(
         n, len(cols), figsize=(figsize_per * len(cols), figsize_per * n + 0.4), squeeze=False, layout="constrained"
     )
@@ -701,8 +699,8 @@ def plot_attention_ratios(
     import seaborn as sns
 
     metrics = [m for m in metrics if m[0] in ratios]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False, layout="constrained")
-    for k, (ax, (column, chance, label)) in enumerate(zip(axes[0], metrics)):
+    fig, axes = _panels(len(metrics), 2, 3.0)
+    for k, (ax, (column, chance, label)) in enumerate(zip(axes, metrics)):
         data = ratios.dropna(subset=[column])
         sns.barplot(data=data, x="method", y=column, hue="model", errorbar=errorbar, seed=0, ax=ax, legend=k == 0)
         if chance is not None:
@@ -713,10 +711,10 @@ def plot_attention_ratios(
         ax.set_title(f"{label} (n = {data['image'].nunique()})", fontsize=9)
         ax.set_xlabel(None)
         ax.set_ylabel(None)
-        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        ax.tick_params(axis="x", labelsize=MIN_FONT, rotation=20)
         ax.grid(axis="y", alpha=0.3)
         if chance is not None or k == 0:
-            ax.legend(fontsize=7, frameon=False, loc="upper right")
+            ax.legend(fontsize=MIN_FONT, frameon=False, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -743,15 +741,15 @@ def plot_noise_magnitudes(table, title=None):
     fig, (left, right) = plt.subplots(
         1,
         2,
-        figsize=(9, 0.32 * len(order) + 1.4),
+        figsize=(PAGE_WIDTH, 0.32 * len(order) + 1.4),
         sharey=True,
         gridspec_kw={"width_ratios": [1.3, 1]},
         layout="constrained",
     )
-    sns.heatmap(grid, ax=left, annot=True, fmt=".2g", annot_kws={"size": 7}, cmap="magma", cbar=False)
+    sns.heatmap(grid, ax=left, annot=True, fmt=".2g", annot_kws={"size": MIN_FONT}, cmap="magma", cbar=False)
     left.set_title("per head: ||noise|| / ||weight||", fontsize=9)
     left.set_ylabel(None)
-    left.tick_params(axis="y", labelsize=7)
+    left.tick_params(axis="y", labelsize=MIN_FONT)
     # The heatmap's rows are centred at i + 0.5; the bars share its (inverted) axis.
     right.barh(np.arange(len(order)) + 0.5, per_layer.loc[order].to_numpy(), height=0.6, color="C0")
     right.set_title("per part, all heads: ||noise|| / ||weight||", fontsize=9)
@@ -793,19 +791,15 @@ def plot_reproduction_bars(table, panels=REPRODUCTION_PANELS, extra_domains: boo
         ]
     panels = [(m, t) for m, t in panels if m in set(table["metric"])]
     names = list(dict.fromkeys(table["name"]))
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(panels), 3, 2.4)
     colours = plt.get_cmap("tab10")
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax, (metric, title) in zip(axes.flat, panels):
+    for ax, (metric, title) in zip(axes, panels):
         part = table[table["metric"] == metric].set_index("name").reindex(names)
         mean = part["mean"].to_numpy(float)
         err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
         err = np.nan_to_num(err, nan=0.0)
         ax.bar(range(len(names)), mean, yerr=err, capsize=3, color=[colours(i % 10) for i in range(len(names))])
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=MIN_FONT)
         ax.set_ylim(0, 1.02)
         ax.axhline(0.5, color="grey", lw=0.6, ls=":")
         ax.set_title(title, fontsize=9)
@@ -851,7 +845,7 @@ def plot_robust_vs_clean(runs, robust: str = "ensemble_train_eps", clean: str = 
     ax.set_xlabel(f"{clean.replace('_', ' ')}")
     ax.set_ylabel(f"{robust.replace('_', ' ')}")
     ax.set_title("Robustness vs accuracy (points: seeds; markers: mean, 95% CI)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=MIN_FONT, loc="best")
     return fig
 
 
@@ -864,8 +858,8 @@ def plot_paired_effects(
     ),
     title: str | None = None,
 ):
-    """Paired per-seed effects (row minus reference) with their 95% t-intervals, one panel per metric, one line
-    per comparison; an interval that crosses the dotted zero line is no measured effect.
+    """Paired per-seed effects (row minus reference) with their 95% t-intervals, one panel per metric (two per
+    row), one line per comparison; an interval that crosses the dotted zero line is no measured effect.
 
     Args:
         effects: ``fidelity``'s ``effects.csv`` (group, row, reference, metric, gain_mean, gain_ci_low,
@@ -878,15 +872,8 @@ def plot_paired_effects(
     """
     metrics = [(m, t) for m, t in metrics if m in set(effects["metric"])]
     labels = list(dict.fromkeys(f"{r} - {ref}" for r, ref in zip(effects["row"], effects["reference"])))
-    fig, axes = plt.subplots(
-        1,
-        len(metrics),
-        figsize=(3.4 * len(metrics) + 1.8, 0.32 * len(labels) + 1.2),
-        sharey=True,
-        squeeze=False,
-        layout="constrained",
-    )
-    for ax, (metric, panel_title) in zip(axes[0], metrics):
+    fig, axes = _panels(len(metrics), 2, 0.3 * len(labels) + 0.9, sharey=True)
+    for ax, (metric, panel_title) in zip(axes, metrics):
         part = (
             effects[effects["metric"] == metric]
             .assign(label=lambda d: [f"{r} - {ref}" for r, ref in zip(d["row"], d["reference"])])
@@ -901,7 +888,7 @@ def plot_paired_effects(
         )
         ax.errorbar(mean, y, xerr=err, fmt="o", color="C0", capsize=3, ms=4)
         ax.axvline(0, color="grey", lw=0.8, ls=":")
-        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_yticks(y, labels, fontsize=MIN_FONT)
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("paired difference", fontsize=8)
     if title:

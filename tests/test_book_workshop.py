@@ -18,6 +18,16 @@ from robustmed_lite.evaluation.attacks import PGD
 from robustmed_lite.method.objectives import trades_loss
 
 
+def verdict(label: str, answer, capsys) -> str:
+    """Runs a check as a notebook cell does and returns the one line it printed; the check itself returns None, so
+    that the cell shows that line alone (no False under it)."""
+    capsys.readouterr()
+    assert check(label, answer) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.endswith("\n"), f"one line: {out!r}"
+    return out.rstrip("\n")
+
+
 def fgsm_solution(model, x, y, eps):
     with eval_mode(model):
         x = x.clone().requires_grad_(True)
@@ -55,7 +65,7 @@ def fgsm_crashes(model, x, y, eps):
 
 
 @pytest.mark.parametrize(
-    "answer, verdict, hint",
+    "answer, expected, hint",
     [
         (fgsm_solution, RIGHT, "one signed step"),
         (fgsm_starter, NOT_YET, "replace the `...`"),
@@ -67,24 +77,23 @@ def fgsm_crashes(model, x, y, eps):
     ],
     ids=["solution", "starter", "ellipsis", "train-mode", "descends", "unclamped", "crashes"],
 )
-def test_fgsm_check(answer, verdict, hint, capsys):
-    assert check("nb02-fgsm", answer) is (verdict == RIGHT)
-    out = capsys.readouterr().out
-    assert out.startswith(f"{verdict}: ") and hint in out and out.count("\n") == 1
+def test_fgsm_check(answer, expected, hint, capsys):
+    line = verdict("nb02-fgsm", answer, capsys)
+    assert line.startswith(f"{expected}: ") and hint in line
 
 
 def test_masking_check(capsys):
-    assert not check("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10))  # cross-entropy sees no gradient
-    assert "accuracy under your attack is 1.00" in capsys.readouterr().out
-    assert check("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10, loss="margin"))
-    assert capsys.readouterr().out.startswith(f"{RIGHT}: accuracy 1.00 -> 0.00")
-    assert not check("nb02-masking", lambda model, x, y: (x + 0.5).clamp(0, 1))
-    assert "within eps = 8/255" in capsys.readouterr().out
+    line = verdict("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10), capsys)  # cross-entropy sees no gradient
+    assert line.startswith(f"{NOT_YET}: ") and "accuracy under your attack is 1.00" in line
+    line = verdict("nb02-masking", PGD("8/255", alpha=2 / 255, steps=10, loss="margin"), capsys)
+    assert line.startswith(f"{RIGHT}: accuracy 1.00 -> 0.00")
+    line = verdict("nb02-masking", lambda model, x, y: (x + 0.5).clamp(0, 1), capsys)
+    assert line.startswith(f"{NOT_YET}: ") and "within eps = 8/255" in line
 
 
 def test_defence_check(capsys):
-    assert not check("nb04-defence", "not_registered")
-    assert "@register_loss('not_registered', needs_attack=True)" in capsys.readouterr().out
+    line = verdict("nb04-defence", "not_registered", capsys)
+    assert line.startswith(f"{NOT_YET}: ") and "@register_loss('not_registered', needs_attack=True)" in line
 
     @register_loss("_workshop_trades", needs_attack=True)
     def solution(model, batch, cfg):
@@ -96,19 +105,18 @@ def test_defence_check(capsys):
             return F.cross_entropy(model(batch.x).float(), batch.y)
 
     try:
-        assert check("nb04-defence", "_workshop_trades")
-        assert "the Trainer took a step with '_workshop_trades'" in capsys.readouterr().out
-        assert not check("nb04-defence", "_workshop_detached")
-        assert "carries no gradient" in capsys.readouterr().out
+        line = verdict("nb04-defence", "_workshop_trades", capsys)
+        assert line.startswith(f"{RIGHT}: the Trainer took a step with '_workshop_trades'")
+        line = verdict("nb04-defence", "_workshop_detached", capsys)
+        assert line.startswith(f"{NOT_YET}: ") and "carries no gradient" in line
     finally:
         LOSSES.unregister("_workshop_trades")
         LOSSES.unregister("_workshop_detached")
 
 
 def test_an_unknown_label_lists_the_exercises(capsys):
-    assert not check("nb99-nothing", fgsm_solution)
-    out = capsys.readouterr().out
-    assert all(label in out for label in EXERCISES)
+    line = verdict("nb99-nothing", fgsm_solution, capsys)
+    assert line.startswith(f"{NOT_YET}: ") and all(label in line for label in EXERCISES)
 
 
 # ------------------------------------------------------------------------- the other chapters' checks
@@ -239,11 +247,10 @@ def rescale_solution(dw, w):
     ],
 )
 def test_chapter_checks(label, solution, mistake, hint, capsys):
-    assert check(label, solution), capsys.readouterr().out
-    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
-    assert not check(label, mistake)
-    out = capsys.readouterr().out
-    assert out.startswith(f"{NOT_YET}: ") and hint in out, out
+    line = verdict(label, solution, capsys)
+    assert line.startswith(f"{RIGHT}: "), line
+    line = verdict(label, mistake, capsys)
+    assert line.startswith(f"{NOT_YET}: ") and hint in line, line
 
 
 # ---------------------------------------------------------------- the second exercise of chapters 00, 03-08
@@ -381,11 +388,10 @@ def adabn_eval_mode_pass(model, x_target):
     ],
 )
 def test_second_chapter_checks(label, solution, mistake, hint, capsys):
-    assert check(label, solution), capsys.readouterr().out
-    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
-    assert not check(label, mistake)
-    out = capsys.readouterr().out
-    assert out.startswith(f"{NOT_YET}: ") and hint in out and out.count("\n") == 1, out
+    line = verdict(label, solution, capsys)
+    assert line.startswith(f"{RIGHT}: "), line
+    line = verdict(label, mistake, capsys)
+    assert line.startswith(f"{NOT_YET}: ") and hint in line, line
 
 
 @pytest.mark.parametrize(
@@ -394,9 +400,8 @@ def test_second_chapter_checks(label, solution, mistake, hint, capsys):
 def test_second_chapter_starters(label, capsys):
     def starter(*args): ...
 
-    assert not check(label, starter)
-    out = capsys.readouterr().out
-    assert out.startswith(f"{NOT_YET}: ") and "replace the `...`" in out and out.count("\n") == 1
+    line = verdict(label, starter, capsys)
+    assert line.startswith(f"{NOT_YET}: ") and "replace the `...`" in line
 
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -452,8 +457,7 @@ def test_every_exercise_has_a_starter_a_check_and_a_solution():
 @pytest.mark.parametrize("label", sorted(EXERCISES_IN_NOTEBOOKS))
 def test_the_solution_passes_and_the_starter_gets_a_helpful_message(label, capsys):
     _, [starter], [(_, name)], [solution] = EXERCISES_IN_NOTEBOOKS[label]
-    assert check(label, _run(solution, name, label)[name]), capsys.readouterr().out
-    assert capsys.readouterr().out.startswith(f"{RIGHT}: ")
-    assert not check(label, _run(starter, name, label)[name])
-    out = capsys.readouterr().out
-    assert out.startswith(f"{NOT_YET}: ") and "replace the `...`" in out and "Traceback" not in out
+    line = verdict(label, _run(solution, name, label)[name], capsys)
+    assert line.startswith(f"{RIGHT}: "), line
+    line = verdict(label, _run(starter, name, label)[name], capsys)
+    assert line.startswith(f"{NOT_YET}: ") and "replace the `...`" in line and "Traceback" not in line

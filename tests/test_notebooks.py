@@ -19,12 +19,17 @@ BOOK_TOC = ROOT / "book" / "_toc.yml"
 REPOSITORY = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["repository"]["url"]
 
 
+def _toc_chapters() -> list[str]:
+    """Every document of book/_toc.yml after the root, in reading order, whether listed as chapters or in parts."""
+    sys.path.insert(0, str(ROOT / "book"))
+    import execute_notebooks
+
+    return execute_notebooks.toc_documents()[1:]
+
+
 def _toc_notebooks() -> list[str]:
     """The chapters of book/_toc.yml that are notebooks, in the book's order (``notebooks/00_tour``)."""
-    toc = yaml.safe_load(BOOK_TOC.read_text())
-    files = [c["file"] for c in toc.get("chapters", [])]
-    files += [c["file"] for part in toc.get("parts", []) for c in part.get("chapters", [])]
-    return [f for f in files if f.startswith("notebooks/")]
+    return [f for f in _toc_chapters() if f.startswith("notebooks/")]
 
 
 def test_there_are_notebooks():
@@ -71,12 +76,27 @@ def test_the_colab_badge_is_the_first_cells_link_to_this_notebook(path):
     assert links == [url], "one Colab link, to this notebook"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_the_setup_cell_installs_only_where_the_package_is_missing(path):
-    """The first code cell's pip installs run only under ``if find_spec(package) is None`` (the package itself, and
-    any optional extra a chapter needs), the package is imported after its check, unconditionally; no cell installs
-    anything with a ! or % magic."""
-    tree = ast.parse(_setup_cell(path).source)
+# The standard setup cell of book/_config.yml's conventions (issue 32): the checks below must accept it as it is.
+STANDARD_SETUP = """\
+# Setup: install the package where it is missing (Colab), then find the device, the profile and the data.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("robustmed_lite") is None:
+    PACKAGE = "robustmed-lite @ git+https://github.com/robustmed-lite/robustmed-lite"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", PACKAGE])
+from robustmed_lite.book.setup import notebook_setup
+
+FETCH = []  # on Colab: ["ucsd"] downloads UCSD COVID-CT; "sarscov2" needs a Kaggle token
+DEVICE, PROFILE, DATA_DIR = notebook_setup(fetch=FETCH)  # "fast" on a CPU, "full" on a GPU
+"""
+
+
+def _assert_installs_only_where_missing(source: str) -> None:
+    """pip runs only under ``if find_spec(package) is None`` (the package itself, and any optional extra a chapter
+    needs); the package is imported after its check, unconditionally."""
+    tree = ast.parse(source)
     guards = {_missing_package(node.test): node for node in tree.body if isinstance(node, ast.If)}
     guards.pop(None, None)
     assert "robustmed_lite" in guards, "the package is installed only where find_spec does not find it"
@@ -91,6 +111,41 @@ def test_the_setup_cell_installs_only_where_the_package_is_missing(path):
     assert any(isinstance(node, ast.ImportFrom) and node.module.startswith("robustmed_lite") for node in after), (
         "the package is imported after the guard, whether or not it was installed"
     )
+
+
+def _assert_profile_and_device_from_setup(source: str) -> None:
+    """PROFILE is assigned once, from ``notebook_setup`` (the device or ROBUSTMED_PROFILE decide it, never a
+    hard-coded value), which offers FETCH and prints the device line (no ``verbose=False``)."""
+    setup = ast.parse(source)
+    assigned = [
+        node
+        for node in ast.walk(setup)
+        if isinstance(node, ast.Assign)
+        and any("PROFILE" in [n.id for n in ast.walk(t) if isinstance(n, ast.Name)] for t in node.targets)
+    ]
+    assert len(assigned) == 1 and ast.unparse(assigned[0].value.func) == "notebook_setup"
+    call = assigned[0].value
+    assert not any(k.arg == "verbose" for k in call.keywords), "the setup prints its device line"
+    assert "notebook_setup(fetch=FETCH)" in source, "setup reports the device and the profile, offers the data"
+
+
+def test_the_standard_setup_cell_passes_the_setup_checks():
+    _assert_installs_only_where_missing(STANDARD_SETUP)
+    _assert_profile_and_device_from_setup(STANDARD_SETUP)
+    unguarded = STANDARD_SETUP.replace('if importlib.util.find_spec("robustmed_lite") is None:\n    ', "")
+    unguarded = unguarded.replace("\n    subprocess", "\nsubprocess")
+    with pytest.raises(AssertionError, match="installed only where find_spec"):
+        _assert_installs_only_where_missing(unguarded)
+    silent = STANDARD_SETUP.replace("notebook_setup(fetch=FETCH)", "notebook_setup(fetch=FETCH, verbose=False)")
+    with pytest.raises(AssertionError, match="prints its device line"):
+        _assert_profile_and_device_from_setup(silent)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_setup_cell_installs_only_where_the_package_is_missing(path):
+    """The first code cell installs only where the package is missing; no cell installs anything with a ! or %
+    magic."""
+    _assert_installs_only_where_missing(_setup_cell(path).source)
     for cell in nbformat.read(path, as_version=4).cells:
         if cell.cell_type == "code":
             magics = [line for line in cell.source.splitlines() if line.lstrip().startswith(("!", "%"))]
@@ -99,16 +154,8 @@ def test_the_setup_cell_installs_only_where_the_package_is_missing(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_the_profile_switch_comes_from_the_setup_and_sizes_the_work(path):
-    """PROFILE is assigned once, from ``notebook_setup`` in the setup cell (the device or ROBUSTMED_PROFILE decide
-    it, never a hard-coded value), and the notebook branches on it."""
-    setup = ast.parse(_setup_cell(path).source)
-    assigned = [
-        node
-        for node in ast.walk(setup)
-        if isinstance(node, ast.Assign)
-        and any("PROFILE" in [n.id for n in ast.walk(t) if isinstance(n, ast.Name)] for t in node.targets)
-    ]
-    assert len(assigned) == 1 and ast.unparse(assigned[0].value.func) == "notebook_setup"
+    """The setup cell sets PROFILE from ``notebook_setup``, and the notebook branches on it."""
+    _assert_profile_and_device_from_setup(_setup_cell(path).source)
     code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     assert not re.search(r"^\s*PROFILE\s*=", code, re.M), "no cell overrides the profile"
     assert re.search(r"PROFILE == \"(fast|full)\"", code), "the profile switches something"
@@ -139,10 +186,6 @@ def test_notebook_conventions(path):
     repo = REPOSITORY.removeprefix("https://github.com/")
     badge = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{path.name}"
     assert f"]({badge})" in first.source, f"the Colab badge opens this notebook in this repository: {badge}"
-    setup = next(c for c in nb.cells if c.cell_type == "code")
-    assert 'find_spec("robustmed_lite") is None' in setup.source, "setup installs the package only if missing"
-    assert "notebook_setup(fetch=FETCH)" in setup.source, "setup reports the device and the profile, offers the data"
-    assert "PROFILE" in setup.source
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.get("outputs"), "notebooks are committed without outputs (the book executes them)"
@@ -274,8 +317,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a markdown link
 
 def _toc_documents() -> list[str]:
     """The book's documents in reading order, as the table of contents names them (e.g. notebooks/00_tour)."""
-    toc = yaml.safe_load(BOOK_TOC.read_text())
-    return [toc["root"]] + [entry["file"] for entry in toc["chapters"]]
+    return [yaml.safe_load(BOOK_TOC.read_text())["root"], *_toc_chapters()]
 
 
 TOC_NOTEBOOKS = [ROOT / f"{doc}.ipynb" for doc in _toc_documents() if doc.startswith("notebooks/")]

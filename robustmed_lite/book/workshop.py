@@ -67,8 +67,11 @@ def _unfinished(answer) -> bool:
     return any(isinstance(node, ast.Constant) and node.value is Ellipsis for node in ast.walk(tree))
 
 
-def check(label: str, answer) -> bool:
-    """Checks an answer and prints one line; returns whether it is right. Never raises.
+def check(label: str, answer) -> None:
+    """Checks an answer and prints one line, ``right: ...`` or ``not yet: ...``; returns nothing. Never raises.
+
+    It returns None so that a notebook cell ending in ``check(...)`` shows the line alone, not a ``False`` under
+    it that reads as a failure.
 
     Args:
         label: The exercise's label, as in the notebook (``nb02-fgsm``).
@@ -76,23 +79,22 @@ def check(label: str, answer) -> bool:
     """
     if label not in EXERCISES:
         print(f"{NOT_YET}: there is no exercise {label!r}; the exercises are {', '.join(sorted(EXERCISES))}")
-        return False
+        return
     ex = EXERCISES[label]
     if _unfinished(answer):
         print(f"{NOT_YET}: {ex.title} - replace the `...` in the cell above with your code, run it, then this cell")
-        return False
+        return
     try:
         message = ex.checker(answer)
     except NotYet as err:
         print(f"{NOT_YET}: {err}")
-        return False
+        return
     except Exception as err:  # the attendee's code crashed: show where in their code, in one line
         frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename != __file__]
         where = f" (line {frames[-1].lineno}: {frames[-1].line})" if frames else ""
         print(f"{NOT_YET}: your code raised {type(err).__name__}: {err}{where}")
-        return False
+        return
     print(f"{RIGHT}: {message}")
-    return True
 
 
 # ------------------------------------------------------------------------------------------- test cases
@@ -231,6 +233,18 @@ def _name_the_mistake(got: torch.Tensor, mistakes) -> None:
             raise NotYet(hint)
 
 
+def _require_tensor(got, shape: tuple, what: str) -> None:
+    """Raises NotYet unless the answer is a tensor of ``shape``; ``what`` names what it should be."""
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(shape):
+        raise NotYet(f"return {what}, got {getattr(got, 'shape', type(got).__name__)!r}")
+
+
+def _wrong_number(got: torch.Tensor, expected: torch.Tensor, mistakes, how: str) -> NotYet:
+    """NotYet naming the first known mistake the answer equals, else the expected and the given number."""
+    _name_the_mistake(got, mistakes)
+    return NotYet(f"expected {expected.item():.4f}, got {got.item():.4f}: {how}")
+
+
 # ------------------------------------------------------------------------------------- chapter 03 (training)
 @exercise("nb03-trades", "the TRADES loss: CE on the clean logits plus beta times KL(p(x) || p(x')), averaged")
 def _check_trades(trades) -> str:
@@ -240,11 +254,7 @@ def _check_trades(trades) -> str:
     nat, adv = (torch.randn(16, 2, generator=gen, dtype=torch.float64) for _ in range(2))
     y, beta = torch.randint(0, 2, (16,), generator=gen), 3.0
     got = trades(nat.clone(), adv.clone(), y.clone(), beta)
-    if not isinstance(got, torch.Tensor) or got.dim() != 0:
-        raise NotYet(
-            f"return one number, a 0-d tensor (the loss averaged over the batch), got "
-            f"{getattr(got, 'shape', type(got).__name__)!r}"
-        )
+    _require_tensor(got, (), "one number, a 0-d tensor (the loss averaged over the batch)")
     expected, got = trades_loss(nat, adv, y, beta), got.double()
     if torch.allclose(got, expected):
         return f"TRADES loss {expected.item():.4f}: the clean fit plus beta times the change of the prediction"
@@ -265,10 +275,11 @@ def _check_trades(trades) -> str:
             "F.kl_div with reduction='mean' divides by every element (N x 2), not by N: use 'batchmean'",
         ),
     ]
-    _name_the_mistake(got, mistakes)
-    raise NotYet(
-        f"expected {expected.item():.4f}, got {got.item():.4f}: CE(logits_nat, y) plus beta times the "
-        "batch mean of KL(softmax(logits_nat) || softmax(logits_adv))"
+    raise _wrong_number(
+        got,
+        expected,
+        mistakes,
+        "CE(logits_nat, y) plus beta times the batch mean of KL(softmax(logits_nat) || softmax(logits_adv))",
     )
 
 
@@ -281,10 +292,7 @@ def _check_project(project) -> str:
     eps = 4 / 255
     ball = torch.min(torch.max(x_adv, x - eps), x + eps)
     got = project(x_adv.clone(), x.clone(), eps)
-    if not isinstance(got, torch.Tensor) or got.shape != x.shape:
-        raise NotYet(
-            f"return a tensor shaped like x_adv {tuple(x.shape)}, got {getattr(got, 'shape', type(got).__name__)!r}"
-        )
+    _require_tensor(got, x.shape, f"a tensor shaped like x_adv {tuple(x.shape)}")
     if torch.allclose(got, ball.clamp(0, 1), atol=1e-7):
         return "every pixel within eps of x and inside [0, 1]: the feasible set PGD steps in"
     if torch.allclose(got, ball, atol=1e-7):
@@ -401,11 +409,7 @@ def _check_method_loss(method_loss) -> str:
     nat, adv, aug = (torch.randn(16, 2, generator=gen, dtype=torch.float64) for _ in range(3))
     y, beta, smooth = torch.randint(0, 2, (16,), generator=gen), 3.0, 0.3
     got = method_loss(nat.clone(), adv.clone(), aug.clone(), y.clone(), beta, smooth)
-    if not isinstance(got, torch.Tensor) or got.dim() != 0:
-        raise NotYet(
-            f"return one number, a 0-d tensor (the loss averaged over the batch), got "
-            f"{getattr(got, 'shape', type(got).__name__)!r}"
-        )
+    _require_tensor(got, (), "one number, a 0-d tensor (the loss averaged over the batch)")
     expected, got = square_kl_loss(nat, adv, aug, y, beta, smooth), got.double()
     if torch.allclose(got, expected):
         return (
@@ -450,10 +454,12 @@ def _check_method_loss(method_loss) -> str:
         ),
         (square(p_nat, target) + square(p_adv, p_nat), "beta is missing: multiply the second term by beta"),
     ]
-    _name_the_mistake(got, mistakes)
-    raise NotYet(
-        f"expected {expected.item():.4f}, got {got.item():.4f}: the batch mean of the squared distance "
-        "from softmax(logits_nat) to y~, plus beta times that of softmax(logits_adv) to softmax(logits_nat)"
+    raise _wrong_number(
+        got,
+        expected,
+        mistakes,
+        "the batch mean of the squared distance from softmax(logits_nat) to y~, plus beta times that of "
+        "softmax(logits_adv) to softmax(logits_nat)",
     )
 
 
@@ -463,11 +469,7 @@ def _check_rescale(rescale) -> str:
     w = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     dw = 1e-3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
     got = rescale(dw.clone(), w.clone())
-    if not isinstance(got, torch.Tensor) or got.shape != w.shape:
-        raise NotYet(
-            f"return a tensor shaped like the weight {tuple(w.shape)}, got "
-            f"{getattr(got, 'shape', type(got).__name__)!r}"
-        )
+    _require_tensor(got, w.shape, f"a tensor shaped like the weight {tuple(w.shape)}")
     got = got.double()
     expected = w.norm() / dw.norm() * dw
     if torch.allclose(got, expected):
