@@ -21,7 +21,7 @@ DOCUMENTS = [
     README,
     BENCHMARKS,
     ROOT / "results" / "README.md",
-    ROOT / "book" / "results.md",
+    ROOT / "book" / "notes" / "index.md",
     *sorted((ROOT / "results").glob("*/*/README.md")),
 ]
 
@@ -82,8 +82,9 @@ def test_the_verdict_table_quotes_the_committed_verdicts():
     verdicts = pd.read_csv(ROOT / "results" / "reproduction" / "cpu" / "verdicts.csv")
     rows = _table_after("## The current verdict", README.read_text())
     assert len(rows) == len(verdicts)
-    for (claim, against, gain, verdict), (_, v) in zip(rows, verdicts.iterrows(), strict=True):
+    for (claim, against, gain, detectable, verdict), (_, v) in zip(rows, verdicts.iterrows(), strict=True):
         assert claim == v["claim"] and against.startswith(v["comparator"]) and verdict == v["verdict"]
+        assert detectable == f"{v['mde'] * 100:.1f} points"
         quoted = [float(x) for x in INTERVAL.search(gain).groups()]
         assert quoted == pytest.approx([round(v[c], 3) for c in ("gain_mean", "gain_ci_low", "gain_ci_high")], abs=5e-4)
 

@@ -435,17 +435,22 @@ def _reproduction(folder: Path) -> list[str]:
         lines += ["## The paper's claims", "", "Not judged: the study has no row of the method beside a prior one.", ""]
     else:
         lines += ["## The paper's claims", "", verdicts["rule"].iloc[0], ""]
+        power = "mde" in verdicts  # studies before the minimum detectable effect have no such column
         rows = [
             [
                 v["claim"],
-                f"{v['comparator']} ({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])})",
+                f"{v['comparator']} ({METHOD_LABELS.get(v['comparator_method'], v['comparator_method'])})"
+                + (f", chosen on {v['chosen_on']}" if power else ""),
                 _iv(v["gain_mean"], v["gain_ci_low"], v["gain_ci_high"]),
                 str(int(v["n_pairs"])),
+                *([f"{v['mde'] * 100:.1f} points"] if power else []),
                 f"**{v['verdict']}**",
             ]
             for _, v in verdicts.iterrows()
         ]
-        lines += _table(["claim", "comparator", "paired gain (95% CI)", "seed pairs", "verdict"], rows) + [""]
+        header = ["claim", "comparator", "paired gain (95% CI)", "seed pairs"]
+        header += ["smallest gain it could detect (80% power)"] if power else []
+        lines += _table([*header, "verdict"], rows) + [""]
         lines += ["## What the numbers say", ""]
         for _, v in verdicts[verdicts["primary"]].iterrows():
             lines.append(
