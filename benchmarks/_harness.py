@@ -6,6 +6,7 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this folder on th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,6 +48,18 @@ def median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def add_step_options(parser: argparse.ArgumentParser, methods, model: str, steps: int, warmup: int, batch_help=None):
+    """The options of a training-step benchmark: what ``step_trainer`` reads, the methods, and the numbers of
+    timed and warm-up steps (defaults as given)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32, help=batch_help)
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--methods", nargs="+", default=list(methods))
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+
+
 def step_trainer(args, method: str, attack_steps: int, defaults: dict | None = None):
     """A ``Trainer`` for timing training steps: the cpu-demo preset with ``args``' model, size, batch (one batch
     of training data, few evaluation images) and device, 8/255 attacks of ``attack_steps`` steps of 2/255.
@@ -80,6 +93,15 @@ def step_trainer(args, method: str, attack_steps: int, defaults: dict | None = N
         out_dir=tempfile.mkdtemp(),
     )
     return Trainer(load_config("cpu-demo", settings, defaults=defaults))
+
+
+def measuring_parser(description: str) -> argparse.ArgumentParser:
+    """A parser for a script that measures in fresh processes (``run_measurement``): with ``--out`` and the
+    hidden ``--single``, which tells a measuring process what to measure."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    return parser
 
 
 def forwarded(args, names: Iterable[str]) -> list[str]:

@@ -21,7 +21,17 @@ import sys
 import time
 
 import torch
-from _harness import device_sync, forwarded, median, results_file, run_measurement, step_trainer, write_record
+from _harness import (
+    add_step_options,
+    device_sync,
+    forwarded,
+    measuring_parser,
+    median,
+    results_file,
+    run_measurement,
+    step_trainer,
+    write_record,
+)
 
 METHODS = ("erm", "robustmed")
 
@@ -96,20 +106,13 @@ def allreduce_estimate(parameters: int, ranks: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32, help="the global batch (split over the ranks)")
-    parser.add_argument("--model", default="tiny_visformer")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser = measuring_parser(__doc__)
+    batch_help = "the global batch (split over the ranks)"
+    add_step_options(parser, METHODS, model="tiny_visformer", steps=5, warmup=2, batch_help=batch_help)
     parser.add_argument("--ranks", nargs="+", type=int, default=[2], help="numbers of ranks to launch")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of all ranks together")
     parser.add_argument("--attack_steps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.single:
         result = _measure(argparse.Namespace(**{**vars(args), "method": args.single}))

@@ -20,7 +20,6 @@ Usage:
 Writes benchmarks/results/large_data_cpu.json.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import forwarded, results_file, run_measurement, write_record
+from _harness import forwarded, measuring_parser, results_file, run_measurement, write_record
 
 PATHS = ("store", "memory")
 
@@ -107,7 +106,7 @@ def _measure(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = measuring_parser(__doc__)
     parser.add_argument("--n_train", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--store", default=None, help="the store folder (default: in the robustmed_lite cache)")
@@ -115,8 +114,6 @@ def main():
     parser.add_argument("--model", default="tiny_visformer")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(_measure(args)))

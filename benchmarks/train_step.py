@@ -16,8 +16,10 @@ import sys
 
 import torch
 from _harness import (
+    add_step_options,
     device_sync,
     forwarded,
+    measuring_parser,
     median,
     results_file,
     run_measurement,
@@ -52,16 +54,8 @@ def _measure(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--model", default="visformer_tiny")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
+    parser = measuring_parser(__doc__)
+    add_step_options(parser, METHODS, model="visformer_tiny", steps=3, warmup=1)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(_measure(args)))
