@@ -20,18 +20,8 @@ import os
 import sys
 import time
 
+import _harness as harness
 import torch
-from _harness import (
-    add_step_options,
-    device_sync,
-    forwarded,
-    measuring_parser,
-    median,
-    results_file,
-    run_measurement,
-    step_trainer,
-    write_record,
-)
 
 METHODS = ("erm", "robustmed")
 
@@ -42,11 +32,11 @@ def _measure(args) -> dict:
     from robustmed_lite import distributed
 
     # noise from the first step, for the methods that have it
-    trainer = step_trainer(args, args.method, args.attack_steps, defaults={"weight_noise_warmup": 0})
+    trainer = harness.step_trainer(args, args.method, args.attack_steps, defaults={"weight_noise_warmup": 0})
     rank, ranks = distributed.rank(), distributed.world_size()
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0, rank=rank, ranks=ranks))[:3]
     attack = trainer.sample_attack(0)
-    sync = device_sync(trainer.device)
+    sync = harness.device_sync(trainer.device)
     times = []
     for step in range(args.warmup + args.steps):
         distributed.barrier()
@@ -64,7 +54,7 @@ def _measure(args) -> dict:
         "setting": f"ranks={ranks}" if args.launched else "plain",
         "ranks": ranks,
         "threads_per_process": args.threads,
-        "seconds_per_step": median(times),
+        "seconds_per_step": harness.median(times),
         "all_seconds": times,
         "parameters": parameters,
         "proxy_parameters": proxy,
@@ -75,7 +65,7 @@ def _run(args, method: str, ranks: int | None) -> dict:
     """Measures one method in fresh processes: ``ranks`` None is the plain process."""
     threads = str(args.threads // (ranks or 1))
     options = ["--single", method, "--threads", threads]
-    options += forwarded(args, ("device", "size", "batch", "model", "steps", "warmup", "attack_steps"))
+    options += harness.forwarded(args, ("device", "size", "batch", "model", "steps", "warmup", "attack_steps"))
     if ranks is None:
         cmd = [sys.executable, __file__, *options]
     else:
@@ -90,7 +80,7 @@ def _run(args, method: str, ranks: int | None) -> dict:
             *options,
             "--launched",
         ]
-    return run_measurement(cmd, OMP_NUM_THREADS=threads)
+    return harness.run_measurement(cmd, OMP_NUM_THREADS=threads)
 
 
 def allreduce_estimate(parameters: int, ranks: int) -> dict:
@@ -106,9 +96,9 @@ def allreduce_estimate(parameters: int, ranks: int) -> dict:
 
 
 def main():
-    parser = measuring_parser(__doc__)
+    parser = harness.measuring_parser(__doc__)
     batch_help = "the global batch (split over the ranks)"
-    add_step_options(parser, METHODS, model="tiny_visformer", steps=5, warmup=2, batch_help=batch_help)
+    harness.add_step_options(parser, METHODS, model="tiny_visformer", steps=5, warmup=2, batch_help=batch_help)
     parser.add_argument("--ranks", nargs="+", type=int, default=[2], help="numbers of ranks to launch")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of all ranks together")
     parser.add_argument("--attack_steps", type=int, default=10)
@@ -131,8 +121,8 @@ def main():
     from robustmed_lite.runinfo import environment_info
 
     device = torch.device(args.device).type
-    write_record(
-        args.out or results_file(f"ddp_{device}.json"),
+    harness.write_record(
+        args.out or harness.results_file(f"ddp_{device}.json"),
         {
             "benchmark": "ddp",
             "model": args.model,

@@ -14,39 +14,28 @@ import json
 import resource
 import sys
 
+import _harness as harness
 import torch
-from _harness import (
-    add_step_options,
-    device_sync,
-    forwarded,
-    measuring_parser,
-    median,
-    results_file,
-    run_measurement,
-    seconds_per_call,
-    step_trainer,
-    write_record,
-)
 
 METHODS = ("erm", "pgd_at", "trades", "mart", "awp", "fat", "score", "cap", "robustmed")
 
 
 def _measure(args) -> dict:
-    trainer = step_trainer(args, args.single, attack_steps=10)
+    trainer = harness.step_trainer(args, args.single, attack_steps=10)
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0))[:3]
     attack = trainer.sample_attack(0)
     cuda = trainer.device.type == "cuda"
-    sync = device_sync(trainer.device)
+    sync = harness.device_sync(trainer.device)
     for _ in range(args.warmup):
         trainer.train_step(x, x_aug, y, 0, attack)
     sync()
     if cuda:  # the peak of the timed steps, not of the warm-up
         torch.cuda.reset_peak_memory_stats()
-    times = seconds_per_call(lambda: trainer.train_step(x, x_aug, y, 0, attack), args.steps, sync, warmup=0)
+    times = harness.seconds_per_call(lambda: trainer.train_step(x, x_aug, y, 0, attack), args.steps, sync, warmup=0)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "method": args.single,
-        "seconds_per_step": median(times),
+        "seconds_per_step": harness.median(times),
         "all_seconds": times,
         "peak_memory_mib": peak / 2**20,
         "memory_kind": "cuda max allocated" if cuda else "process peak RSS",
@@ -54,8 +43,8 @@ def _measure(args) -> dict:
 
 
 def main():
-    parser = measuring_parser(__doc__)
-    add_step_options(parser, METHODS, model="visformer_tiny", steps=3, warmup=1)
+    parser = harness.measuring_parser(__doc__)
+    harness.add_step_options(parser, METHODS, model="visformer_tiny", steps=3, warmup=1)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(_measure(args)))
@@ -65,8 +54,8 @@ def main():
         if args.device.startswith("cuda"):  # the CUDA peak counter resets per method: no process needed
             rows.append(_measure(argparse.Namespace(**{**vars(args), "single": method})))
         else:
-            options = forwarded(args, ("device", "size", "batch", "model", "steps", "warmup"))
-            rows.append(run_measurement([sys.executable, __file__, "--single", method, *options]))
+            options = harness.forwarded(args, ("device", "size", "batch", "model", "steps", "warmup"))
+            rows.append(harness.run_measurement([sys.executable, __file__, "--single", method, *options]))
         print(f"{method:10s} {rows[-1]['seconds_per_step']:7.3f} s/step  peak {rows[-1]['peak_memory_mib']:8.0f} MiB")
     by = {r["method"]: r["seconds_per_step"] for r in rows}
     for r in rows:
@@ -78,8 +67,8 @@ def main():
     from robustmed_lite.runinfo import environment_info
 
     device = torch.device(args.device).type
-    write_record(
-        args.out or results_file(f"train_step_{device}_{args.size}px.json"),
+    harness.write_record(
+        args.out or harness.results_file(f"train_step_{device}_{args.size}px.json"),
         {
             "benchmark": "train_step",
             "model": args.model,
