@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _harness import results_file, write_record
 
 from robustmed_lite.evaluation.attacks import PGD
 from robustmed_lite.models import create_model
@@ -104,7 +105,7 @@ def main():
         default=None,
         help="torch CPU threads; 1 gives steadier ratios when other processes share the cores",
     )
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attacks.json"))
+    parser.add_argument("--out", default=str(results_file("attacks.json")))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,7 +132,6 @@ def main():
                 flush=True,
             )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {"benchmark": "attacks", "runs": {}}
     key = device.type + ("-amp" if args.amp else "")
     results["runs"][key] = {
@@ -143,8 +143,7 @@ def main():
         "results": rows,
         "environment": environment_info(),
     }
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out} [{key}]")
+    write_record(out, results)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,9 @@ Writes benchmarks/results/corruptions_calibration.json.
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from _harness import results_file, write_record
 
 from robustmed_lite.book.runs import selected_checkpoint, train_or_load
 from robustmed_lite.checkpoints import model_from_checkpoint
@@ -31,7 +30,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--runs", default="notebooks/runs/book", help="the book's runs (trained if missing)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corruptions_calibration.json"))
+    parser.add_argument("--out", default=str(results_file("corruptions_calibration.json")))
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     trainer = train_or_load("erm", "cpu-demo", root=args.runs, progress=False)
@@ -75,22 +74,17 @@ def main():
                 f"{row.get('real_mean_abs_change', float('nan')):.3f}        "
                 f"{row.get('real_lung_dice_vs_clean', float('nan')):.3f}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "corruptions_calibration",
-                "clean_accuracy": clean_acc,
-                "n": len(y),
-                "size": x.shape[-1],
-                "rows": rows,
-                "environment": environment_info(),
-            },
-            indent=2,
-        )
+    write_record(
+        args.out,
+        {
+            "benchmark": "corruptions_calibration",
+            "clean_accuracy": clean_acc,
+            "n": len(y),
+            "size": x.shape[-1],
+            "rows": rows,
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

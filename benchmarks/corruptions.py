@@ -5,11 +5,9 @@ Writes benchmarks/results/corruptions_<device>.json.
 """
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
+from _harness import device_sync, results_file, seconds_per_call, write_record
 
 from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.evaluation.corruptions import CORRUPTIONS, FAMILY_OF, corrupt
@@ -25,20 +23,13 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     rows = []
     for size in args.sizes:
         x = make_phantom_dataset(args.batch, size, "A", seed=0).images.to(device)
         for name in CORRUPTIONS:
-            corrupt(x, name, 3, seed=0)  # warm-up
-            sync()
-            times = []
-            for r in range(args.repeats):
-                start = time.perf_counter()
-                corrupt(x, name, 3, seed=r)
-                sync()
-                times.append(time.perf_counter() - start)
-            best = min(times)
+            seeds = iter([0, *range(args.repeats)])  # the warm-up's, then one per timed call
+            best = min(seconds_per_call(lambda: corrupt(x, name, 3, seed=next(seeds)), args.repeats, sync))
             rows.append(
                 {
                     "corruption": name,
@@ -50,14 +41,10 @@ def main():
                 }
             )
             print(f"{size:3d} px {name:16s} {args.batch / best:9.1f} img/s")
-    out = Path(args.out or Path(__file__).parent / "results" / f"corruptions_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"benchmark": "corruptions", "severity": 3, "results": rows, "environment": environment_info()}, indent=2
-        )
+    write_record(
+        args.out or results_file(f"corruptions_{device.type}.json"),
+        {"benchmark": "corruptions", "severity": 3, "results": rows, "environment": environment_info()},
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -17,51 +17,26 @@ Writes benchmarks/results/ddp_<device>.json.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+import _harness as harness
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("erm", "robustmed")
 
 
 def _measure(args) -> dict:
     """One setting's step times (run inside each launched process; rank 0 prints the result)."""
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # tiny gradients of a confident model otherwise slow CPU steps several-fold
     from robustmed_lite import distributed
-    from robustmed_lite.config import load_config
-    from robustmed_lite.trainer import Trainer
 
-    cfg = load_config(
-        "cpu-demo",
-        dict(
-            method=args.method,
-            model=args.model,
-            img_size=args.size,
-            batch_size=args.batch,
-            n_train=args.batch,
-            n_val=8,
-            n_test=8,
-            eval_n=8,
-            attack_steps=args.attack_steps,
-            eps="8/255",
-            step_size="2/255",
-            device=args.device,
-            progress=False,
-            out_dir=tempfile.mkdtemp(),
-        ),
-        defaults={"weight_noise_warmup": 0},  # noise from the first step, for the methods that have it
-    )
-    trainer = Trainer(cfg)
+    # noise from the first step, for the methods that have it
+    trainer = harness.step_trainer(args, args.method, args.attack_steps, defaults={"weight_noise_warmup": 0})
     rank, ranks = distributed.rank(), distributed.world_size()
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0, rank=rank, ranks=ranks))[:3]
     attack = trainer.sample_attack(0)
-    sync = torch.cuda.synchronize if trainer.cuda else (lambda: None)
+    sync = harness.device_sync(trainer.device)
     times = []
     for step in range(args.warmup + args.steps):
         distributed.barrier()
@@ -79,7 +54,7 @@ def _measure(args) -> dict:
         "setting": f"ranks={ranks}" if args.launched else "plain",
         "ranks": ranks,
         "threads_per_process": args.threads,
-        "seconds_per_step": sorted(times)[len(times) // 2],
+        "seconds_per_step": harness.median(times),
         "all_seconds": times,
         "parameters": parameters,
         "proxy_parameters": proxy,
@@ -88,11 +63,9 @@ def _measure(args) -> dict:
 
 def _run(args, method: str, ranks: int | None) -> dict:
     """Measures one method in fresh processes: ``ranks`` None is the plain process."""
-    options = ["--single", method, "--threads", str(args.threads // (ranks or 1))] + [
-        a
-        for k in ("device", "size", "batch", "model", "steps", "warmup", "attack_steps")
-        for a in (f"--{k}", str(getattr(args, k)))
-    ]
+    threads = str(args.threads // (ranks or 1))
+    options = ["--single", method, "--threads", threads]
+    options += harness.forwarded(args, ("device", "size", "batch", "model", "steps", "warmup", "attack_steps"))
     if ranks is None:
         cmd = [sys.executable, __file__, *options]
     else:
@@ -107,15 +80,7 @@ def _run(args, method: str, ranks: int | None) -> dict:
             *options,
             "--launched",
         ]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS=str(args.threads // (ranks or 1)),
-    )
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return harness.run_measurement(cmd, OMP_NUM_THREADS=threads)
 
 
 def allreduce_estimate(parameters: int, ranks: int) -> dict:
@@ -131,20 +96,13 @@ def allreduce_estimate(parameters: int, ranks: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32, help="the global batch (split over the ranks)")
-    parser.add_argument("--model", default="tiny_visformer")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser = harness.measuring_parser(__doc__)
+    batch_help = "the global batch (split over the ranks)"
+    harness.add_step_options(parser, METHODS, model="tiny_visformer", steps=5, warmup=2, batch_help=batch_help)
     parser.add_argument("--ranks", nargs="+", type=int, default=[2], help="numbers of ranks to launch")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of all ranks together")
     parser.add_argument("--attack_steps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.single:
         result = _measure(argparse.Namespace(**{**vars(args), "method": args.single}))
@@ -163,31 +121,24 @@ def main():
     from robustmed_lite.runinfo import environment_info
 
     device = torch.device(args.device).type
-    out = Path(args.out or Path(__file__).parent / "results" / f"ddp_{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "ddp",
-                "model": args.model,
-                "size": args.size,
-                "global_batch": args.batch,
-                "attack_steps": args.attack_steps,
-                "threads": args.threads,
-                "results": rows,
-                "allreduce_estimate": {
-                    row["method"]: [
-                        allreduce_estimate(row["parameters"] + row["proxy_parameters"], n) for n in (2, 4, 8)
-                    ]
-                    for row in rows
-                    if row["setting"] == "plain"
-                },
-                "environment": environment_info(),
+    harness.write_record(
+        args.out or harness.results_file(f"ddp_{device}.json"),
+        {
+            "benchmark": "ddp",
+            "model": args.model,
+            "size": args.size,
+            "global_batch": args.batch,
+            "attack_steps": args.attack_steps,
+            "threads": args.threads,
+            "results": rows,
+            "allreduce_estimate": {
+                row["method"]: [allreduce_estimate(row["parameters"] + row["proxy_parameters"], n) for n in (2, 4, 8)]
+                for row in rows
+                if row["setting"] == "plain"
             },
-            indent=2,
-        )
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -8,27 +8,15 @@ earlier CPU run's JSON, so a GPU's ratio is against the 2-core CPU that develope
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import cv2
 import torch
+from _harness import device_sync, median, results_file, seconds_per_call, write_record
 
 from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.method.prior import guided_filter
 from robustmed_lite.runinfo import environment_info
-
-
-def _seconds(fn, repeats, sync=lambda: None):
-    fn()  # warm-up (kernels, caches)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]  # median
 
 
 def main():
@@ -52,13 +40,16 @@ def main():
     p = torch.where(x <= 0.5, x, torch.zeros_like(x))
     xs, ps = x[:, 0].numpy(), p[:, 0].numpy()
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     rows = []
     for r in args.radii:
         row = {"radius": r, "batch": args.batch, "size": args.size}
         if has_ximgproc:
-            ref = _seconds(
-                lambda: [cv2.ximgproc.guidedFilter(xs[i], ps[i], r, args.eps, -1) for i in range(len(xs))], args.repeats
+            ref = median(
+                seconds_per_call(
+                    lambda: [cv2.ximgproc.guidedFilter(xs[i], ps[i], r, args.eps, -1) for i in range(len(xs))],
+                    args.repeats,
+                )
             )
             row["ximgproc_cpu_img_s"] = round(args.batch / ref, 1)
         if r in reference:
@@ -69,27 +60,24 @@ def main():
         backends = [("opencv", "cpu"), ("torch", "cpu")] if device.type == "cpu" else [("torch", args.device)]
         for backend, dev in backends:
             xd, pd = x.to(dev), p.to(dev)
-            t = _seconds(lambda: guided_filter(xd, pd, r, args.eps, backend=backend), args.repeats, sync)
+            t = median(
+                seconds_per_call(lambda: guided_filter(xd, pd, r, args.eps, backend=backend), args.repeats, sync)
+            )
             row[f"{backend}_{dev}_img_s"] = round(args.batch / t, 1)
             row[f"{backend}_{dev}_vs_ximgproc"] = round(ref / t, 2)
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()))
-    out = Path(args.out or Path(__file__).parent / "results" / f"guided_filter_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "guided_filter",
-                "eps": args.eps,
-                "opencv_threads": cv2.getNumThreads(),
-                "torch_threads": torch.get_num_threads(),
-                "results": rows,
-                "environment": environment_info(),
-            },
-            indent=2,
-        )
+    write_record(
+        args.out or results_file(f"guided_filter_{device.type}.json"),
+        {
+            "benchmark": "guided_filter",
+            "eps": args.eps,
+            "opencv_threads": cv2.getNumThreads(),
+            "torch_threads": torch.get_num_threads(),
+            "results": rows,
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from _harness import results_file, write_record
 
 
 def _one_run(threads: int, epochs: int, data: str, seed: int) -> None:
@@ -66,7 +67,7 @@ def main():
     parser.add_argument("--data", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "jobs_cpu.json"))
+    parser.add_argument("--out", default=str(results_file("jobs_cpu.json")))
     args = parser.parse_args()
     if args.single is not None:
         _one_run(args.single, args.epochs, args.data, args.seed)
@@ -100,9 +101,8 @@ def main():
         "environment": environment_info(),
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
+    write_record(args.out, result)
 
 
 if __name__ == "__main__":

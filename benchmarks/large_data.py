@@ -20,16 +20,15 @@ Usage:
 Writes benchmarks/results/large_data_cpu.json.
 """
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import forwarded, measuring_parser, results_file, run_measurement, write_record
+
 PATHS = ("store", "memory")
 
 
@@ -107,7 +106,7 @@ def _measure(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = measuring_parser(__doc__)
     parser.add_argument("--n_train", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--store", default=None, help="the store folder (default: in the robustmed_lite cache)")
@@ -115,8 +114,6 @@ def main():
     parser.add_argument("--model", default="tiny_visformer")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(_measure(args)))
@@ -134,41 +131,30 @@ def main():
     print(f"store {store}: {'reused' if reused else f'written in {write_s:.0f} s'}")
     rows = []
     for path in args.paths:
-        cmd = [sys.executable, __file__, "--single", path, "--store", str(store)] + [
-            a for k in ("size", "method", "model", "batch") for a in (f"--{k}", str(getattr(args, k)))
-        ]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if done.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        row = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+        options = forwarded(args, ("size", "method", "model", "batch"))
+        row = run_measurement([sys.executable, __file__, "--single", path, "--store", str(store), *options])
         print(
             f"{path:7s} peak {row['peak_rss_mb']:6.0f} MB  ready {row['ready_s']:6.1f} s  data pass "
             f"{row['data_pass_slices_per_s']:6d} slices/s  epoch {row['epoch_s']:6.1f} s "
             f"({row['train_slices_per_s']} slices/s)"
         )
         rows.append(row)
-    out = Path(args.out or Path(__file__).parent / "results" / "large_data_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "large_data",
-                "command": " ".join(["python", "benchmarks/large_data.py", *sys.argv[1:]]),
-                "n_train": args.n_train,
-                "size": args.size,
-                "method": args.method,
-                "model": args.model,
-                "batch": args.batch,
-                "store_mb": round(written.megabytes_on_disk),
-                "store_write_s": None if reused else round(write_s, 1),
-                "results": rows,
-                "environment": environment_info(),
-            },
-            indent=2,
-        )
+    write_record(
+        args.out or results_file("large_data_cpu.json"),
+        {
+            "benchmark": "large_data",
+            "command": " ".join(["python", "benchmarks/large_data.py", *sys.argv[1:]]),
+            "n_train": args.n_train,
+            "size": args.size,
+            "method": args.method,
+            "model": args.model,
+            "batch": args.batch,
+            "store_mb": round(written.megabytes_on_disk),
+            "store_write_s": None if reused else round(write_s, 1),
+            "results": rows,
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

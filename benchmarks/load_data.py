@@ -8,12 +8,13 @@ system's page cache: "first" measures decoding, not a cold disk.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _harness import results_file, write_record
 
 from robustmed_lite.data.loaders import LOADER_VERSION, find_shared_data, load_images
 from robustmed_lite.runinfo import environment_info
@@ -25,7 +26,7 @@ def parse_args() -> argparse.Namespace:
         "--root", type=Path, default=None, help="folder with COVID/ and non-COVID/ (default: <shared data>/sarscov2)"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="output sides in pixels")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "load_data.json")
+    parser.add_argument("--out", type=Path, default=results_file("load_data.json"))
     return parser.parse_args()
 
 
@@ -78,9 +79,7 @@ def main() -> None:
         "results": rows,
         "environment": environment_info(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

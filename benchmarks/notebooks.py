@@ -22,6 +22,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from _harness import results_file, write_record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,7 +92,7 @@ def main() -> int:
             flush=True,
         )
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    out = ROOT / "benchmarks" / "results" / f"notebooks_{device}_{args.data}.json"
+    out = results_file(f"notebooks_{device}_{args.data}.json")
     if args.notebooks and out.exists():  # a re-measured notebook replaces its own row; the others stay
         measured, before = {row["notebook"] for row in rows}, json.loads(out.read_text())
         kept = [
@@ -107,8 +109,7 @@ def main() -> int:
         "environment": environment_info(),
         "notebooks": rows,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(out, record)
     return 0
 
 

@@ -4,11 +4,9 @@ Usage: python benchmarks/phantom.py [--n 2000] [--sizes 64 128 224]
 """
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
+from _harness import results_file, seconds_per_call, write_record
 
 from robustmed_lite.data.phantom import make_phantom_dataset
 from robustmed_lite.runinfo import environment_info
@@ -19,16 +17,12 @@ def main():
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "phantom.json"))
+    parser.add_argument("--out", default=str(results_file("phantom.json")))
     args = parser.parse_args()
     make_phantom_dataset(64, 64)  # warm-up
     rows = []
     for size in args.sizes:
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            make_phantom_dataset(args.n, size, site="A", seed=0)
-            times.append(time.perf_counter() - start)
+        times = seconds_per_call(lambda: make_phantom_dataset(args.n, size, site="A", seed=0), args.repeats, warmup=0)
         best = min(times)
         rows.append(
             {
@@ -40,20 +34,15 @@ def main():
             }
         )
         print(f"{args.n} slices at {size:3d} px: {best:6.2f} s best of {args.repeats} ({args.n / best:7.1f} slices/s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "phantom",
-                "threads": torch.get_num_threads(),
-                "results": rows,
-                "environment": environment_info(),
-            },
-            indent=2,
-        )
+    write_record(
+        args.out,
+        {
+            "benchmark": "phantom",
+            "threads": torch.get_num_threads(),
+            "results": rows,
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -12,61 +12,30 @@ Writes benchmarks/results/train_step_<device>_<size>px.json.
 import argparse
 import json
 import resource
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
+import _harness as harness
 import torch
 
 METHODS = ("erm", "pgd_at", "trades", "mart", "awp", "fat", "score", "cap", "robustmed")
 
 
 def _measure(args) -> dict:
-    torch.set_flush_denormal(True)  # tiny gradients of a confident model otherwise slow CPU steps several-fold
-    from robustmed_lite.config import load_config
-    from robustmed_lite.trainer import Trainer
-
-    cfg = load_config(
-        "cpu-demo",
-        dict(
-            method=args.single,
-            model=args.model,
-            img_size=args.size,
-            batch_size=args.batch,
-            n_train=args.batch,
-            n_val=8,
-            n_test=8,
-            eval_n=8,
-            attack_steps=10,
-            eps="8/255",
-            step_size="2/255",
-            device=args.device,
-            progress=False,
-            out_dir=tempfile.mkdtemp(),
-        ),
-    )
-    trainer = Trainer(cfg)
+    trainer = harness.step_trainer(args, args.single, attack_steps=10)
     x, x_aug, y = next(trainer.data.train.batches(args.batch, epoch=0))[:3]
     attack = trainer.sample_attack(0)
     cuda = trainer.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = harness.device_sync(trainer.device)
     for _ in range(args.warmup):
         trainer.train_step(x, x_aug, y, 0, attack)
     sync()
-    if cuda:
+    if cuda:  # the peak of the timed steps, not of the warm-up
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        trainer.train_step(x, x_aug, y, 0, attack)
-        sync()
-        times.append(time.perf_counter() - start)
+    times = harness.seconds_per_call(lambda: trainer.train_step(x, x_aug, y, 0, attack), args.steps, sync, warmup=0)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "method": args.single,
-        "seconds_per_step": sorted(times)[len(times) // 2],
+        "seconds_per_step": harness.median(times),
         "all_seconds": times,
         "peak_memory_mib": peak / 2**20,
         "memory_kind": "cuda max allocated" if cuda else "process peak RSS",
@@ -74,16 +43,8 @@ def _measure(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--model", default="visformer_tiny")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
+    parser = harness.measuring_parser(__doc__)
+    harness.add_step_options(parser, METHODS, model="visformer_tiny", steps=3, warmup=1)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(_measure(args)))
@@ -93,13 +54,8 @@ def main():
         if args.device.startswith("cuda"):  # the CUDA peak counter resets per method: no process needed
             rows.append(_measure(argparse.Namespace(**{**vars(args), "single": method})))
         else:
-            cmd = [sys.executable, __file__, "--single", method] + [
-                a
-                for k in ("device", "size", "batch", "model", "steps", "warmup")
-                for a in (f"--{k}", str(getattr(args, k)))
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
+            options = harness.forwarded(args, ("device", "size", "batch", "model", "steps", "warmup"))
+            rows.append(harness.run_measurement([sys.executable, __file__, "--single", method, *options]))
         print(f"{method:10s} {rows[-1]['seconds_per_step']:7.3f} s/step  peak {rows[-1]['peak_memory_mib']:8.0f} MiB")
     by = {r["method"]: r["seconds_per_step"] for r in rows}
     for r in rows:
@@ -111,23 +67,18 @@ def main():
     from robustmed_lite.runinfo import environment_info
 
     device = torch.device(args.device).type
-    out = Path(args.out or Path(__file__).parent / "results" / f"train_step_{device}_{args.size}px.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "train_step",
-                "model": args.model,
-                "size": args.size,
-                "batch": args.batch,
-                "attack_steps": 10,
-                "results": rows,
-                "environment": environment_info(),
-            },
-            indent=2,
-        )
+    harness.write_record(
+        args.out or harness.results_file(f"train_step_{device}_{args.size}px.json"),
+        {
+            "benchmark": "train_step",
+            "model": args.model,
+            "size": args.size,
+            "batch": args.batch,
+            "attack_steps": 10,
+            "results": rows,
+            "environment": environment_info(),
+        },
     )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ deterministically."""
 
 import pytest
 import torch
+from _small import SIZES
 
 from robustmed_lite.config import load_config
 from robustmed_lite.data.augment import ACQUISITION, acquisition_augment
@@ -32,21 +33,8 @@ def test_acquisition_augmentation_is_seeded_and_changes_only_drawn_slices(phanto
 
 
 def test_training_with_acquisition_augmentation_is_deterministic(tmp_path):
-    tiny = dict(
-        img_size=32,
-        n_train=64,
-        n_val=32,
-        n_test=32,
-        batch_size=32,
-        eval_n=16,
-        attack_steps=2,
-        eval_attack_steps=2,
-        epochs=1,
-        progress=False,
-        method="robustmed",
-        acq_aug=0.5,
-        weight_noise_warmup=0,
-    )
+    tiny = dict(SIZES, attack_steps=2, eval_attack_steps=2, epochs=1, progress=False)
+    tiny.update(method="robustmed", acq_aug=0.5, weight_noise_warmup=0)
     weights = []
     for run in ("a", "b"):
         trainer = Trainer(load_config("cpu-demo", dict(tiny, out_dir=str(tmp_path / run))))

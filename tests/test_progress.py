@@ -4,24 +4,14 @@ import re
 import sys
 
 import tqdm.std
+from _small import SIZES
 
 from robustmed_lite import runinfo
 from robustmed_lite.config import load_config
 from robustmed_lite.trainer import Trainer
 
 # One epoch of 8 steps of ERM on the 32 px phantom.
-ONE_EPOCH = dict(
-    method="erm",
-    img_size=32,
-    n_train=64,
-    n_val=32,
-    n_test=32,
-    batch_size=8,
-    epochs=1,
-    eval_n=8,
-    eval_attack_steps=1,
-    progress=True,
-)
+ONE_EPOCH = dict(SIZES, method="erm", batch_size=8, epochs=1, eval_n=8, eval_attack_steps=1, progress=True)
 
 
 class FakeClock:

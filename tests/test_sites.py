@@ -7,6 +7,13 @@ import pytest
 from robustmed_lite.studies.sites import choose_best, components, screening_variants, summarise_sites
 
 
+def _only_row(frame: pd.DataFrame, **equal) -> pd.Series:
+    """The one row of ``frame`` whose columns hold the values of ``equal``."""
+    rows = frame[(frame[list(equal)] == pd.Series(equal)).all(axis=1)]
+    assert len(rows) == 1, f"{len(rows)} rows with {equal}"
+    return rows.iloc[0]
+
+
 def _runs(values: dict) -> pd.DataFrame:
     """Per-run rows with UCSD val/test balanced accuracy for a few row names (3 seeds each)."""
     rows = []
@@ -37,7 +44,7 @@ def test_the_best_combination_is_chosen_on_validation_never_on_test():
     runs = _runs({"erm": (0.50, 0.50), "erm+crop": (0.60, 0.40), "erm+intensity": (0.45, 0.70)})
     best, adaptation, table = choose_best(runs, ["erm"], ["baseline", "crop", "intensity"])
     assert best == ["crop"] and adaptation == "adabn"
-    row = table[(table["component"] == "crop") & (table["adaptation"] == "none")].iloc[0]
+    row = _only_row(table, component="crop", adaptation="none")
     assert row["val_gain_mean"] == pytest.approx(0.10) and row["n_pairs"] == 3
 
 
@@ -66,21 +73,10 @@ def test_sites_summary_tables():
     )
     tables = summarise_sites(runs, ["erm", "trades", "robustmed"], ["baseline", "crop"], [])
     gains = tables["component_gains"]
-    crop = gains[
-        (gains["method"] == "erm")
-        & (gains["component"] == "crop")
-        & (gains["split"] == "test")
-        & (gains["adaptation"] == "none")
-        & (gains["metric"] == "balanced_accuracy")
-    ].iloc[0]
+    crop = _only_row(gains, method="erm", component="crop", split="test", adaptation="none", metric="balanced_accuracy")
     assert crop["gain_mean"] == pytest.approx(0.05) and crop["n_pairs"] == 3
     edge = tables["method_gains"]
-    vs_erm = edge[
-        (edge["component"] == "crop")
-        & (edge["comparator"] == "erm")
-        & (edge["adaptation"] == "none")
-        & (edge["metric"] == "balanced_accuracy")
-    ].iloc[0]
+    vs_erm = _only_row(edge, component="crop", comparator="erm", adaptation="none", metric="balanced_accuracy")
     assert vs_erm["gain_mean"] == pytest.approx(0.03)
     assert set(tables["shortcut_tests"]["test"]) == {"lungs and all", "no_lungs", "lungs_only"}
 

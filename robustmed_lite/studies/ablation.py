@@ -22,8 +22,6 @@ train once.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from .fidelity import run_paired_study, summarise_effects
@@ -49,30 +47,15 @@ def summarise_ablation(runs: pd.DataFrame) -> pd.DataFrame:
     return summarise_effects(runs, comparisons(), METRICS)
 
 
-def run_ablation(
-    profile: str = "cpu",
-    data: str | None = None,
-    seeds=(0, 1, 2),
-    out: str | Path | None = None,
-    runs: str | Path | None = None,
-    jobs: int | None = None,
-    progress: bool = True,
-    command: list[str] | None = None,
-    overrides: dict | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Trains the ablation's rows and writes ``effects.csv`` and ``table.md`` to ``out`` (every run's row and the
-    table of means in ``out/all_runs``, as ``reproduce`` writes them).
+def run_ablation(profile: str = "cpu", **options) -> dict[str, pd.DataFrame]:
+    """Trains the ablation's rows and writes ``effects.csv`` and ``table.md`` to ``out`` (default
+    ``results/ablation/<profile>[-phantom]``; every run's row and the table of means in its ``all_runs``, as
+    ``reproduce`` writes them).
 
     Args:
         profile: A reproduction profile.
-        data: The training set (default: the Soares set beside the shared data; ``"phantom"`` for the phantom).
-        seeds: Training seeds.
-        out: Results folder (default ``results/ablation/<profile>``, ``-phantom`` appended for the phantom).
-        runs: Run directories (default: the fidelity study's, ``runs/fidelity/<profile>[-phantom]``).
-        jobs: Runs at once.
-        progress: Progress bars.
-        command: The command line to record.
-        overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
+        **options: Those of ``run_paired_study`` (data, seeds, out, runs, jobs, progress, command, overrides):
+            the runs default to the fidelity study's folder, ``runs/fidelity/<profile>[-phantom]``.
     """
     variants = {row: settings for row, (_, settings) in ABLATIONS.items() if row != "cap"}
     return run_paired_study(
@@ -81,14 +64,7 @@ def run_ablation(
         comparisons(),
         METRICS,
         profile=profile,
-        data=data,
         methods=f"cap,{REFERENCE}",
         rows=variants,
-        seeds=seeds,
-        out=out,
-        runs=runs,
-        jobs=jobs,
-        progress=progress,
-        command=command,
-        overrides=overrides,
+        **options,
     )

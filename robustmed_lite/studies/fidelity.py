@@ -125,29 +125,17 @@ def effects_markdown(effects: pd.DataFrame, heading: str) -> str:
 
 
 def run_fidelity(
-    profile: str = "cpu",
-    data: str | None = None,
-    seeds=(0, 1, 2),
-    out: str | Path | None = None,
-    runs: str | Path | None = None,
-    jobs: int | None = None,
-    progress: bool = True,
-    command: list[str] | None = None,
-    overrides: dict | None = None,
+    profile: str = "cpu", data: str | None = None, overrides: dict | None = None, **options
 ) -> dict[str, pd.DataFrame]:
-    """Trains the study's rows (see the module docstring) and writes ``effects.csv`` and ``table.md`` to ``out``.
+    """Trains the study's rows (see the module docstring) and writes ``effects.csv`` and ``table.md`` to ``out``
+    (default ``results/fidelity/<profile>[-phantom]``).
 
     Args:
         profile: A reproduction profile.
         data: The training set (default: the Soares set beside the shared data; ``"phantom"`` for the phantom).
-        seeds: Training seeds.
-        out: Results folder (default ``results/fidelity/<profile>``, ``-phantom`` appended for the phantom).
-        runs: Run directories (default ``runs/fidelity/<profile>``, likewise): not the reproduction's, whose
-            ``cap`` and ``robustmed`` runs were trained with the former defaults.
-        jobs: Runs at once.
-        progress: Progress bars.
-        command: The command line to record.
         overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
+        **options: Those of ``run_paired_study`` (seeds, out, runs, jobs, progress, command). Its run folders
+            are not the reproduction's, whose ``cap`` and ``robustmed`` runs were trained with the former defaults.
     """
     awp = load_config(
         PROFILES[profile].preset, {"method": "awp", **(overrides or {})}, defaults=dict(PROFILES[profile].train)
@@ -164,13 +152,8 @@ def run_fidelity(
         data=data,
         methods=methods,
         rows=rows,
-        seeds=seeds,
-        out=out,
-        runs=runs,
-        jobs=jobs,
-        progress=progress,
-        command=command,
         overrides=overrides,
+        **options,
     )
 
 
@@ -181,22 +164,37 @@ def run_paired_study(
     metrics,
     *,
     profile: str,
-    data: str | None,
     methods: str,
     rows: dict[str, dict],
-    seeds,
-    out,
-    runs,
-    jobs,
-    progress: bool,
-    command,
+    data: str | None = None,
+    seeds=(0, 1, 2),
+    out: str | Path | None = None,
+    runs: str | Path | None = None,
+    jobs: int | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
     overrides: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Trains a study's methods and extra rows as reproduction runs (their folders, reuse and resumption) and
-    writes the paired effects of ``pairs`` on ``metrics`` (``effects.csv``, ``table.md``) to
-    ``results/<study>/<profile>[-phantom]`` (or ``out``); every run's row and the table of means go to its
-    ``all_runs``. Run folders default to ``runs/fidelity/<profile>[-phantom]``, which the studies share;
-    ``overrides`` (TrainConfig fields) apply to every run.
+    writes the paired effects of ``pairs`` on ``metrics`` (``effects.csv``, ``table.md``) to ``out``; every
+    run's row and the table of means go to its ``all_runs``.
+
+    Args:
+        study: The study's name (its results folder and write-up).
+        heading: The title of ``table.md``.
+        pairs: ``(group, row, reference)`` comparisons, each a paired difference row minus reference.
+        metrics: The per-run columns compared.
+        profile: A reproduction profile.
+        methods: The methods trained, comma-separated.
+        rows: The extra rows: name -> a method with other settings (``reproduce``'s variants).
+        data: The training set (default: the Soares set beside the shared data; ``"phantom"`` for the phantom).
+        seeds: Training seeds.
+        out: Results folder (default ``results/<study>/<profile>``, ``-phantom`` appended for the phantom).
+        runs: Run directories (default ``runs/fidelity/<profile>``, likewise), which the studies share.
+        jobs: Runs at once.
+        progress: Progress bars.
+        command: The command line to record.
+        overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
 
     Returns:
         ``{"effects", "runs", "table"}``.

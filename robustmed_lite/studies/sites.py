@@ -52,31 +52,12 @@ def components(extra_root: str) -> dict[str, dict]:
     }
 
 
+GAIN_COLUMNS = ("gain_mean", "gain_ci_low", "gain_ci_high", "n_pairs")  # a paired gain (``stats.paired_gain``)
 SHORTCUT_TESTS = {"no_lungs": {"lung_region": "no_lungs"}, "lungs_only": {"lung_region": "lungs_only"}}
 SCHEMA = {
     "sites_table.csv": ("method", "component", "adaptation", "split", "metric", "mean", "ci_low", "ci_high", "n_seeds"),
-    "component_gains.csv": (
-        "method",
-        "component",
-        "adaptation",
-        "split",
-        "metric",
-        "gain_mean",
-        "gain_ci_low",
-        "gain_ci_high",
-        "n_pairs",
-    ),
-    "method_gains.csv": (
-        "component",
-        "adaptation",
-        "comparator",
-        "split",
-        "metric",
-        "gain_mean",
-        "gain_ci_low",
-        "gain_ci_high",
-        "n_pairs",
-    ),
+    "component_gains.csv": ("method", "component", "adaptation", "split", "metric", *GAIN_COLUMNS),
+    "method_gains.csv": ("component", "adaptation", "comparator", "split", "metric", *GAIN_COLUMNS),
     "shortcut_tests.csv": ("test", "domain", "metric", "mean", "ci_low", "ci_high", "n_seeds", "n_images"),
     "goal.csv": ("method", "component", "adaptation", "mean", "ci_low", "ci_high", "goal", "reached"),
 }
