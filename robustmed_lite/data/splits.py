@@ -94,9 +94,10 @@ def sampled_splits(cfg: TrainConfig, parts: dict, labels: torch.Tensor, report: 
         if report is not None:
             report[name] = {"n": size, "of": held, "seed": seed}
     if said:
+        whole = [name for name, key in zip(SPLITS, SIZE_KEYS) if getattr(cfg, key) is None]
+        kept = f"; {' and '.join(whole)}: every image" if whole else ""
         warnings.warn(
-            f"{cfg.data}: the sizes you set take a stratified sample of each split: {'; '.join(said)}. The other "
-            "splits keep every image",
+            f"{cfg.data}: the sizes you set take a stratified sample of each split: {'; '.join(said)}{kept}",
             stacklevel=2,
         )
     return out
