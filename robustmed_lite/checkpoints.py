@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from . import distributed
-from .config import ADDED_FIELDS, TrainConfig, ignored_settings
+from .config import ADDED_FIELDS, TrainConfig, ignored_settings, upgrade_record
 from .data.preprocess import resolve_spec
 from .models import create_model
 from .runinfo import environment_info
@@ -46,7 +46,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     A setting that ``cfg`` has and the saved config lacks (a run saved before the field existed) is a difference
     unless ``config.ADDED_FIELDS`` says that its current value trains as the older code did, or has no effect.
     """
-    mine = cfg.to_dict()
+    mine, saved = cfg.to_dict(), upgrade_record(saved)
     # Also the settings that cfg's method, loss and switches never read (config.ignored_settings): a saved run with
     # the same method trained alike whatever they held (e.g. gamma of an ERM run, recorded before it was None).
     ignored = ("progress", "device", "out_dir", *ignored_settings(cfg))
@@ -324,7 +324,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
             "wrote"
         )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in state["config"].items() if k != "eps_text"}
+    values = upgrade_record({k: v for k, v in state["config"].items() if k != "eps_text"})
     unknown = sorted(set(values) - known)
     if unknown:
         raise CheckpointError(

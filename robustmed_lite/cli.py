@@ -253,7 +253,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.checkpoint_eval import evaluate_checkpoint
 
     attacks = _attack_names(args.attacks)
-    if not attacks and args.eps is not None:
+    eps = None if args.eps is None else coerce("eps", args.eps)  # read as train reads it: before any loading
+    if not attacks and eps is not None:
         raise ValueError("--eps is an attack radius and --attacks none runs no attack. Fix: drop one of them")
     if args.out:  # before the evaluation, not after it
         _check_output_file(Path(args.out))
@@ -263,7 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             path,
             split=args.split,
             attacks=attacks,
-            eps=args.eps,
+            eps=eps,
             n=args.n,
             data=args.data,
             adapt=args.adapt,
@@ -317,6 +318,18 @@ def _count_or_all(option: str, text: str | None):
         raise ValueError(f"{option} takes 'all' or a number of images, got {text!r}") from None
 
 
+def _study_options(args: argparse.Namespace) -> dict:
+    """The options every study takes (``_study_parser``), as the study functions name them."""
+    return dict(
+        data=args.data,
+        out=args.out,
+        runs=args.runs,
+        jobs=args.jobs,
+        overrides=_overrides(args),
+        progress=not args.quiet,
+    )
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from .studies.plan import parse_variant
     from .studies.reproduce import reproduce
@@ -329,38 +342,19 @@ def _reproduce(args: argparse.Namespace) -> int:
         settings, adaptation = best_settings(args.sites_best)
         variants["robustmed+sites"] = {"method": "robustmed", **settings}
         adapt_methods += [adaptation] if adaptation != "none" and adaptation not in adapt_methods else []
+    as_given = {key: getattr(args, key) for key in ("ood_data", "covid19c", "methods", "seeds", "shard")}
     results = reproduce(
         args.profile,
-        data=args.data,
-        ood_data=args.ood_data,
-        covid19c=args.covid19c,
-        methods=args.methods,
-        seeds=args.seeds,
-        out=args.out,
-        runs=args.runs,
-        shard=args.shard,
-        jobs=args.jobs,
-        overrides=_overrides(args),
+        **_study_options(args),
+        **as_given,
         variants=variants,
         ensemble_n=_count_or_all("--ensemble_n", args.ensemble_n),
         adapt_methods=adapt_methods,
         corruption_n=_count_or_all("--corruption_n", args.corruption_n),
-        progress=not args.quiet,
     )
     out = Path(args.out or f"results/reproduction/{args.profile}")
     if len(results["verdicts"]):
-        shown = results["verdicts"][
-            [
-                "claim",
-                "comparator",
-                "comparator_method",
-                "gain_mean",
-                "gain_ci_low",
-                "gain_ci_high",
-                "n_pairs",
-                "verdict",
-            ]
-        ]
+        shown = results["verdicts"].drop(columns=["metric", "claimed_gain", "rule", "primary"])  # the claim names both
         print(shown.round(3).to_string(index=False))
     print(
         f"\n{len(results['runs'])} runs summarised; see {out / 'table.md'} (and runs.csv, table.csv, gains.csv, "
@@ -375,16 +369,11 @@ def _sites(args: argparse.Namespace) -> int:
 
     tables = run_sites(
         args.profile,
-        data=args.data,
+        **_study_options(args),
         target=args.target,
         methods=parse_methods(args.methods),
         seeds=args.seeds,
-        out=args.out,
-        runs=args.runs,
-        jobs=args.jobs,
-        screen=parse_methods(args.screen) if args.screen else None,
-        overrides=_overrides(args),
-        progress=not args.quiet,
+        screen=parse_methods(args.screen, "--screen") if args.screen is not None else None,
     )
     out = Path(args.out or f"results/sites/{args.profile}")
     print((out / "table.md").read_text())
@@ -416,16 +405,7 @@ def _paired_study(args: argparse.Namespace) -> int:
     from .studies.plan import parse_seeds
 
     run = {"fidelity": run_fidelity, "ablation": run_ablation}[args.study]
-    result = run(
-        args.profile,
-        data=args.data,
-        seeds=parse_seeds(args.seeds),
-        out=args.out,
-        runs=args.runs,
-        jobs=args.jobs,
-        overrides=_overrides(args),
-        progress=not args.quiet,
-    )
+    result = run(args.profile, **_study_options(args), seeds=parse_seeds(args.seeds))
     print(result["effects"].round(4).to_string(index=False))
     return 0
 

@@ -26,11 +26,13 @@ import yaml
 from .common import format_eps, parse_eps
 from .components import ATTACKS, FEEDBACK, LOSSES, METHOD_REGISTRY, PRIOR_VIEWS, WEIGHT_NOISE, register_method
 from .data.duplicates import DUPLICATE_MODES
+from .data.loaders import ROOT_LINK_TARGET, check_link
 from .data.preprocess import INTENSITY_MODES, LUNG_REGIONS, split_spec
 from .method.weight_perturbation import PROXY_OPTIMIZERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = ("cpu-demo", "colab", "paper")
+SIZE_KEYS = ("n_train", "n_val", "n_test")  # the sizes of the train, val and test splits (loaders.SPLITS)
 
 # Each method is a row of component values (``components.register_method``); ``TrainConfig`` fields left at None
 # take the method's value, else the fallback below. The parts themselves live in one registry each
@@ -70,16 +72,13 @@ COMPONENT_DEFAULTS = dict(
 # CAP (Xu et al., AAAI 2023) as its public code trains: TRADES attack, proxy attention noise from a stateful AdamW
 # proxy, square loss + KL with the gradient through the soft target, CAP's own guided-filter prior view.
 _CAP = dict(
+    COMPONENT_DEFAULTS,
     attack="trades",
-    feedback="none",
     weight_noise="proxy_attention",
     proxy_optimizer="adamw",
     loss="square_kl",
     target_grad=True,
     prior=True,
-    prior_view="cap",
-    weight_feedback=False,
-    prior_samples=0.0,
 )
 
 # What the 2026 paper adds to CAP: ``robustmed`` differs from ``cap`` in these fields only (a test checks it).
@@ -288,9 +287,14 @@ class TrainConfig:
     img_size: int = 64
     site: str = "A"  # phantom site to train on
     ood_site: str = "B"  # phantom site for the shift test
-    n_train: int = 2000
-    n_val: int = 400
-    n_test: int = 600
+    # Images per split: the phantom draws this many; real data takes a stratified sample of each split of this
+    # size where the user set it (load_config), else every image (None)
+    n_train: int | None = 2000
+    n_val: int | None = 400
+    n_test: int | None = 600
+    # The sizes sample real data (load_config sets it for real data). False: real data uses every image whatever
+    # the sizes say, as runs recorded before the sizes applied to real data did
+    subsample_real: bool = False
     val_fraction: float = 0.15  # real data without an official split
     test_fraction: float = 0.15
     duplicates: str = "exact"  # real data: keep exact (or near) duplicate slices in one split; "off" to skip
@@ -434,9 +438,10 @@ class TrainConfig:
             )
         if self.cosine_period < 0:
             raise ValueError(f"cosine_period must be >= 0 epochs (0: the whole run), got {self.cosine_period}")
-        for key in ("epochs", "batch_size", "img_size", "n_train", "n_val"):
+        for key in ("epochs", "batch_size", "img_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}. Fix: pass --{key} 1 or more")
+        self._check_sizes()
         if self.attack != "none" and (self.eps == 0 or self.attack_steps < 1):
             raise ValueError(f"method {self.method!r} perturbs samples: it needs eps > 0 and attack_steps >= 1")
         if self.feedback != "none" and self.attack == "none":
@@ -448,20 +453,39 @@ class TrainConfig:
                 "data is not set: this preset trains on real CT. Fix: pass --data with the folder "
                 "holding your slices (e.g. the Kaggle SARS-CoV-2 COVID/ and non-COVID/ folders)"
             )
-        if self.data != "phantom" and not Path(self.data).exists():
-            raise FileNotFoundError(
-                f"data root {self.data!r} does not exist: pass --data phantom or the folder "
-                "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)"
-            )
+        if self.data != "phantom":
+            check_link(Path(self.data), ROOT_LINK_TARGET, "--data")
+            if not Path(self.data).exists():
+                raise FileNotFoundError(
+                    f"data root {self.data!r} does not exist: pass --data phantom or the folder "
+                    "holding your CT slices (e.g. the Kaggle COVID/ and non-COVID/ folders)"
+                )
         for key in ("ood_data", "extra_data"):
             value = getattr(self, key)
-            if value is not None and not Path(split_spec(value)[0]).exists():
+            if value is None:
+                continue
+            check_link(Path(split_spec(value)[0]), ROOT_LINK_TARGET, f"--{key}")
+            if not Path(split_spec(value)[0]).exists():
                 raise FileNotFoundError(
                     f"{key} {value!r} does not exist: pass an existing folder (optionally "
                     "with :train, :val or :test for one split of it)"
                 )
         self._resolved = True
         return self
+
+    def _check_sizes(self) -> None:
+        """Each split size is a count >= 1 where it is used (the phantom's n_test may be 0); None, every image,
+        exists for real data only."""
+        real = self.data != "phantom"
+        for key in SIZE_KEYS:
+            value = getattr(self, key)
+            if value is None and not real:
+                raise ValueError(
+                    f"{key} none (every image) applies to real data; the phantom draws a number of images. Fix: "
+                    f"pass --{key} with a number, e.g. --{key} 200"
+                )
+            if value is not None and value < (0 if key == "n_test" and not real else 1):
+                raise ValueError(f"{key} must be >= 1, got {value}. Fix: pass --{key} 1 or more")
 
     def _setting(self, key: str):
         """A weight-noise setting nobody set: the method's own (``method_setting``); the SGD proxy's lr: 0.01."""
@@ -499,7 +523,16 @@ ADDED_FIELDS = {
     "sync_batchnorm": (False, lambda c: False),
     "lr_step_epoch": (0, lambda c: c.schedule != "step"),
     "duplicates": ("off", lambda c: c.data == "phantom"),  # the phantom's splits are drawn apart by seed
+    "subsample_real": (False, lambda c: all(getattr(c, k) is None for k in SIZE_KEYS)),  # see upgrade_record
 }
+
+
+def upgrade_record(saved: dict) -> dict:
+    """A run's saved config as today's code reads it: a run of real data recorded before the sizes applied to
+    real data (no ``subsample_real`` key) used every image, so its sizes read as None (every image)."""
+    if "subsample_real" in saved or saved.get("data") in ("phantom", None):
+        return saved
+    return {**saved, **dict.fromkeys(SIZE_KEYS, None)}
 
 
 # Settings that only some methods, losses or switches read: (settings, ignored(cfg), what reads them, the fix). A
@@ -508,7 +541,8 @@ ADDED_FIELDS = {
 # cover the built-in losses only: a registered loss may read any setting.
 _BUILTIN_LOSS_READS = {"ce": (), "trades": ("beta",), "mart": ("beta",), "score": ("beta",)}
 _BUILTIN_LOSS_READS["square_kl"] = ("beta", "smooth", "target_grad")
-_WEIGHT_NOISE_KEYS = (
+# The settings of the weight noise (with its proxy and its feedback switch): read only where there is weight noise.
+WEIGHT_NOISE_KEYS = (
     "gamma",
     "weight_noise_warmup",
     "proxy_optimizer",
@@ -530,7 +564,7 @@ _IGNORE_RULES = (
         "drop it, or pass --feedback fat",
     ),
     (
-        _WEIGHT_NOISE_KEYS,
+        WEIGHT_NOISE_KEYS,
         lambda c: c.weight_noise == "none",
         "a weight noise (awp, or cap's and robustmed's proxy_attention)",
         "drop it, or choose a method with weight noise (awp, cap, robustmed) or pass --weight_noise",
@@ -796,6 +830,22 @@ def _parse_float(key: str, value):
     return number
 
 
+def _parse_radius(key: str, value):
+    """An eps-kind value (a number or k/d on the [0,1] pixel scale, >= 0), kept as written."""
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise _bad(key, "eps", value)
+    if value.strip().startswith("-") if isinstance(value, str) else value < 0:
+        raise ValueError(
+            f"{key} must be >= 0 (a radius on the [0,1] pixel scale), got {value!r}. Fix: pass --{key} with a "
+            f"number >= 0 or k/255, e.g. --{key} 8/255 (= 0.0314) or --{key} 0.03"
+        )
+    try:
+        parse_eps(value)  # checks the number, or the fraction and its denominator
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}. Fix: pass --{key} with {_KIND_HELP['eps']}") from None
+    return value.strip() if isinstance(value, str) else float(value)
+
+
 def _parse_bool(key: str, value):
     if isinstance(value, bool):
         return value
@@ -828,13 +878,7 @@ def coerce(key: str, value):
     if kind == "float":
         return _parse_float(key, value)
     if kind == "eps":
-        if isinstance(value, bool):
-            raise _bad(key, kind, value)
-        try:
-            parse_eps(value)  # checks the number, or the fraction and its denominator
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{key}: {err}") from None
-        return value.strip() if isinstance(value, str) else float(value)
+        return _parse_radius(key, value)
     if kind == "threshold":
         if isinstance(value, str) and value.strip().lower() == "otsu":
             return "otsu"
@@ -879,7 +923,7 @@ def load_config(
         defaults: Values that apply like the preset's own, on top of it (a study's or a test's settings for every
             method): silent where a method ignores them. ``overrides`` win.
     """
-    values, explicit = {}, set()
+    values, explicit, is_record = {}, set(), False
     if preset:
         path = Path(preset)
         if not path.suffix:
@@ -900,6 +944,8 @@ def load_config(
             )
         # A run's config.yaml (it carries the derived eps_text) records every resolved value: a record, not choices.
         is_record = values.pop("eps_text", None) is not None
+        if is_record:
+            values = upgrade_record(values)
         unknown = set(values) - set(field_kinds())
         if unknown:
             raise ValueError(
@@ -917,6 +963,11 @@ def load_config(
     for key, value in (overrides or {}).items():
         values[key] = coerce(key, value)
         explicit.add(key)
+    if not is_record and values.get("data", TrainConfig.data) not in ("phantom", None):
+        # Real data: a size the user set samples its split; a preset's sizes are the phantom's and do not apply.
+        values.update({key: None for key in SIZE_KEYS if key not in explicit})
+        if "subsample_real" not in explicit:
+            values["subsample_real"] = True
     cfg = TrainConfig(**values).resolve()
     refuse_ignored(cfg, explicit)
     return cfg

@@ -1,11 +1,22 @@
 """Bad input never passes silently: each malformed input a new user could make gets a clear message (or, where
 it is acceptable, the correct result), in the loaders, the attacks, the evaluation, the config and the CLI.
 
-Each test case (each parametrised case) tries one malformed input, or a few of one kind."""
+Each test case (each parametrised case) tries one malformed input, or a few of one kind. This file is the one
+place to find every bad input we refuse or repair. The cases of issue 34 are in sections 8 to 10 here, except
+those of two features with their own test files, listed here so that none is missed:
+    test_duplicates.py   the same image in two splits (kept in one, counted, recorded in data.json);
+                         evaluate --data on the training images (a warning with the overlap)
+    test_run_folder.py   two writers of one run folder (a lock; a stale lock taken over); output folders checked
+                         before work (read-only, no space, evaluate --out onto a folder); a full disk (said as
+                         such, the previous checkpoint kept); --img_size 7 or 100000, --device cuda without a
+                         GPU and --device gpu (refused before any folder is made); Ctrl-C (saved, how to resume)
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import sys
 import time
 import warnings
@@ -15,13 +26,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from _bad_files import bad_checkpoint
 from _medical_files import nibabel_or_skip, pydicom_or_skip, write_dicom, write_nifti
 from _small import SIZES, options
 from PIL import Image
 from torch import nn
 
-from robustmed_lite.checkpoints import RESUME_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
+from robustmed_lite.checkpoints import (
+    RESUME_KEYS,
+    CheckpointError,
+    config_differences,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from robustmed_lite.cli import main
 from robustmed_lite.config import load_config
 from robustmed_lite.data.loaders import DataError, load_images, read_gray, stratified_subset
@@ -31,6 +49,9 @@ from robustmed_lite.evaluation.metrics import accuracy, evaluate
 from robustmed_lite.runinfo import LOG_PROGRESS_INTERVAL, progress_options
 
 TINY = options(model="small_cnn", **SIZES, eval_attack_steps=1, progress=False)
+# The tiny run on real data: no sizes (each set size would sample its split of the data)
+TINY_REAL = options(method="erm", epochs=1, model="small_cnn", img_size=16, batch_size=8, eval_n=4, progress=False)
+RAMP = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # 64 x 64, brighter to the right
 
 
 def _png(path: Path, array=None) -> Path:
@@ -48,6 +69,15 @@ def _tree(root: Path, n_covid: int = 3, n_non: int = 3) -> Path:
     return root
 
 
+def _kaggle(root, n: int = 3, extra: dict | None = None):
+    """COVID/ and non-COVID/ with ``n`` ramps each, and the folders of ``extra`` (name -> images)."""
+    for folder in ("COVID", "non-COVID", *(extra or {})):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range((extra or {}).get(folder, n)):
+            Image.fromarray(RAMP).save(root / folder / f"{i}.png")
+    return root
+
+
 def _load(root, size=8, **kwargs):
     return load_images(root, size, cache=False, progress=False, **kwargs)
 
@@ -57,6 +87,12 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
     code = main(list(argv))
     return code, capsys.readouterr().err
+
+
+def _evaluate_cli(capsys, checkpoint, data, out, *more) -> tuple[int, str]:
+    """``evaluate`` of a checkpoint on a data folder with FGSM, its table written to ``out``."""
+    where = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]
+    return _cli(capsys, "evaluate", *where, "--attacks", "fgsm", *more)
 
 
 def _one_error_line(err: str) -> str:
@@ -96,20 +132,7 @@ class Constant(nn.Module):
 def test_evaluate_n_is_a_stratified_sample_not_the_first_n(run, tmp_path, capsys):
     data = _tree(tmp_path / "sorted", n_covid=12, n_non=12)  # the first 8 files are all COVID
     out = tmp_path / "table.csv"
-    code, err = _cli(
-        capsys,
-        "evaluate",
-        "--checkpoint",
-        str(run / "best_clean.pt"),
-        "--data",
-        str(data),
-        "--attacks",
-        "fgsm",
-        "--n",
-        "8",
-        "--out",
-        str(out),
-    )
+    code, err = _evaluate_cli(capsys, run / "best_clean.pt", data, out, "--n", "8")
     assert code == 0, err
     table = pd.read_csv(out)
     assert (table["n"] == 8).all() and (table["n_covid"] == 4).all() and (table["n_noncovid"] == 4).all()
@@ -138,18 +161,7 @@ def test_one_class_metrics_say_why_they_are_undefined(run, tmp_path, capsys):
         _png(only_covid / "COVID" / f"c{i}.png")
     out = tmp_path / "t.csv"
     with pytest.warns(UserWarning, match="only COVID images .*AUC and specificity are undefined"):
-        code, err = _cli(
-            capsys,
-            "evaluate",
-            "--checkpoint",
-            str(run / "best_clean.pt"),
-            "--data",
-            str(only_covid),
-            "--attacks",
-            "fgsm",
-            "--out",
-            str(out),
-        )
+        code, err = _evaluate_cli(capsys, run / "best_clean.pt", only_covid, out)
     assert code == 0, err
     table = pd.read_csv(out)
     assert table["auc"].isna().all() and table["note"].str.contains("accuracy is the sensitivity").all()
@@ -213,7 +225,7 @@ def test_training_split_with_one_class_is_refused_and_no_run_folder_is_made(tmp_
         _png(misnamed / "covid" / f"b{i}.png")  # meant to be non-COVID
     out = tmp_path / "run"
     # every file is the same ramp: without --duplicates off they would all be kept in one split
-    code, err = _cli(capsys, "train", "--data", str(misnamed), "--out_dir", str(out), "--duplicates", "off", *TINY)
+    code, err = _cli(capsys, "train", "--data", str(misnamed), "--out_dir", str(out), "--duplicates", "off", *TINY_REAL)
     line = _one_error_line(err)
     assert code == 2 and "training split of" in line and "holds only 14 COVID images" in line and "Fix" in line
     assert not out.exists()
@@ -519,3 +531,218 @@ def test_nifti_with_nan_voxels(tmp_path):
 def test_bad_window(tmp_path):
     with pytest.raises(ValueError, match=r"window takes a finite width > 0"):
         _load(_tree(tmp_path / "k"), window=(0, -600))
+
+
+# ============================================= 8. issue 34: data the loaders refuse, or load with a warning
+
+
+@pytest.mark.parametrize(
+    ("folders", "named"),
+    [({"CAP": 4}, r"CAP/ \(4 images\)"), ({"pneumonia": 2, "docs": 0}, r"pneumonia/ \(2 images\)")],
+)
+def test_a_folder_that_is_no_class_is_refused_not_dropped(tmp_path, folders, named):
+    root = _kaggle(tmp_path / "data", extra=folders)
+    with pytest.raises(DataError, match=rf"no class of this task: {named}\. Fix: move them out"):
+        load_images(root, 32, cache=False, progress=False)
+
+
+def test_only_unknown_folders_beside_one_class_are_named(tmp_path):
+    root = tmp_path / "data"
+    for folder in ("pneumonia", "normal"):
+        (root / folder).mkdir(parents=True)
+        Image.fromarray(RAMP).save(root / folder / "0.png")
+    with pytest.raises(DataError, match=r"class folders normal and folders that are no class .*pneumonia/"):
+        load_images(root, 32, cache=False, progress=False)
+
+
+def test_broken_links_and_link_loops_are_named(tmp_path):
+    root = _kaggle(tmp_path / "data")
+    dangling = root / "COVID" / "gone.png"
+    os.symlink(tmp_path / "nowhere.png", dangling)
+    with pytest.raises(
+        DataError, match=r"gone.png is a broken symbolic link to .*nowhere.png, which does not exist\. Fix: point"
+    ):
+        load_images(root, 32, cache=False, progress=False)
+    dangling.unlink()
+    loop = root / "COVID" / "loop.png"
+    os.symlink(loop, loop)
+    with pytest.raises(
+        DataError, match=r"loop.png is a symbolic link loop \(following it leads back to itself\)\. Fix"
+    ):
+        load_images(root, 32, cache=False, progress=False)
+    loop.unlink()
+    self_root = tmp_path / "self"
+    os.symlink(self_root, self_root)
+    with pytest.raises(DataError, match=r"self is a symbolic link loop"):
+        load_images(self_root, 32, cache=False, progress=False)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    root = _kaggle(tmp_path / "data", n=1)
+    turned = root / "COVID" / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise for display
+    Image.fromarray(RAMP[:32]).save(turned, exif=exif, quality=100)  # 32 rows x 64 columns as stored
+    data = load_images(root, 64, cache=False, progress=False)
+    shown = data.images[data.paths.index(str(turned.resolve()))][0].numpy()
+    # Displayed upright the ramp runs top to bottom: rows differ, columns do not.
+    assert np.abs(np.diff(shown, axis=0)).mean() > 5 * np.abs(np.diff(shown, axis=1)).mean()
+
+
+def test_an_elongated_image_is_squashed_with_a_warning(tmp_path):
+    root = _kaggle(tmp_path / "data", n=2)
+    Image.fromarray(np.full((10, 400), 128, np.uint8)).save(root / "COVID" / "strip.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) with sides more than 3:1 apart were squashed .*strip.png"):
+        load_images(root, 32, cache=False, progress=False)
+
+
+def test_a_semicolon_csv_is_named_as_such(tmp_path):
+    _kaggle(tmp_path / "data", n=1)
+    index = tmp_path / "data" / "index.csv"
+    index.write_text("path;label\nCOVID/0.png;1\nnon-COVID/0.png;0\n")
+    with pytest.raises(DataError, match=r"separated by ';', not by commas .*Fix: save it comma-separated"):
+        load_images(index, 32, cache=False, progress=False)
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.2\n")
+    with pytest.raises(
+        ValueError, match=r"^config .*mine.yaml is not valid YAML: key 'lr' is given twice \(lines 1 and 3\)"
+    ):
+        load_config(path)
+
+
+# ================================================= 9. issue 34: options said plainly, with the fix, exit 2
+
+
+def _cli_or_argparse(capsys, *argv) -> tuple[int, str]:
+    """Exit code and stderr, whether the CLI or argparse refuses."""
+    try:
+        return _cli(capsys, *argv)
+    except SystemExit as exit_:
+        return exit_.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (
+            ["reproduce", "--data", "phantom", "--seeds", "5-2"],
+            "--seeds range '5-2' is reversed (it would hold no seed). Fix: write it from low to high, 2-5",
+        ),
+        (["ablation", "--data", "phantom", "--seeds", "0,9-3"], "range '9-3' is reversed"),
+        (
+            ["reproduce", "--data", "phantom", "--methods", ""],
+            "--methods '' gives no method. Fix: name one or more of erm, pgd_at,",
+        ),
+        (["sites", "--data", "phantom", "--methods", " , "], "--methods ' , ' gives no method"),
+        (
+            ["train", "--eps=-0.01"],
+            "eps must be >= 0 (a radius on the [0,1] pixel scale), got '-0.01'. Fix: pass --eps with a number >= 0 "
+            "or k/255, e.g. --eps 8/255",
+        ),
+        (["train", "--step_size=-2/255"], "step_size must be >= 0"),
+        (["evaluate", "--checkpoint", "never.pt", "--eps=-0.01"], "eps must be >= 0"),  # before the checkpoint
+    ],
+    ids=["seeds-reversed", "seeds-reversed-in-a-list", "methods-empty", "methods-blank", "eps", "step", "evaluate"],
+)
+def test_option_mistakes_say_what_is_wrong_and_the_fix(tmp_path, capsys, monkeypatch, argv, said):
+    monkeypatch.chdir(tmp_path)  # a study that started would write its folders here
+    code, err = _cli_or_argparse(capsys, *argv, *(["--out_dir", "run"] if argv[0] == "train" else []))
+    assert code == 2 and said in _one_error_line(err)
+    assert not any(tmp_path.iterdir()), "refused before any folder was made"
+
+
+def test_data_roots_that_are_broken_links_name_the_link_and_the_fix(tmp_path, capsys):
+    dangling, loop = tmp_path / "dangling", tmp_path / "loop"
+    os.symlink(tmp_path / "unmounted" / "sarscov2", dangling)
+    os.symlink(loop, loop)
+    out = tmp_path / "run"
+    code, err = _cli(capsys, "train", "--data", str(dangling), "--out_dir", str(out), *TINY)
+    assert code == 2 and f"--data {dangling} is a broken symbolic link to {tmp_path}/unmounted/sarscov2" in (
+        line := _one_error_line(err)
+    )
+    assert "Fix: point the link at the data folder (or pass that folder itself)" in line
+    code, err = _cli(capsys, "train", "--data", str(loop), "--out_dir", str(out), *TINY)
+    assert code == 2 and f"--data {loop} is a symbolic link loop" in _one_error_line(err) and "Fix" in err
+    code, err = _cli(capsys, "train", "--ood_data", f"{loop}:test", "--out_dir", str(out), *TINY)
+    assert code == 2 and f"--ood_data {loop} is a symbolic link loop" in _one_error_line(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub"], ids=["the-file", "a-folder-below-it"])
+def test_data_fetch_onto_a_file_names_it_and_the_fix(tmp_path, capsys, below):
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    code, err = _cli(capsys, "data", "fetch", "ucsd", "--dest", str(file / below), "--url", "file:///nowhere.zip")
+    line = _one_error_line(err)
+    assert code == 2 and f"{file} is a file, not a folder. Fix: pass a folder as --dest" in line
+    assert file.read_text() == "not a folder"
+
+
+# ========================================== 10. issue 34: --n_train / --n_val / --n_test sample real data
+
+
+def test_n_train_samples_real_data_by_class_and_the_run_records_it(tmp_path, capsys):
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)  # splits of 28 (14 a class), 6 and 6
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"stratified sample of each split: train 8 of 28 \(4 non-COVID, 4 COVID\)"):
+        code, err = _cli(capsys, "train", "--data", str(data), "--n_train", "8", "--out_dir", str(out), *TINY_REAL)
+    assert code == 0, err
+    record = json.loads((out / "data.json").read_text())
+    assert record["splits"]["train"] == {"n": 8, "per_class": [4, 4]}  # what it trained on
+    assert record["splits"]["val"]["n"] == record["splits"]["test"]["n"] == 6  # the sizes not set: every image
+    assert record["sampled"] == {"train": {"n": 8, "of": 28, "seed": 0}}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["n_train"], config["n_val"], config["n_test"]) == (8, None, None)
+    assert load_config(out / "config.yaml").n_train == 8  # the record reads back as it ran
+
+
+def test_the_training_sample_follows_the_seed_and_the_held_out_samples_do_not(tmp_path):
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)
+    sizes = {"data": str(data), "img_size": 16, "n_train": 8, "n_test": 4, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        seed0, seed1 = (build_data(load_config("cpu-demo", dict(sizes, seed=s))) for s in (0, 1))
+    assert not torch.equal(seed0.train.images, seed1.train.images)  # another draw of training images
+    assert torch.equal(seed0.test[0], seed1.test[0])  # every seed is scored on the same test images
+    assert seed0.test[1].tolist().count(1) == 2
+
+
+def test_without_sizes_real_data_keeps_every_image_whatever_the_preset_says(tmp_path):
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)
+    cfg = load_config("cpu-demo", {"data": str(data), "img_size": 16, "progress": False})  # the preset: 2000, ...
+    assert (cfg.n_train, cfg.n_val, cfg.n_test) == (None, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the small validation and test splits
+        splits = build_data(cfg)
+    assert len(splits.train) == 28 and splits.sampled == {}
+
+
+def test_a_size_larger_than_its_split_is_refused_with_the_split_count(tmp_path, capsys):
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)
+    out = tmp_path / "run"
+    code, err = _cli(capsys, "train", "--data", str(data), "--n_val", "50", "--out_dir", str(out), *TINY_REAL)
+    line = _one_error_line(err)
+    assert code == 2 and f"--n_val 50 asks for more images than the val split of {data} holds (6)" in line
+    assert "Fix: pass --n_val 6 or less, or leave --n_val out" in line and not out.exists()
+
+
+def test_a_study_samples_real_data_by_the_sizes_the_user_passed(tmp_path):
+    from robustmed_lite.studies.plan import PROFILES, build_plan
+
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)
+    runs = tmp_path / "runs"
+    (cfg,) = (s.config() for s in build_plan(PROFILES["cpu"], str(data), ("erm",), (0,), runs, {"n_train": 8}))
+    assert (cfg.n_train, cfg.n_val, cfg.n_test) == (8, None, None)
+
+
+def test_a_real_data_run_recorded_before_the_sizes_applied_matches_only_a_run_without_them(tmp_path):
+    data = _tree(tmp_path / "real")
+    now = load_config("cpu-demo", {"data": str(data)})
+    before = {**now.to_dict(), "n_train": 2000, "n_val": 400, "n_test": 600}  # the preset's, unread by then
+    del before["subsample_real"]
+    assert config_differences(before, now) == []
+    sampled = load_config("cpu-demo", {"data": str(data), "n_train": 4})
+    assert config_differences(before, sampled) == ["n_train", "subsample_real"]

@@ -73,26 +73,12 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
         runs[method] = str(tmp_path / method)
         assert main(["train", "--method", method, "--epochs", "1", "--out_dir", runs[method], *TINY]) == 0
     out = tmp_path / "ood"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--ood",
-                "--checkpoint",
-                f"{runs['erm']}/best_clean.pt",
-                f"{runs['trades']}/best_robust.pt",
-                "--n",
-                "16",
-                "--corruptions",
-                "jpeg,low_dose",
-                "--severities",
-                "1,5",
-                "--out_dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+
+    def ood(*checkpoints, options=()) -> int:
+        return main(["evaluate", "--ood", "--checkpoint", *checkpoints, *options, "--out_dir", str(out)])
+
+    options = ["--n", "16", "--corruptions", "jpeg,low_dose", "--severities", "1,5"]
+    assert ood(f"{runs['erm']}/best_clean.pt", f"{runs['trades']}/best_robust.pt", options=options) == 0
     for name in ("corruptions.csv", "summary.csv", "shift.csv", "corruption_heatmap.png", "shift.png"):
         assert (out / name).stat().st_size > 0, name
     summary = pd.read_csv(out / "summary.csv").set_index("model")
@@ -104,36 +90,9 @@ def test_evaluate_ood_writes_tables_and_figures(tmp_path, capsys):
     other = str(tmp_path / "other")
     assert main(["train", "--method", "erm", "--epochs", "1", "--out_dir", other, *TINY, "--n_test", "24"]) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "evaluate",
-                "--ood",
-                "--checkpoint",
-                f"{runs['erm']}/best_clean.pt",
-                f"{other}/best_clean.pt",
-                "--out_dir",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert ood(f"{runs['erm']}/best_clean.pt", f"{other}/best_clean.pt") == 2
     assert "different data (n_test)" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "evaluate",
-                "--ood",
-                "--checkpoint",
-                f"{runs['erm']}/best_clean.pt",
-                "--severities",
-                "0,6",
-                "--out_dir",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert ood(f"{runs['erm']}/best_clean.pt", options=["--severities", "0,6"]) == 2
     assert "1..5" in capsys.readouterr().err
 
 

@@ -209,6 +209,12 @@ def fetch(name: str, dest: str | os.PathLike, *, url: str = UCSD_ARCHIVE_URL, op
     if name not in FOLDERS:
         raise DownloadError(f"unknown data set {name!r}. Fix: use one of {', '.join(FOLDERS)}")
     dest = Path(dest).expanduser().resolve()
+    in_the_way = next((p for p in (dest, *dest.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:  # mkdir would say only "File exists" or "Not a directory"
+        raise NotADirectoryError(
+            f"data fetch --dest {dest}: {in_the_way} is a file, not a folder. Fix: pass a folder as --dest (the "
+            "data root; it is made if missing), e.g. --dest ~/robustmed-data"
+        )
     target = dest / FOLDERS[name]
     if target.exists():  # fetched before, or put there by hand: count it, never overwrite it
         check_counts(name, target)

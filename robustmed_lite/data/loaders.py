@@ -319,15 +319,29 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _check_link(path: Path) -> None:
-    """Refuses a symbolic link that points nowhere or into a loop, naming it (the bare errno says neither)."""
+# What a data root given as a symbolic link should point at (the fix of ``check_link``).
+ROOT_LINK_TARGET = "the data folder (or pass that folder itself)"
+
+
+def check_link(path: Path, target: str = "an image file", option: str = "") -> None:
+    """Refuses a symbolic link that points nowhere or into a loop, naming it (the bare errno says neither).
+
+    Args:
+        path: The path, a link or not (only a link is checked).
+        target: What the link should point at, for the fix.
+        option: The option that named the path (``--data``), said before it; empty for a file found inside data.
+    """
     if not path.is_symlink():
         return
     try:
         path.stat()
     except OSError as err:
-        what = "a symbolic link loop" if err.errno == errno.ELOOP else f"a broken symbolic link to {os.readlink(path)}"
-        raise DataError(f"{path} is {what}. Fix: point the link at an image file, or delete it") from None
+        if err.errno == errno.ELOOP:
+            what = "a symbolic link loop (following it leads back to itself)"
+        else:
+            what = f"a broken symbolic link to {os.readlink(path)}, which does not exist"
+        named = f"{option} {path}" if option else str(path)
+        raise DataError(f"{named} is {what}. Fix: point the link at {target}, or delete it") from None
 
 
 def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -340,7 +354,7 @@ def _walk_class_dir(folder: Path) -> tuple[list[Path], list[Path]]:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            _check_link(path)
+            check_link(path)
             known = file_kind(path) is not None or _has_dicom_preamble(path)
             (images if known else others).append(path)
     return sorted(images), sorted(others)
@@ -986,24 +1000,23 @@ def _decode_all(index: _Index, size: int, window, progress: bool) -> tuple[torch
 
 def _warn_tiny(odd: list[list], size: int) -> None:
     """Warns of images too small to hold anatomy, and of elongated ones that resizing squashes to a square."""
-    tiny = [entry for entry in odd if min(entry[1:]) < MIN_SIDE]
-    elongated = [entry for entry in odd if min(entry[1:]) >= MIN_SIDE]
-    if elongated:
-        shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in elongated[:5])
-        warnings.warn(
-            f"{len(elongated)} image(s) with sides more than {MAX_ASPECT}:1 apart were squashed to {size}x{size}: "
-            f"{shown}{', ...' if len(elongated) > 5 else ''}. Fix: crop them to the slice (a CT slice is about "
-            "square) or delete them",
-            stacklevel=3,
-        )
-    if tiny:
-        shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in tiny[:5])
-        warnings.warn(
-            f"{len(tiny)} image(s) smaller than {MIN_SIDE} px on a side were enlarged to {size}x{size} and "
-            f"hold no anatomy: {shown}{', ...' if len(tiny) > 5 else ''}. Fix: replace them with the real "
-            "slices or delete them",
-            stacklevel=3,
-        )
+    kinds = (
+        (
+            [entry for entry in odd if min(entry[1:]) >= MIN_SIDE],
+            f"with sides more than {MAX_ASPECT}:1 apart were squashed to {size}x{size}",
+            "crop them to the slice (a CT slice is about square) or delete them",
+        ),
+        (
+            [entry for entry in odd if min(entry[1:]) < MIN_SIDE],
+            f"smaller than {MIN_SIDE} px on a side were enlarged to {size}x{size} and hold no anatomy",
+            "replace them with the real slices or delete them",
+        ),
+    )
+    for entries, what, fix in kinds:
+        if entries:
+            shown = ", ".join(f"{name} ({h}x{w})" for name, h, w in entries[:5])
+            more = ", ..." if len(entries) > 5 else ""
+            warnings.warn(f"{len(entries)} image(s) {what}: {shown}{more}. Fix: {fix}", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -1117,7 +1130,7 @@ def load_images(
     if slice_range is not None and (len(slice_range) != 2 or any(int(v) != v for v in slice_range)):
         raise ValueError(f"slice_range takes (start, stop) axial slice indices, got {slice_range!r}")
     root = Path(root).expanduser()
-    _check_link(root)
+    check_link(root, ROOT_LINK_TARGET)
     root = root.resolve()
     index = build_index(root, layout)
     if index.non_images:

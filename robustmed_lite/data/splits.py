@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..common import CLASS_NAMES
-from ..config import TrainConfig
+from ..config import SIZE_KEYS, TrainConfig
 from .dataset import PriorDataset
-from .loaders import SPLITS, DataError, load_images
+from .loaders import SPLITS, DataError, load_images, stratified_subset
 from .phantom import make_phantom_dataset
 from .preprocess import domain_label, load_domain, prepare, source_size
 from .slicestore import SliceStore, is_slice_store
@@ -39,9 +39,11 @@ class DataSplits:
     extra_name: str | None = None
     crop_fallbacks: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, dict] = field(default_factory=dict)
+    sampled: dict[str, dict] = field(default_factory=dict)
 
     def record(self) -> dict:
-        """What a run records of its data: split sizes and class counts, crop fallbacks, the duplicate check."""
+        """What a run records of its data: split sizes and class counts, crop fallbacks, the duplicate check, and
+        the splits sampled down to a size the user set (``sampled_splits``)."""
         sizes = {"train": self.train.labels, "val": self.val[1], "test": self.test[1]}
         return {
             "splits": {
@@ -49,6 +51,7 @@ class DataSplits:
             },
             "crop_fallbacks": self.crop_fallbacks,
             "duplicates": self.duplicates,
+            "sampled": self.sampled,
         }
 
 
@@ -56,16 +59,61 @@ def _class_counts(labels: torch.Tensor) -> list[int]:
     return torch.bincount(torch.as_tensor(labels).long(), minlength=2).tolist()
 
 
+def sampled_splits(cfg: TrainConfig, parts: dict, labels: torch.Tensor, report: dict | None = None) -> dict:
+    """Real data's splits cut to the sizes the user set (``cfg.subsample_real``; a size of None keeps the split
+    whole): a stratified sample of each, after the duplicate-aware split. The training sample is seeded by the
+    run's seed; the validation and test samples by the split's seed (0), so that every run of a study is selected
+    and scored on the same images.
+
+    Args:
+        cfg: The run's config.
+        parts: Split name -> index array into ``labels``.
+        labels: One label per image.
+        report: Filled with split name -> {"n", "of", "seed"} for each sampled split, where given.
+
+    Raises:
+        DataError: A size larger than its split (the message gives the split's count).
+    """
+    if not cfg.subsample_real:
+        return parts
+    out, said = dict(parts), []
+    for name, key in zip(SPLITS, SIZE_KEYS):
+        size, held = getattr(cfg, key), len(parts[name])
+        if size is None:
+            continue
+        if size > held:
+            raise DataError(
+                f"--{key} {size} asks for more images than the {name} split of {cfg.data} holds ({held}). Fix: "
+                f"pass --{key} {held} or less, or leave --{key} out to use every image of the split"
+            )
+        seed = cfg.seed if name == "train" else 0
+        indices = parts[name][stratified_subset(labels[parts[name]].numpy(), size, seed=seed)]
+        out[name] = indices
+        counts = _class_counts(labels[indices])
+        said.append(f"{name} {size} of {held} ({', '.join(f'{n} {CLASS_NAMES[c]}' for c, n in enumerate(counts))})")
+        if report is not None:
+            report[name] = {"n": size, "of": held, "seed": seed}
+    if said:
+        whole = [name for name, key in zip(SPLITS, SIZE_KEYS) if getattr(cfg, key) is None]
+        kept = f"; {' and '.join(whole)}: every image" if whole else ""
+        warnings.warn(
+            f"{cfg.data}: the sizes you set take a stratified sample of each split: {'; '.join(said)}{kept}",
+            stacklevel=2,
+        )
+    return out
+
+
 def build_data(cfg: TrainConfig) -> DataSplits:
     """The splits a config asks for. Phantom data uses fixed data seeds (0, 1, 2: train, val, test), so the
     training seed changes only the training; the shifted test set shows the test patients at ``ood_site``.
     Real data are split by the data set's own split where it has one, else stratified with seed 0; with
     ``extra_data`` the other site's train and val parts join training and validation (``site_balanced``:
-    each site fills half of every epoch) and its test part is reported as ``extra_test``."""
+    each site fills half of every epoch) and its test part is reported as ``extra_test``. Sizes the user set
+    sample the splits of ``cfg.data`` (``sampled_splits``), not those of ``extra_data``."""
     prior_kwargs = dict(
         threshold=cfg.prior_threshold, radius=cfg.prior_radius, eps=cfg.prior_eps, s=cfg.prior_s, view=cfg.prior_view
     )
-    fallbacks, duplicates = {}, {}
+    fallbacks, duplicates, sampled = {}, {}, {}
 
     def prepared(name: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, report = prepare(images, cfg.img_size, cfg.lung_crop, cfg.intensity, cfg.lung_region)
@@ -83,13 +131,16 @@ def build_data(cfg: TrainConfig) -> DataSplits:
     else:
         if is_slice_store(cfg.data):  # larger than memory: training slices are read from disk batch by batch
             store = open_training_store(cfg)
-            parts = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+            parts = sampled_splits(
+                cfg, store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0), store.labels, sampled
+            )
             train = (store.view(parts["train"]), store.labels[parts["train"]])
             val, test = (prepared(k, store.load(parts[k]), store.labels[parts[k]]) for k in ("val", "test"))
         else:
             data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=cfg.progress)
             parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)
             duplicates[str(cfg.data)] = parts.duplicates.to_dict()
+            parts = sampled_splits(cfg, parts, data.labels, sampled)
             train, val, test = (prepared(k, data.images[parts[k]], data.labels[parts[k]]) for k in SPLITS)
         shift, shift_name = None, None
         if cfg.ood_data:
@@ -122,7 +173,7 @@ def build_data(cfg: TrainConfig) -> DataSplits:
         prior_kwargs=prior_kwargs,
         sites=sites if cfg.site_balanced else None,
     )
-    return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks, duplicates)
+    return DataSplits(dataset, val, test, shift, shift_name, extra_test, extra_name, fallbacks, duplicates, sampled)
 
 
 def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,11 +184,20 @@ def raw_test_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return make_phantom_dataset(cfg.n_test, cfg.img_size, cfg.site, seed=2)[:2]
     if is_slice_store(cfg.data):
         store = open_training_store(cfg)
-        test = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)["test"]
+        parts = store.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0)
+        test = _sampled_quietly(cfg, parts, store.labels)["test"]
         return store.load(test), store.labels[test]
     data = load_images(cfg.data, source_size(cfg.img_size, cfg.lung_crop), progress=False)
-    test = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)["test"]
+    parts = data.splits(val=cfg.val_fraction, test=cfg.test_fraction, seed=0, duplicates=cfg.duplicates)
+    test = _sampled_quietly(cfg, parts, data.labels)["test"]
     return data.images[test], data.labels[test]
+
+
+def _sampled_quietly(cfg: TrainConfig, parts: dict, labels: torch.Tensor) -> dict:
+    """``sampled_splits`` without its warning: the run that made these splits has said it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return sampled_splits(cfg, parts, labels)
 
 
 def open_training_store(cfg: TrainConfig) -> SliceStore:

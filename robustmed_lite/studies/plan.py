@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ATTACK_RAMP, METHODS, load_config, scale_epochs
+from ..config import ATTACK_RAMP, METHODS, SIZE_KEYS, WEIGHT_NOISE_KEYS, load_config, scale_epochs
 
 ALL_METHODS = tuple(METHODS)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -107,7 +107,7 @@ class RunSpec:
 
 
 def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
-    """``"0,1,2"`` or ``"0-4"`` -> seeds, with a clear error for anything else."""
+    """``"0,1,2"`` or ``"0-4"`` -> seeds, with a clear error for anything else (a reversed range names the fix)."""
     if isinstance(text, (list, tuple)):
         values = list(text)
     else:
@@ -115,27 +115,42 @@ def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
         for part in str(text).split(","):
             part = part.strip()
             match = re.fullmatch(r"(\d+)-(\d+)", part)
-            if match and int(match.group(1)) <= int(match.group(2)):
-                values += list(range(int(match.group(1)), int(match.group(2)) + 1))
+            if match:
+                low, high = int(match.group(1)), int(match.group(2))
+                if low > high:
+                    raise ValueError(
+                        f"--seeds range {part!r} is reversed (it would hold no seed). Fix: write it from low to "
+                        f"high, {high}-{low}"
+                    )
+                values += list(range(low, high + 1))
             elif re.fullmatch(r"\d+", part):
                 values.append(int(part))
             else:
                 raise ValueError(
-                    f"cannot read seeds {text!r}: give comma-separated integers such as 0,1,2 (or a range such as 0-4)"
+                    f"cannot read seeds {text!r} (--seeds). Fix: give comma-separated integers such as 0,1,2, or "
+                    "a range such as 0-4"
                 )
     if not values or len(set(values)) != len(values):
-        raise ValueError(f"seeds must be distinct integers, got {text!r}")
+        raise ValueError(f"--seeds must be distinct integers, got {text!r}. Fix: name each seed once, e.g. 0,1,2")
     return tuple(int(v) for v in values)
 
 
-def parse_methods(text: str | list | tuple | None) -> tuple[str, ...]:
-    """Comma-separated method names (default: all nine), checked against ``config.METHODS``."""
+def parse_methods(text: str | list | tuple | None, option: str = "--methods") -> tuple[str, ...]:
+    """Comma-separated method names (default: all nine), checked against ``config.METHODS``.
+
+    Args:
+        text: The names, ``"all"``, or None (all).
+        option: The option the names came from, for the messages.
+    """
     if text is None or text == "all":
         return ALL_METHODS
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    choices = f"{', '.join(ALL_METHODS)} (or all)"
+    if not names:
+        raise ValueError(f"{option} {text!r} gives no method. Fix: name one or more of {choices}, comma-separated")
     unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or names}: choose from {', '.join(ALL_METHODS)}")
+    if unknown:
+        raise ValueError(f"{option}: unknown method(s) {', '.join(unknown)}. Fix: choose from {choices}")
     return tuple(dict.fromkeys(names))
 
 
@@ -158,7 +173,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
             f"cannot read variant {text!r}: use NAME=METHOD,key=value,... "
             "(e.g. robustmed+crop=robustmed,lung_crop=true)"
         )
-    overrides = {"method": parse_methods(parts[0])[0]}
+    overrides = {"method": parse_methods(parts[0], f"--variant {name.strip()}")[0]}
     for part in parts[1:]:
         key, eq, value = part.partition("=")
         if not eq:
@@ -177,12 +192,7 @@ ROBUST_ONLY = (
     "beta",
     "smooth",
     "target_grad",
-    "gamma",
-    "weight_noise_warmup",
-    "proxy_optimizer",
-    "proxy_lr",
-    "proxy_weight_decay",
-    "weight_feedback",
+    *WEIGHT_NOISE_KEYS,
     "weight_feedback_share",
     "weight_feedback_halvings",
     "prior_samples",
@@ -242,7 +252,8 @@ def build_plan(
             values = {**base, **row, "seed": seed, "out_dir": str(run_dir)}
             if init is not None:
                 values["init_from"] = str(init)
-            chosen = tuple(sorted(set(row) - {"method"}))
+            # A size the user passed to the study samples real data as it would for train (config.SIZE_KEYS)
+            chosen = tuple(sorted((set(row) - {"method"}) | (set(overrides or {}) & set(SIZE_KEYS))))
             plan.append(RunSpec(name, seed, profile.preset, values, run_dir, init, reference, chosen))
     plan.sort(key=lambda s: (s.init_from is not None, s.seed))  # stage 1 first, stable otherwise
     for spec in plan:
