@@ -746,3 +746,13 @@ def test_a_real_data_run_recorded_before_the_sizes_applied_matches_only_a_run_wi
     assert config_differences(before, now) == []
     sampled = load_config("cpu-demo", {"data": str(data), "n_train": 4})
     assert config_differences(before, sampled) == ["n_train", "subsample_real"]
+
+
+def test_reproduce_names_a_broken_data_link_before_planning(tmp_path):
+    from robustmed_lite.data.loaders import DataError
+    from robustmed_lite.studies.reproduce import check_paths
+
+    link = tmp_path / "sarscov2"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=r"--data .*sarscov2 is a broken symbolic link to .*gone.*Fix"):
+        check_paths(str(link), [], None)

@@ -27,6 +27,11 @@ DATA_LABELS = {"sarscov2": "the Soares SARS-CoV-2 set (Brazil)", "ucsd_covidct":
 WRITEUP_URL = "https://github.com/robustmed-lite/robustmed-lite/blob/main/{folder}/README.md"
 
 
+def _sentence_case(text: str) -> str:
+    """The first letter in upper case, the rest as written (``OOD`` stays ``OOD``)."""
+    return text[:1].upper() + text[1:]
+
+
 def results_folder(configured: str = DEFAULT_RESULTS, root: Path = ROOT) -> Path:
     """The reproduction folder the verdict reads: ``ROBUSTMED_VERDICT_RESULTS`` where set, else ``configured``."""
     folder = Path(os.environ.get("ROBUSTMED_VERDICT_RESULTS") or configured)
@@ -66,7 +71,7 @@ def _setting(folder: Path, seeds: int) -> str:
 def _claim_sentence(v: pd.Series) -> str:
     claimed = 100 * float(v["claimed_gain"])
     return (
-        f"**{v['claim'].split(' +')[0].capitalize()}**: the paper claims about {claimed:.3g} points above the "
+        f"**{_sentence_case(v['claim'].split(' +')[0])}**: the paper claims about {claimed:.3g} points above the "
         f"{v['comparator']}; here the method's paired gain over it ({_label(v['comparator_method'])}) is "
         f"{_points(v['gain_mean'], v['gain_ci_low'], v['gain_ci_high'])} points, **{v['verdict']}**"
     )

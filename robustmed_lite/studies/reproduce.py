@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import completed_epochs, config_differences, lock_holder
 from ..common import format_eps
-from ..data.loaders import DataError, find_shared_data, load_images
+from ..data.loaders import DataError, check_link, find_shared_data, load_images
 from ..data.preprocess import resolve_spec, split_spec
 from ..data.slicestore import SliceStore, is_slice_store
 from ..runinfo import environment_info, flush_denormal, progress_options
@@ -182,6 +182,8 @@ def default_data() -> tuple[str, list[str]]:
 
 def check_paths(data: str, ood_data, covid19c: str | None) -> None:
     """Clear errors for folders that do not exist, before anything is planned or trained."""
+    if data != "phantom":
+        check_link(Path(data), "the folder of training slices", "--data")
     if data != "phantom" and not Path(data).exists():
         raise FileNotFoundError(
             f"--data {data} does not exist. Fix: pass the folder holding the training slices "
