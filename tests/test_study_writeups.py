@@ -12,6 +12,7 @@ import pytest
 from robustmed_lite.cli import main
 from robustmed_lite.studies.writeup import (
     MACHINE_PATH,
+    STUDIES,
     portable_paths,
     study_folders,
     study_of,
@@ -34,7 +35,7 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def test_every_study_has_a_committed_folder():
-    assert {study_of(f) for f in COMMITTED} == {"reproduction", "sites", "fidelity", "ablation"}
+    assert {study_of(f) for f in COMMITTED} == set(STUDIES)
 
 
 @pytest.mark.parametrize("folder", COMMITTED, ids=lambda f: f"{f.parent.name}/{f.name}")

@@ -758,7 +758,7 @@ def study_folders(root: str | Path = "results") -> list[Path]:
 
 
 INDEX_INTRO = (
-    "Committed results of the four studies. Each folder's README.md is written by the study's own command from "
+    "Committed results of the studies. Each folder's README.md is written by the study's own command from "
     "the folder's result files (CSV, JSON), so its numbers cannot drift from them; "
     "`python -m robustmed_lite results writeup` writes them all again from the committed files. Run folders "
     "and data in the files are relative to the folder that holds the file. Intervals are 95% t-intervals over "
