@@ -384,17 +384,7 @@ def _sites(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .studies.sweep import run_sweep
 
-    choice = run_sweep(
-        args.profile,
-        data=args.data,
-        methods=args.methods,
-        seeds=args.seeds,
-        out=args.out,
-        runs=args.runs,
-        jobs=args.jobs,
-        overrides=_overrides(args),
-        progress=not args.quiet,
-    )
+    choice = run_sweep(args.profile, methods=args.methods, seeds=args.seeds, **_study_options(args))
     print(choice.round(4).to_string(index=False))
     return 0
 
