@@ -720,6 +720,19 @@ def test_without_sizes_real_data_keeps_every_image_whatever_the_preset_says(tmp_
     assert len(splits.train) == 28 and splits.sampled == {}
 
 
+def test_demo_and_the_notebooks_sample_real_data_by_the_sizes_they_are_given(tmp_path):
+    from robustmed_lite.book.runs import train_or_load  # demo's and the notebooks' way to train a run
+
+    data = _tree(tmp_path / "real", n_covid=20, n_non=20)
+    tiny = dict(data=str(data), epochs=1, model="small_cnn", img_size=16, batch_size=8, eval_n=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the small validation and test splits
+        trainer = train_or_load("erm", root=str(tmp_path / "runs"), overrides={**tiny, "n_train": 8}, progress=False)
+    record = json.loads((trainer.run_dir / "data.json").read_text())
+    assert record["splits"]["train"]["n"] == 8 and record["sampled"]["train"]["of"] == 28
+    assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["n_train"] == 8
+
+
 def test_a_size_larger_than_its_split_is_refused_with_the_split_count(tmp_path, capsys):
     data = _tree(tmp_path / "real", n_covid=20, n_non=20)
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoints import load_checkpoint, model_from_checkpoint, selected_checkpoint_name
 from ..common import format_eps
-from ..config import load_config
+from ..config import SIZE_KEYS, load_config
 from ..evaluation.metrics import accuracy, adversarial_examples
 from ..trainer import Trainer
 from .bookruns import REGENERATE, restore
@@ -41,7 +41,10 @@ def train_or_load(
         shipped: Restore a matching shipped run instead of training it (the notebooks' fast profile).
     """
     values = dict(method=method, seed=seed, progress=progress, out_dir=str(Path(root) / f"{method}-seed{seed}"))
-    # The overrides are a notebook's settings for every method it trains: silent where a method ignores one.
+    # The overrides are a notebook's settings for every method it trains: silent where a method ignores one. The
+    # split sizes are choices, though: on real data they sample its splits (as on the command line), not ignored.
+    overrides = dict(overrides or {})
+    values.update({key: overrides.pop(key) for key in SIZE_KEYS if key in overrides})
     cfg = load_config(preset, values, defaults=overrides)
     if shipped and restore(cfg):
         print(
