@@ -395,7 +395,8 @@ def _paired_study(args: argparse.Namespace) -> int:
     from .studies.plan import parse_seeds
 
     run = {"fidelity": run_fidelity, "ablation": run_ablation}[args.study]
-    result = run(args.profile, **_study_options(args), seeds=parse_seeds(args.seeds))
+    only = {"only": [r for r in args.rows.split(",") if r]} if getattr(args, "rows", None) is not None else {}
+    result = run(args.profile, **_study_options(args), seeds=parse_seeds(args.seeds), **only)
     print(result["effects"].round(4).to_string(index=False))
     return 0
 
@@ -788,12 +789,18 @@ def _parser() -> argparse.ArgumentParser:
         "gains choose the combination (default: every method)",
     )
 
-    _study_parser(
+    fidelity = _study_parser(
         sub,
         "fidelity",
         "CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired, seeds)",
         [common],
         _paired_study,
+    )
+    fidelity.add_argument(
+        "--rows",
+        default=None,
+        help="only these comparisons' rows, comma-separated (e.g. awp,awp+warmup), into a folder of their own "
+        "(--out); their references train too",
     )
     _study_parser(
         sub,

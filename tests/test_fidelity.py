@@ -94,6 +94,20 @@ def test_the_phantom_study_trains_only_the_rows_of_its_questions(reproduce_calls
     assert calls["methods"] == "trades,awp,cap,robustmed" and set(calls["variants"]) == set(fidelity.variants(10))
 
 
+def test_rows_trains_only_the_named_comparisons_and_their_references_into_a_folder_of_their_own(
+    reproduce_calls, tmp_path
+):
+    from robustmed_lite.studies import fidelity
+
+    calls = reproduce_calls
+    fidelity.run_fidelity("cpu", data=str(tmp_path), out=tmp_path / "awp", only=["awp", "awp+warmup"])
+    assert calls["methods"] == "trades,awp" and set(calls["variants"]) == {"awp+warmup"}
+    with pytest.raises(ValueError, match=r"--rows without --out would replace the whole study's folder"):
+        fidelity.run_fidelity("cpu", data=str(tmp_path), only=["awp+warmup"])
+    with pytest.raises(ValueError, match=r"--rows awp\+cooldown: the fidelity study compares the rows cap, "):
+        fidelity.run_fidelity("cpu", data=str(tmp_path), out=tmp_path / "x", only=["awp+cooldown"])
+
+
 def test_a_renamed_run_folder_is_summarised_under_the_plans_name(tmp_path):
     """Old runs reused under a new row name (the former defaults as ``cap_v0``) keep the record written when the
     folder was called ``cap``: the summary names the row as the plan does, and mCE finds its reference."""

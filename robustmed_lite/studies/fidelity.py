@@ -3,6 +3,8 @@
     python -m robustmed_lite fidelity --profile cpu                  # Soares, 3 seeds -> results/fidelity/cpu
     python -m robustmed_lite fidelity --profile cpu --data phantom   # the phantom -> results/fidelity/cpu-phantom
                                                                      # (the rows of PHANTOM_ROWS)
+    python -m robustmed_lite fidelity --profile cpu --rows awp,awp+warmup --out results/fidelity/cpu-awp
+                                                                     # some rows only, into their own folder
 
 Every row is a reproduction variant (``reproduce.py``: the same runs, reuse, resumption and per-run rows, in their
 own run folder ``runs/fidelity/<profile>``), and every comparison is a paired per-seed difference with a 95%
@@ -124,8 +126,28 @@ def effects_markdown(effects: pd.DataFrame, heading: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_rows(pairs, rows: dict[str, dict], methods: str, only) -> tuple[list, dict[str, dict], str]:
+    """The comparisons whose row is one of ``only``, and the variants and methods they need.
+
+    Raises:
+        ValueError: ``only`` names a row the study does not compare; the message lists the rows.
+    """
+    known = [row for _, row, _ in pairs]
+    unknown = [row for row in only if row not in known]
+    if unknown or not only:
+        raise ValueError(f"--rows {','.join(only)}: the fidelity study compares the rows {', '.join(known)}")
+    pairs = [p for p in pairs if p[1] in only]
+    needed = {row for _, row, _ in pairs} | {reference for _, _, reference in pairs}
+    methods = ",".join(m for m in methods.split(",") if m in needed)
+    return pairs, {k: v for k, v in rows.items() if k in needed}, methods
+
+
 def run_fidelity(
-    profile: str = "cpu", data: str | None = None, overrides: dict | None = None, **options
+    profile: str = "cpu",
+    data: str | None = None,
+    overrides: dict | None = None,
+    only: list[str] | None = None,
+    **options,
 ) -> dict[str, pd.DataFrame]:
     """Trains the study's rows (see the module docstring) and writes ``effects.csv`` and ``table.md`` to ``out``
     (default ``results/fidelity/<profile>[-phantom]``).
@@ -134,6 +156,8 @@ def run_fidelity(
         profile: A reproduction profile.
         data: The training set (default: the Soares set beside the shared data; ``"phantom"`` for the phantom).
         overrides: TrainConfig overrides for every run (e.g. ``{"epochs": 2}``).
+        only: Train and compare only these rows (and their references), into a folder of their own: ``out`` is
+            then required, so that a part of the study never replaces the whole.
         **options: Those of ``run_paired_study`` (seeds, out, runs, jobs, progress, command). Its run folders
             are not the reproduction's, whose ``cap`` and ``robustmed`` runs were trained with the former defaults.
     """
@@ -143,10 +167,18 @@ def run_fidelity(
     rows, methods = variants(awp.epochs, awp.weight_noise_warmup), "trades,awp,cap,robustmed"
     if data == "phantom":
         rows, methods = {k: v for k, v in rows.items() if k in PHANTOM_ROWS}, PHANTOM_METHODS
+    pairs = comparisons()
+    if only is not None:
+        if not options.get("out"):
+            raise ValueError(
+                "--rows without --out would replace the whole study's folder with a part of it. Fix: pass --out, "
+                "e.g. results/fidelity/cpu-awp"
+            )
+        pairs, rows, methods = select_rows(pairs, rows, methods, only)
     return run_paired_study(
         "fidelity",
         "Fidelity to CAP",
-        comparisons(),
+        pairs,
         METRICS,
         profile=profile,
         data=data,
