@@ -61,3 +61,13 @@ def test_an_agenda_adds_up_and_every_slot_fits_its_chapter(title):
             needed = math.ceil(RUN_SECONDS[chapter[1]] / 60) + EXERCISE_MINUTES * len(named)
             assert stop - start >= needed, f"{title}, {minutes}: chapter {chapter[1]} needs {needed} minutes"
     assert end == length, f"{title}: the slots add up to {end} minutes, not {length}"
+
+
+def _as_minutes_and_seconds(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def test_the_guide_states_the_measured_notebook_times():
+    stated = dict(re.findall(r"^\| `(\d\d)_[^`]*\.ipynb` \| ([^|]+?) \|$", GUIDE, re.M))
+    assert stated == {chapter: _as_minutes_and_seconds(s) for chapter, s in RUN_SECONDS.items()}
