@@ -11,6 +11,7 @@ Commands:
     sites         the cross-site study: Soares -> UCSD with and without each component against the shift
     fidelity      CAP's code against the former defaults, the abstract's readings, AWP against TRADES (paired)
     ablation      robustmed with one part switched off at a time: prior, feedback, weight noise, loss (paired)
+    attention     where the reproduction's trained models look on real CT: lung-attention ratios, paired over seeds
     diagnose      is the model looking at the disease? per-site predictions, calibration, saliency outside the lungs
     report        one model's robustness and generalisation report (HTML + Model Card JSON) to file or print
     results writeup  write a study folder's README.md again from its result files, without training
@@ -398,6 +399,17 @@ def _paired_study(args: argparse.Namespace) -> int:
     only = {"only": [r for r in args.rows.split(",") if r]} if getattr(args, "rows", None) is not None else {}
     result = run(args.profile, **_study_options(args), seeds=parse_seeds(args.seeds), **only)
     print(result["effects"].round(4).to_string(index=False))
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from .studies.attention import run_attention
+
+    result = run_attention(
+        args.profile, args.methods, args.seeds, args.runs, args.out, args.batch_size, progress=not args.quiet
+    )
+    print(result["paired"].round(4).to_string(index=False))
+    print(f"see {Path(args.out or f'results/attention/{args.profile}') / 'README.md'}")
     return 0
 
 
@@ -809,6 +821,27 @@ def _parser() -> argparse.ArgumentParser:
         [common],
         _paired_study,
     )
+
+    # attention: reads the reproduction's trained runs, trains nothing (no config overrides)
+    att = sub.add_parser(
+        "attention",
+        parents=[common],
+        help="where the reproduction's trained models look on real CT: lung-attention ratios, paired over seeds",
+    )
+    att.add_argument("--profile", default="cpu", choices=("cpu", "gpu", "paper"), help="the reproduction's profile")
+    att.add_argument(
+        "--methods",
+        default="erm,trades,awp,cap,robustmed",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default erm,trades,awp,cap,robustmed)",
+    )
+    att.add_argument(
+        "--seeds", default=None, help="comma-separated or a range such as 0-9 (default: every seed finished for all)"
+    )
+    att.add_argument("--runs", default=None, help="the reproduction's run folder (default runs/reproduction/<profile>)")
+    att.add_argument("--out", default=None, help="results folder (default results/attention/<profile>)")
+    att.add_argument("--batch_size", type=_positive_int, default=64, help="images per forward pass")
+    att.add_argument("--quiet", action="store_true", help="no progress bar")
+    att.set_defaults(run=_attention)
 
     diag = sub.add_parser(
         "diagnose",

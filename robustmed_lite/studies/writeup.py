@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..common import format_eps
 
-STUDIES = ("reproduction", "sweep", "sites", "fidelity", "ablation")
+STUDIES = ("reproduction", "sweep", "sites", "fidelity", "ablation", "attention")
 GENERATED = (
     "<!-- Written by `python -m robustmed_lite results writeup {folder}` from this folder's files; do not edit. -->"
 )
@@ -75,6 +75,16 @@ ABOUT = {
         "replaced by TRADES' CE + KL). Each effect is a paired per-seed difference, row minus `robustmed`, "
         "with its 95% t-interval: a positive number means the metric is higher *without* the part. Chapter 07"
         " of the book reads these files."
+    ),
+    "attention": (
+        "Where the reproduction's models look on real CT. Nothing is trained: every run of the reproduction is opened"
+        " at its validation-chosen checkpoint, its own held-out test split is rebuilt from its config, and its "
+        "saliency maps (the attention each position receives and Grad-CAM at Visformer's stages 2 and 3, and the "
+        "input gradient; Grad-CAM and the input gradient explain the predicted class) are scored by the share of "
+        "their mass inside the lungs. Real CT has no lung masks: the mask is an **estimate** "
+        "(`prior.lung_mask`, the dark region inside the body), and a slice where it finds nothing is counted, not "
+        "averaged. Baselines: the mask's area (what a uniform map scores) and an untrained model of the same "
+        "architecture. Chapter 05 of the book reads these files."
     ),
 }
 
@@ -187,6 +197,8 @@ def study_of(folder: str | Path) -> str:
         FileNotFoundError: The folder holds no study's result files.
     """
     folder = Path(folder)
+    if (folder / "paired.csv").exists() and (folder / "untrained.csv").exists():
+        return "attention"
     if (folder / "sites_table.csv").exists():
         return "sites"
     if (folder / "choice.csv").exists():
@@ -197,8 +209,8 @@ def study_of(folder: str | Path) -> str:
     if (folder / "verdicts.csv").exists():
         return "reproduction"
     raise FileNotFoundError(
-        f"{folder} holds no study's result files (verdicts.csv, sites_table.csv or effects.csv): pass a folder "
-        "written by reproduce, sites, fidelity or ablation, e.g. results/reproduction/cpu"
+        f"{folder} holds no study's result files (verdicts.csv, sites_table.csv, effects.csv or paired.csv): pass a "
+        "folder written by reproduce, sites, fidelity, ablation or attention, e.g. results/reproduction/cpu"
     )
 
 
@@ -703,6 +715,113 @@ def _effects(folder: Path, study: str) -> list[str]:
     return lines + [""]
 
 
+def _attention(folder: Path) -> list[str]:
+    runs, summary, pairs = (_read_csv(folder / f) for f in ("runs.csv", "summary.csv", "paired.csv"))
+    profile = _json(folder / "profile.json") or {}
+    base = profile.get("base_config", {})
+    names = [n for n in dict.fromkeys(summary["name"]) if n != "untrained"]
+    maps = list(dict.fromkeys(summary["map"]))
+    n_runs = len(runs[["name", "seed"]].drop_duplicates())
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    first = runs.drop_duplicates(["name", "seed"])
+    n_slices, n_empty = int(first["n_slices"].iloc[0]), int(first["n_empty_mask"].iloc[0])
+    same = runs["test_split"].nunique() == 1
+    run_dirs = [r["run_dir"] for r in profile.get("runs", [])]
+    label = {**METHOD_LABELS, "untrained": "untrained"}
+    lines = [
+        "## Setting",
+        "",
+        f"- data: `{base.get('data', '?')}`, runs: `{os.path.dirname(run_dirs[0]) if run_dirs else '?'}` (relative "
+        "to this folder)",
+        f"- model: `{base.get('model', '?')}`, {base.get('img_size', '?')} px, {base.get('epochs', '?')} epochs, "
+        f"profile `{profile.get('profile', {}).get('name', '?')}`",
+        f"- {n_runs} runs: {len(names)} methods x seeds {seeds}; checkpoints chosen on validation (ERM: best clean, "
+        "others: best PGD)",
+        f"- each run's own test split, n = {n_slices} slices"
+        + (" (the same slices for every run: the comparisons are paired)" if same else " (not the same for every run)"),
+        f"- lung masks **estimated** (`prior.lung_mask`); {n_empty} of {n_slices} slices "
+        f"({n_empty / n_slices:.1%}) get no mask and are left out of the ratios",
+        "- maps: " + ", ".join(maps),
+        "",
+        "## Lung-attention ratio per method",
+        "",
+        "The share of each map's mass inside the estimated lungs, mean ± half-width of the 95% t-interval over seeds; "
+        "a uniform map scores the lungs' area, an untrained model (one random init) is the second baseline.",
+        "",
+    ]
+    rows = []
+    for m in maps:
+        part = summary[summary["map"] == m].set_index("name")
+        cells = [
+            "n/a"
+            if n not in part.index
+            else _pm(
+                part.loc[n, "lung_ratio_mean"], part.loc[n, "lung_ratio_ci_low"], part.loc[n, "lung_ratio_ci_high"]
+            )
+            for n in [*names, "untrained"]
+        ]
+        rows.append([m, *cells, f"{part['lung_area_mean'].mean():.3f}"])
+    lines += _table(["map", *(label.get(n, f"`{n}`") for n in names), "untrained", "uniform map"], rows) + [""]
+    lines += [
+        "## The method against each other method",
+        "",
+        "Paired per-seed differences of the lung ratio, the method minus the comparator, mean [95% t-interval], and "
+        "the smallest mean difference the study could detect with 80% power (`stats.minimum_detectable_effect`).",
+        "",
+    ]
+    rows = [
+        [
+            p["map"],
+            label.get(p["comparator"], p["comparator"]),
+            _iv(p["diff_mean"], p["diff_ci_low"], p["diff_ci_high"]),
+            str(int(p["n_pairs"])),
+            f"{p['mde']:.3f}",
+        ]
+        for _, p in pairs.iterrows()
+    ]
+    lines += _table(["map", "comparator", "the method minus it", "seed pairs", "detectable (80% power)"], rows)
+    lines += ["", "## What the numbers say", ""]
+    trained = summary[summary["name"] != "untrained"]
+    excess = trained["lung_ratio_mean"] - trained["lung_area_mean"]
+    top = trained.loc[excess.idxmax()]
+    above = trained[trained["lung_ratio_ci_low"] > trained["lung_area_mean"]]
+    lines.append(
+        f"- Against a uniform map ({trained['lung_area_mean'].mean():.3f}): the trained models' mean ratios lie "
+        f"between {trained['lung_ratio_mean'].min():.3f} and {trained['lung_ratio_mean'].max():.3f}; "
+        f"{len(above)} of {len(trained)} method-and-map intervals lie above it; the largest excess is "
+        f"{excess.max():+.3f} ({label.get(top['name'], top['name'])}, {top['map']})."
+    )
+    for comparator, part in pairs.groupby("comparator", sort=False):
+        clear = part[(part["diff_ci_low"] > 0) | (part["diff_ci_high"] < 0)]
+        detail = "; ".join(
+            f"{r['map']} {_iv(r['diff_mean'], r['diff_ci_low'], r['diff_ci_high'])}" for _, r in clear.iterrows()
+        )
+        lines.append(
+            f"- The method minus {label.get(comparator, comparator)}: {len(clear)} of {len(part)} intervals "
+            + ("excludes" if len(clear) == 1 else "exclude")
+            + " zero"
+            + (f" ({detail})" if len(clear) else "")
+            + f"; differences from {part['diff_mean'].min():+.3f} to "
+            f"{part['diff_mean'].max():+.3f}, detectable at 80% power from {part['mde'].min():.3f} to "
+            f"{part['mde'].max():.3f}."
+        )
+    blank = summary[summary["name"] == "untrained"].set_index("map")
+    if len(blank):
+        beaten = [
+            m
+            for m in maps
+            if m in blank.index
+            and (trained[trained["map"] == m]["lung_ratio_mean"] > blank.loc[m, "lung_ratio_mean"]).all()
+        ]
+        lines.append(
+            f"- The untrained model scores {blank['lung_ratio_mean'].min():.3f} to "
+            f"{blank['lung_ratio_mean'].max():.3f}; "
+            f"every trained method is above it on {len(beaten)} of {len(blank)} maps"
+            + (f" ({', '.join(beaten)})." if beaten else ".")
+        )
+    return lines + [""]
+
+
 def writeup(folder: str | Path, study: str | None = None) -> str:
     """The Markdown of a study folder's README.md, from its files alone.
 
@@ -720,17 +839,20 @@ def writeup(folder: str | Path, study: str | None = None) -> str:
         "sites": "Cross-site study",
         "fidelity": "Fidelity to CAP's code",
         "ablation": "Ablation of the method",
+        "attention": "Where the reproduction's models look",
     }
     lines = [GENERATED.format(folder=location), "", f"# {titles[study]}: `{folder.name}`", "", ABOUT[study], ""]
     if study == "sweep":
         lines += _sweep(folder)
+    elif study == "attention":
+        lines += _attention(folder)
     else:
         lines += _setup(folder, details)
     if study == "reproduction":
         lines += _reproduction(folder)
     elif study == "sites":
         lines += _sites(folder)
-    elif study != "sweep":
+    elif study not in ("sweep", "attention"):
         lines += _effects(folder, study)
     lines += _provenance(folder, details, study)
     lines += _files(folder)
@@ -782,7 +904,7 @@ def write_index(root: str | Path = "results") -> Path:
                 f"[{folder.relative_to(root).as_posix()}]({folder.relative_to(root).as_posix()}/README.md)",
                 study,
                 "phantom" if data == "phantom" else Path(str(data)).name,
-                str(len(runs)),
+                str(len(runs[["name", "seed"]].drop_duplicates())),  # attention: a row per run and map
                 ", ".join(map(str, sorted(runs["seed"].unique()))),
             ]
         )
