@@ -9,7 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP_NOTE = ROOT / "book" / "notes" / "cap_code.md"
-FIDELITY = {"Soares": ROOT / "results" / "fidelity" / "cpu", "phantom": ROOT / "results" / "fidelity" / "cpu-phantom"}
+FIDELITY = {
+    "Soares": ROOT / "results" / "fidelity" / "cpu",
+    "Soares, AWP rerun": ROOT / "results" / "fidelity" / "cpu-awp",
+    "phantom": ROOT / "results" / "fidelity" / "cpu-phantom",
+}
 INTERVAL = re.compile(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]")
 
 # (study, row, metric) -> what the note quotes: the interval, or the mean alone (True)
@@ -24,7 +28,10 @@ QUOTED = {
     ("Soares", "robustmed+prior_samples", "ensemble_train_eps"): "interval",
     ("Soares", "robustmed+prior_samples", "pgd10_8_255"): "interval",
     ("Soares", "awp", "ensemble_train_eps"): "interval",
-    ("Soares", "awp+warmup", "ensemble_train_eps"): "interval",
+    ("Soares, AWP rerun", "awp", "ensemble_train_eps"): "interval",
+    ("Soares, AWP rerun", "awp+warmup", "ensemble_train_eps"): "interval",
+    ("Soares, AWP rerun", "awp", "clean_accuracy"): "interval",
+    ("Soares, AWP rerun", "awp+warmup", "clean_accuracy"): "interval",
     ("Soares", "awp+gamma1e-3", "ensemble_train_eps"): "interval",
     ("Soares", "awp", "clean_accuracy"): "mean",
     ("Soares", "awp+gamma1e-3", "clean_accuracy"): "mean",
