@@ -112,6 +112,32 @@ def test_the_writeup_numbers_come_from_the_files(folder, file, where, column, va
     assert expected in writeup(copy)
 
 
+def test_a_variant_row_is_shown_against_its_method_paired_by_seed(tmp_path):
+    """A method at other settings (``reproduce --variant``) gets its paired difference with the method's own row."""
+    copy = _copy(RESULTS / "reproduction" / "cpu", tmp_path)
+    runs = pd.read_csv(copy / "runs.csv")
+    runs = runs[runs["name"].isin(["erm", "trades", "awp", "cap", "robustmed"])]
+    variant = runs[runs["name"] == "awp"].assign(name="awp+test")
+    variant["clean_accuracy"] += 0.1
+    pd.concat([runs, variant]).to_csv(copy / "runs.csv", index=False)
+    text = writeup(copy)
+    section = text.split("## Rows at other settings", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| `awp+test`"))
+    assert row.startswith(f"| `awp+test` − AWP | {variant['seed'].nunique()} | +0.100 [+0.100, +0.100] | +0.000 ")
+
+
+def test_the_verdicts_never_take_a_variant_as_comparator():
+    from robustmed_lite.studies.summary import summarise
+
+    runs = pd.read_csv(RESULTS / "reproduction" / "cpu" / "runs.csv")
+    runs = runs[runs["name"].isin(["erm", "trades", "awp", "cap", "robustmed"])]
+    best = runs[runs["name"] == "erm"].assign(name="erm+best")
+    for column in ("val_clean", "val_robust", "clean_accuracy"):
+        best[column] = 1.0
+    verdicts = summarise(pd.concat([runs, best]))["verdicts"]
+    assert len(verdicts) and "erm+best" not in set(verdicts["comparator_method"])
+
+
 def test_the_writeup_says_how_to_write_it_again():
     text = (RESULTS / "reproduction" / "cpu" / "README.md").read_text()
     assert "python -m robustmed_lite results writeup results/reproduction/cpu" in text

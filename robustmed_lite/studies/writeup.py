@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..common import format_eps
+from ..evaluation.stats import paired_gain
 
 STUDIES = ("reproduction", "sweep", "sites", "fidelity", "ablation", "attention")
 GENERATED = (
@@ -500,7 +501,34 @@ def _reproduction(folder: Path) -> list[str]:
             f"- The attack ensemble on {c['run'].iloc[0]} (`ensemble_check.csv`, n = {int(c['n'].iloc[0])}) is "
             + ("at least as strong as each of its members alone." if ok else "weaker than one of its members.")
         )
-    return lines + [""]
+    return lines + [""] + _variant_rows(runs, labels, [*metrics[:3], "ood_mean_accuracy"])
+
+
+def _variant_rows(runs: pd.DataFrame, labels: dict, metrics: list[str]) -> list[str]:
+    """Each variant row (a method at other settings, ``reproduce --variant``) against its method at the published
+    settings, paired by seed. The verdicts above never read a variant: the comparators are the methods."""
+    variants = [n for n in dict.fromkeys(runs["name"]) if n not in METHOD_LABELS]
+    if not variants:
+        return []
+    lines = [
+        "## Rows at other settings",
+        "",
+        "A row named `<method>+<suffix>` is that method with the settings the study command's `--variant` gave it "
+        "(see the commands below), for example the value a validation sweep chose. The comparators and verdicts "
+        "above read only the methods at their published settings. Each variant against its method, paired by "
+        "seed (variant minus method, 95% t-interval):",
+        "",
+    ]
+    rows = []
+    for name in variants:
+        method = str(runs.loc[runs["name"] == name, "method"].iloc[0])
+        cells = []
+        for metric in metrics:
+            g = paired_gain(runs, name, method, metric)
+            cells.append(_iv(g["gain_mean"], g["gain_ci_low"], g["gain_ci_high"]) if g else "n/a")
+        n = len(set(runs.loc[runs["name"] == name, "seed"]) & set(runs.loc[runs["name"] == method, "seed"]))
+        rows.append([f"`{name}` − {METHOD_LABELS.get(method, method)}", str(n), *cells])
+    return lines + _table(["rows", "seed pairs", *(labels.get(m, m) for m in metrics)], rows) + [""]
 
 
 def _site_label(method: str, component: str) -> str:
