@@ -126,6 +126,16 @@ def test_a_variant_row_is_shown_against_its_method_paired_by_seed(tmp_path):
     assert row.startswith(f"| `awp+test` − AWP | {variant['seed'].nunique()} | +0.100 [+0.100, +0.100] | +0.000 ")
 
 
+def test_a_registry_method_beyond_the_five_is_no_variant(tmp_path):
+    """A GPU study trains all nine methods: ``pgd_at`` is a method of its own, not a row at other settings."""
+    copy = _copy(RESULTS / "reproduction" / "cpu", tmp_path)
+    runs = pd.read_csv(copy / "runs.csv")
+    runs = runs[runs["name"].isin(["erm", "trades", "awp", "cap", "robustmed"])]
+    pgd_at = runs[runs["name"] == "trades"].assign(name="pgd_at", method="pgd_at")
+    pd.concat([runs, pgd_at]).to_csv(copy / "runs.csv", index=False)
+    assert "## Rows at other settings" not in writeup(copy)
+
+
 def test_the_verdicts_never_take_a_variant_as_comparator():
     from robustmed_lite.studies.summary import summarise
 

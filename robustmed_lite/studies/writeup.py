@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..common import format_eps
+from ..config import METHODS
 from ..evaluation.stats import paired_gain
 
 STUDIES = ("reproduction", "sweep", "sites", "fidelity", "ablation", "attention")
@@ -507,7 +508,7 @@ def _reproduction(folder: Path) -> list[str]:
 def _variant_rows(runs: pd.DataFrame, labels: dict, metrics: list[str]) -> list[str]:
     """Each variant row (a method at other settings, ``reproduce --variant``) against its method at the published
     settings, paired by seed. The verdicts above never read a variant: the comparators are the methods."""
-    variants = [n for n in dict.fromkeys(runs["name"]) if n not in METHOD_LABELS]
+    variants = [n for n in dict.fromkeys(runs["name"]) if n not in METHODS]
     if not variants:
         return []
     lines = [
@@ -522,12 +523,10 @@ def _variant_rows(runs: pd.DataFrame, labels: dict, metrics: list[str]) -> list[
     rows = []
     for name in variants:
         method = str(runs.loc[runs["name"] == name, "method"].iloc[0])
-        cells = []
-        for metric in metrics:
-            g = paired_gain(runs, name, method, metric)
-            cells.append(_iv(g["gain_mean"], g["gain_ci_low"], g["gain_ci_high"]) if g else "n/a")
-        n = len(set(runs.loc[runs["name"] == name, "seed"]) & set(runs.loc[runs["name"] == method, "seed"]))
-        rows.append([f"`{name}` − {METHOD_LABELS.get(method, method)}", str(n), *cells])
+        gains = [paired_gain(runs, name, method, metric) for metric in metrics]
+        cells = [_iv(g["gain_mean"], g["gain_ci_low"], g["gain_ci_high"]) if g else "n/a" for g in gains]
+        pairs = max((g["n_pairs"] for g in gains if g), default=0)
+        rows.append([f"`{name}` − {METHOD_LABELS.get(method, method)}", str(pairs), *cells])
     return lines + _table(["rows", "seed pairs", *(labels.get(m, m) for m in metrics)], rows) + [""]
 
 
